@@ -1,0 +1,55 @@
+# yolo-edge: every target is one CLI call. `make` alone lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/yolo-edge
+RECIPE ?= models/default.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+export PYTHONDONTWRITEBYTECODE := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help venv pipeline test test-fast bench status report base data load prune finetune export calibrate \
+        quantize engine bundle lint clean check-report
+
+help: ## list the targets
+	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]*):.*## (.*)/\1\t\2/' | \
+	  awk -F'\t' '{n = split($$1, t, " "); for (i = 1; i <= n; i++) printf "  make %-12s %s\n", t[i], $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed ## create the virtual environment (.venv) with everything installed
+
+pipeline: venv ## run the whole pipeline on the default recipe (offline, CPU): runs/default/report.json
+	$(CLI) run --recipe $(RECIPE) $(ARGS)
+
+test: venv ## run the test suite
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv ## the tests that take seconds (no training, no full-pipeline runs)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+data load prune finetune export calibrate quantize bundle engine bench: venv ## run one stage of the default recipe
+	$(CLI) stage $@ --recipe $(RECIPE) $(ARGS)
+
+report: venv ## re-render runs/<run>/report.json + report.md from the last bench
+	$(CLI) report --recipe $(RECIPE) $(ARGS)
+
+status: venv ## list the stages of the default run and their state
+	$(CLI) status --recipe $(RECIPE) $(ARGS)
+
+base: venv ## retrain the shipped base checkpoint (models/base/yolo11n-synth.pt; about an hour on 2 cores)
+	$(CLI) base --recipe $(RECIPE) $(ARGS)
+
+check-report: venv ## verify runs/default/report.json with ../shared/tools/check-report (pycocotools alone)
+	$(PY) ../shared/tools/check-report runs/default
+
+lint: venv ## ruff
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+
+clean: ## remove run directories (keeps the venv)
+	rm -rf runs .pytest_cache

@@ -1,0 +1,48 @@
+"""Keep ultralytics offline. Must run before `import ultralytics` (the adapter calls it at import).
+
+- YOLO_OFFLINE=1 makes ultralytics' own online check answer False; YOLO_AUTOINSTALL=0 stops pip installs.
+- A project-local YOLO_CONFIG_DIR with the fonts its plotting code wants (its font check ignores
+  YOLO_OFFLINE and would otherwise download Arial.ttf), copied from matplotlib's DejaVuSans.
+- HTTP(S) proxies pointed at a closed local port: any download ultralytics still attempts (a hub weight
+  name, a missing dataset) is refused at once instead of hanging on DNS or a firewall.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+REFUSE_PROXY = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused at once
+_done = False
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def setup_offline(config_dir: str | Path | None = None) -> Path:
+    global _done
+    cfg = Path(config_dir or os.environ.get("YOLO_CONFIG_DIR") or project_root() / ".cache" / "ultralytics")
+    if _done:
+        return cfg
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_AUTOINSTALL"] = "0"
+    os.environ["YOLO_VERBOSE"] = os.environ.get("YOLO_VERBOSE", "False")
+    os.environ["YOLO_CONFIG_DIR"] = str(cfg)
+    for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        os.environ[k] = REFUSE_PROXY
+    for k in ("NO_PROXY", "no_proxy"):
+        os.environ.pop(k, None)
+    fonts = cfg / "Ultralytics"
+    fonts.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+
+    src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        if not (fonts / name).exists():
+            tmp = fonts / f".{name}.tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, fonts / name)
+    _done = True
+    return cfg

@@ -1,0 +1,190 @@
+"""yolo-edge command line: parses, calls stages, prints. No pipeline logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from pipeline.core.errors import StageNotImplemented, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune, fine-tune, quantize and benchmark YOLO11 for NVIDIA Jetson.")
+
+ALL_STAGES = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "bundle", "engine", "bench"]
+IMPLEMENTED = ["data", "load", "export", "bench"]
+PLANNED = {"prune": "issue #4", "finetune": "issue #4", "calibrate": "issue #5", "quantize": "issue #5",
+           "bundle": "the deploy-bundle issue", "engine": "the device-engine issue (runs on the Jetson)"}
+DEFAULT_RECIPE = Path("models/default.yaml")
+
+RecipeOpt = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="recipe yaml (models/*.yaml)")
+SetOpt = typer.Option(None, "--set", help="override a recipe key: --set bench.iters=50 (repeatable)")
+RunDirOpt = typer.Option(None, "--run-dir", help="run directory (default runs/<recipe name>)")
+
+
+def _ctx(recipe: Path, sets: Optional[List[str]], run_dir: Optional[Path], force: bool = False):
+    from pipeline.core.config import load_recipe
+    from pipeline.core.stage import Context
+
+    r = load_recipe(recipe, sets or [])
+    return Context(run_dir=Path(run_dir or Path("runs") / r.name), recipe=r, recipe_path=recipe, force=force)
+
+
+def _run_stages(ctx, stages: list[str]) -> None:
+    from pipeline.stages import bench, data, export, load
+
+    fns = {"data": data.run, "load": load.run, "export": export.run, "bench": bench.run}
+    for s in stages:
+        if s not in ALL_STAGES:
+            raise UserError(f"unknown stage '{s}' (stages: {', '.join(ALL_STAGES)})")
+        if s not in IMPLEMENTED:
+            raise StageNotImplemented(f"stage '{s}' is not implemented yet ({PLANNED[s]})")
+    _preflight(ctx, stages)
+    for s in stages:
+        fns[s](ctx)
+
+
+def _preflight(ctx, stages: list[str]) -> None:
+    """Check user-supplied inputs before any stage writes anything."""
+    if "data" in stages and ctx.recipe.data.source != "synthetic":
+        from pipeline.data.formats import load_dataset
+
+        load_dataset(ctx.recipe.data.source).split(ctx.recipe.bench.split)
+    if "load" in stages:
+        from pipeline.stages.load import weights_spec
+
+        spec = weights_spec(ctx)
+        if not spec.endswith((".yaml", ".yml")):
+            from pipeline.adapters.ultralytics_yolo import load_detection_model
+
+            load_detection_model(spec)
+        else:
+            from pipeline.adapters.ultralytics_yolo import resolve_yaml
+
+            resolve_yaml(spec)
+
+
+@app.command()
+def run(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt,
+        stages: str = typer.Option(",".join(IMPLEMENTED), help="comma-separated stages, in pipeline order"),
+        force: bool = typer.Option(False, "--force", help="re-run stages even when cached")):
+    """Run the pipeline (or some stages of it) for a recipe; cached stages are skipped."""
+    ctx = _ctx(recipe, sets, run_dir, force)
+    _run_stages(ctx, [s.strip() for s in stages.split(",") if s.strip()])
+    if (ctx.run_dir / "report.json").is_file() and "bench" in stages:
+        typer.echo((ctx.run_dir / "report.md").read_text())
+
+
+@app.command()
+def stage(name: str, recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt,
+          run_dir: Optional[Path] = RunDirOpt, force: bool = typer.Option(False, "--force")):
+    """Run one stage; the stages before it must have run."""
+    _run_stages(_ctx(recipe, sets, run_dir, force), [name])
+
+
+@app.command()
+def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO directory or COCO instances JSON"),
+          weights: str = typer.Option(..., "--weights", help="YOLO11 .pt checkpoint (or .yaml architecture)"),
+          imgsz: Optional[int] = typer.Option(None, help="input size (default: the recipe's)"),
+          recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt,
+          force: bool = typer.Option(False, "--force")):
+    """Benchmark a model on a dataset of your own: data -> load -> export -> bench."""
+    extra = [f"data.source={data}", f"model.weights={weights}"] + ([f"model.imgsz={imgsz}"] if imgsz else [])
+    name = run_dir or Path("runs") / f"bench-{Path(data).stem}-{Path(weights).stem}"
+    ctx = _ctx(recipe, extra + list(sets or []), name, force)
+    _run_stages(ctx, ["data", "load", "export", "bench"])
+    typer.echo((ctx.run_dir / "report.md").read_text())
+
+
+@app.command()
+def report(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt):
+    """Write runs/<run>/report.json and report.md from the last bench and print the table."""
+    from pipeline.stages.bench import publish
+
+    ctx = _ctx(recipe, sets, run_dir)
+    p = publish(ctx)
+    typer.echo(p.with_suffix(".md").read_text())
+
+
+@app.command()
+def status(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt):
+    """List the stages of a run with their state."""
+    from datetime import datetime
+
+    ctx = _ctx(recipe, sets, run_dir)
+    typer.echo(f"run: {ctx.run_dir}")
+    for s in ALL_STAGES:
+        if s not in IMPLEMENTED:
+            typer.echo(f"  {s:10s} not implemented yet ({PLANNED[s]})")
+            continue
+        rec = ctx.record(s)
+        if rec is None:
+            typer.echo(f"  {s:10s} not run")
+        else:
+            when = datetime.fromtimestamp(rec.finished).strftime("%Y-%m-%d %H:%M:%S")
+            typer.echo(f"  {s:10s} done {when}  key {rec.key[:12]}  ({rec.finished - rec.started:.1f}s)  "
+                       + ", ".join(f"{k}={Path(v['path']).name}" for k, v in rec.outputs.items()))
+
+
+@app.command()
+def base(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt,
+         epochs: Optional[int] = typer.Option(None, help="epochs (default: the recipe's base.epochs)"),
+         out: Optional[Path] = typer.Option(None, help="where to write the checkpoint (default: model.weights)")):
+    """Train the default base model from its yaml on the recipe's data (what the shipped checkpoint is)."""
+    from pipeline.stages import data as data_stage
+    from pipeline.stages.base import train_base
+
+    ctx = _ctx(recipe, sets, run_dir)
+    data_stage.run(ctx)
+    dest = Path(out or ctx.recipe.model.weights or "models/base/base.pt")
+    typer.echo(str(train_base(ctx, dest, epochs)))
+
+
+@app.command("check-data")
+def check_data(path: Path):
+    """Validate a dataset (YOLO data yaml, COCO directory or instances JSON) and summarize it."""
+    from pipeline.data.formats import load_dataset
+
+    ds = load_dataset(path)
+    summary = {s: {"images": len(v), "boxes": sum(len(i.boxes) for i in v)} for s, v in ds.splits.items()}
+    typer.echo(json.dumps({"path": str(path), "classes": ds.nc, "names": ds.names, "splits": summary}, indent=1))
+
+
+@app.command()
+def convert(src: Path, dest: Path, to: str = typer.Option(..., help="yolo or coco")):
+    """Convert a dataset between COCO JSON and the YOLO txt layout (images are symlinked)."""
+    from pipeline.data.formats import load_dataset, write_coco, write_yolo
+
+    ds = load_dataset(src)
+    if to not in ("yolo", "coco"):
+        raise UserError(f"--to must be yolo or coco, got '{to}'")
+    typer.echo(str(write_yolo(ds, dest) if to == "yolo" else write_coco(ds, dest)))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: the stage in progress was discarded; earlier results are intact", err=True)
+        sys.exit(130)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Recipes: one strict config object for a whole run, loaded from models/*.yaml and overridable from the CLI
+(`--set bench.iters=50`). Unknown keys are rejected with the key and the file named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.core.errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticCfg(Strict):
+    seed: int = 0
+    train: int = Field(480, ge=1)
+    val: int = Field(120, ge=1)
+    imgsz: int = Field(320, ge=64)
+
+
+class DataCfg(Strict):
+    source: str = "synthetic"  # "synthetic", a YOLO data yaml, a COCO directory or a COCO instances JSON
+    synthetic: SyntheticCfg = SyntheticCfg()
+
+
+class ModelCfg(Strict):
+    weights: str | None = None  # a user's .pt; for the default: the shipped base checkpoint
+    arch: str = "yolo11n.yaml"  # what `make base` trains when weights are absent or to reproduce them
+    imgsz: int = Field(320, ge=32)
+
+
+class BaseTrainCfg(Strict):
+    epochs: int = Field(60, ge=1)
+    batch: int = Field(16, ge=1)
+    seed: int = 0
+    workers: int = Field(2, ge=0)
+    device: str = "cpu"
+
+
+class ExportCfg(Strict):
+    opset: int = Field(17, ge=13, le=21)
+    simplify: bool = True
+    parity_atol: float = 1e-3
+
+
+class BenchCfg(Strict):
+    split: str = "val"
+    conf: float = Field(0.001, ge=0, le=1)
+    iou: float = Field(0.7, gt=0, le=1)
+    max_det: int = Field(300, ge=1)
+    warmup: int = Field(5, ge=0)
+    iters: int = Field(30, ge=1)
+    threads: int = Field(2, ge=1)
+    runner: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+
+
+class Recipe(Strict):
+    name: str = "default"
+    data: DataCfg = DataCfg()
+    model: ModelCfg = ModelCfg()
+    base: BaseTrainCfg = BaseTrainCfg()
+    export: ExportCfg = ExportCfg()
+    bench: BenchCfg = BenchCfg()
+
+    def section(self, name: str) -> dict:
+        return getattr(self, name).model_dump()
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise UserError(f"--set {dotted}: '{k}' is not a section")
+    d[keys[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("recipe not found", path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+    if not isinstance(raw, dict):
+        raise UserError("a recipe must be a mapping of sections", path)
+    for ov in overrides:
+        if "=" not in ov:
+            raise UserError(f"--set expects key=value, got '{ov}'")
+        k, v = ov.split("=", 1)
+        _set(raw, k.strip(), yaml.safe_load(v))
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"unknown recipe key '{key}'", path) from None
+        raise UserError(f"recipe key '{key}': {err['msg']} (got {err.get('input')!r})", path) from None

@@ -1,0 +1,87 @@
+"""Pre- and post-processing of a YOLO11 detector, in numpy only (the Jetson side imports this too).
+
+Preprocessing is ultralytics' LetterBox (centered, pad 114, bilinear resize, BGR->RGB, /255, NCHW float32);
+postprocessing is its validation NMS (multi-label, class-aware, conf >= conf, IoU iou, at most max_det), with
+boxes scaled back to the original image as `scale_boxes` does. The spec is written into deploy bundles so the
+device does exactly the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PrePost:
+    imgsz: int = 320
+    pad_value: int = 114
+    conf: float = 0.001
+    iou: float = 0.7
+    max_det: int = 300
+    max_nms: int = 30000
+    max_wh: int = 7680
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def letterbox(img_bgr: np.ndarray, spec: PrePost) -> tuple[np.ndarray, tuple]:
+    """Returns the NCHW float32 tensor and (gain_x, gain_y, pad_x, pad_y) to undo it."""
+    s = spec.imgsz
+    h0, w0 = img_bgr.shape[:2]
+    r = min(s / h0, s / w0)
+    new_w, new_h = max(round(w0 * r), 1), max(round(h0 * r), 1)
+    dw, dh = (s - new_w) / 2, (s - new_h) / 2
+    img = cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR) if (new_w, new_h) != (w0, h0) else img_bgr
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(spec.pad_value,) * 3)
+    x = np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255.0
+    return x, (new_w / w0, new_h / h0, left, top)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: int) -> np.ndarray:
+    """Greedy NMS over xyxy boxes; returns kept indices, best first."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    keep = []
+    while order.size and len(keep) < max_keep:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        xx1 = np.maximum(x1[i], x1[rest])
+        yy1 = np.maximum(y1[i], y1[rest])
+        xx2 = np.minimum(x2[i], x2[rest])
+        yy2 = np.minimum(y2[i], y2[rest])
+        inter = np.clip(xx2 - xx1, 0, None) * np.clip(yy2 - yy1, 0, None)
+        ov = inter / (areas[i] + areas[rest] - inter + 1e-9)
+        order = rest[ov <= iou]
+    return np.array(keep, dtype=np.int64)
+
+
+def postprocess(out: np.ndarray, undo: tuple, orig_hw: tuple[int, int], spec: PrePost) -> np.ndarray:
+    """out: (1, 4+nc, N) raw detector output (xywh in input pixels, class scores). Returns (k, 6):
+    x1, y1, x2, y2 (original image pixels), score, class."""
+    p = out[0].T  # (N, 4+nc)
+    cls_scores = p[:, 4:]
+    i, j = np.nonzero(cls_scores > spec.conf)  # multi-label: one candidate per (box, class) over conf
+    if i.size == 0:
+        return np.zeros((0, 6), np.float32)
+    sc = cls_scores[i, j]
+    if sc.size > spec.max_nms:
+        top = np.argsort(-sc, kind="stable")[: spec.max_nms]
+        i, j, sc = i[top], j[top], sc[top]
+    xywh = p[i, :4]
+    xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+    keep = nms(xyxy + (j[:, None] * spec.max_wh).astype(xyxy.dtype), sc, spec.iou, spec.max_det)
+    xyxy, sc, j = xyxy[keep], sc[keep], j[keep]
+    gx, gy, px, py = undo
+    xyxy = (xyxy - np.array([px, py, px, py], np.float32)) / np.array([gx, gy, gx, gy], np.float32)
+    h0, w0 = orig_hw
+    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w0)
+    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h0)
+    return np.concatenate([xyxy, sc[:, None], j[:, None].astype(np.float32)], 1).astype(np.float32)

@@ -1,0 +1,157 @@
+"""`bench` stage: every variant the run has produced, through the same Runner, evaluator and timer, side by
+side: COCO mAP (pycocotools) on the val split, engine-only and end-to-end latency, params, MACs, file size.
+Writes report.json / report.md (also copied to the run directory) and each variant's raw detections in the
+COCO results format next to the ground truth they were scored against."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.core.stage import Context, StageResult, run_stage, lib_versions
+from pipeline.core.store import StageRecord, atomic_path, sha256_file, write_json
+from pipeline.eval.detect import PrePost
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model_stage: str  # the stage whose 'onnx' output is benchmarked
+    stats_stage: str  # the stage whose 'info' (params, MACs) describes the network
+    precision: str = "fp32"
+    note: str = ""
+
+
+def variants(ctx: Context) -> list[Variant]:
+    """The variants this run has: those whose stages have records."""
+    cands = [Variant("base-fp32", "export", "load")]
+    return [v for v in cands if ctx.record(v.model_stage) is not None]
+
+
+def prepost(ctx: Context) -> PrePost:
+    b = ctx.recipe.bench
+    return PrePost(imgsz=ctx.recipe.model.imgsz, conf=b.conf, iou=b.iou, max_det=b.max_det)
+
+
+def device_info() -> dict:
+    info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count()}
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                info["cpu"] = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def run(ctx: Context) -> StageRecord:
+    vs = variants(ctx)
+    cfg = ctx.recipe.bench
+    spec = prepost(ctx)
+    inputs = {"ground_truth": ctx.output("data", "ground_truth"), "data": ctx.output("data", "yolo")}
+    for v in vs:
+        inputs[f"{v.name}.onnx"] = ctx.output(v.model_stage, "onnx")
+        inputs[f"{v.name}.info"] = ctx.output(v.stats_stage, "info")
+    config = {**cfg.model_dump(), "prepost": spec.as_dict(), "variants": [v.__dict__ for v in vs]}
+
+    def fn(ctx: Context, out: Path, inputs) -> StageResult:
+        from pipeline.backends.base import get_runner
+        from pipeline.eval.bench import EvalImage, accuracy, latency
+        from pipeline.stages.data import dataset
+
+        ds = dataset(ctx)
+        gt = json.loads(inputs["ground_truth"].read_text())
+        shutil.copyfile(inputs["ground_truth"], out / "ground_truth.json")
+        images = [EvalImage(str(im.path), im.id) for im in ds.split(cfg.split)]
+        cat_ids = [ds.cat_id(i) for i in range(ds.nc)]
+        (out / "predictions").mkdir()
+        rows = []
+        for v in vs:
+            onnx_path = inputs[f"{v.name}.onnx"]
+            info = json.loads(inputs[f"{v.name}.info"].read_text())
+            runner = get_runner(cfg.runner, onnx_path, threads=cfg.threads)
+            acc, dets = accuracy(runner, images, gt, cat_ids, spec, label=v.name)
+            (out / "predictions" / f"{v.name}.json").write_text(json.dumps(dets))
+            lat = latency(runner, [i.path for i in images], spec, cfg.warmup, cfg.iters)
+            rel = lambda p: os.path.relpath(p, ctx.run_dir)  # noqa: E731
+            rows.append({
+                "name": v.name, "precision": v.precision, "note": v.note,
+                "model": {"path": rel(ctx.stage_dir(v.model_stage) / onnx_path.name), "sha256": sha256_file(onnx_path),
+                          "size_bytes": onnx_path.stat().st_size},
+                "runner": runner.describe(),
+                "map50_95": acc["map50_95"], "map50": acc["map50"],
+                "per_class_ap50_95": {ds.names[cat_ids.index(k)]: a for k, a in acc["per_class_ap50_95"].items()},
+                "latency_ms": {"engine": lat["engine"], "end_to_end": lat["end_to_end"]},
+                "fps": lat["fps"], "timing": {k: lat[k] for k in ("batch", "warmup", "iters", "wall_s")},
+                "params": info["params"], "macs": info["macs"],
+                "predictions": rel(ctx.stage_dir("bench") / "predictions" / f"{v.name}.json"),
+                "ground_truth": rel(ctx.stage_dir("bench") / "ground_truth.json"),
+                "detections": len(dets),
+            })
+        base = next((r for r in rows if r["name"] == "base-fp32"), rows[0] if rows else None)
+        for r in rows:
+            if base is None:
+                break
+            r["vs_base"] = {"macs_ratio": r["macs"] / base["macs"], "params_ratio": r["params"] / base["params"],
+                            "size_ratio": r["model"]["size_bytes"] / base["model"]["size_bytes"],
+                            "map50_95_delta": r["map50_95"] - base["map50_95"],
+                            "engine_p50_speedup": base["latency_ms"]["engine"]["p50"] / r["latency_ms"]["engine"]["p50"],
+                            "e2e_p50_speedup": base["latency_ms"]["end_to_end"]["p50"]
+                            / r["latency_ms"]["end_to_end"]["p50"]}
+        report = {"schema": "yolo-edge/report/1", "run": ctx.run_dir.name, "recipe": ctx.recipe.model_dump(),
+                  "dataset": {"split": cfg.split, "images": len(images), "digest": ds.digest(cfg.split),
+                              "names": ds.names},
+                  "device": device_info(), "env": lib_versions(), "prepost": spec.as_dict(), "variants": rows}
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        (out / "report.md").write_text(render_markdown(report))
+        return StageResult(outputs={"report": "report.json", "report_md": "report.md",
+                                    "predictions": "predictions", "ground_truth": "ground_truth.json"},
+                           metrics={r["name"]: {"map50_95": r["map50_95"], "e2e_p50_ms":
+                                                r["latency_ms"]["end_to_end"]["p50"]} for r in rows})
+
+    rec = run_stage(ctx, "bench", VERSION, config, inputs, fn)
+    publish(ctx)
+    return rec
+
+
+def publish(ctx: Context) -> Path:
+    """Copy the bench report to runs/<run>/report.json and render report.md beside it."""
+    report = json.loads(ctx.output("bench", "report").read_text())
+    write_json(ctx.run_dir / "report.json", report)
+    with atomic_path(ctx.run_dir / "report.md") as tmp:
+        tmp.write_text(render_markdown(report))
+    return ctx.run_dir / "report.json"
+
+
+def render_markdown(rep: dict) -> str:
+    lines = [f"# yolo-edge report: {rep['run']}", "",
+             f"Dataset: {rep['dataset']['images']} {rep['dataset']['split']} images, "
+             f"{len(rep['dataset']['names'])} classes (digest {rep['dataset']['digest'][:12]}); "
+             f"input {rep['prepost']['imgsz']}x{rep['prepost']['imgsz']}; device: {rep['device'].get('cpu', '?')}, "
+             f"{rep['device'].get('cpus')} CPUs.", "",
+             "| variant | runner | mAP50-95 | mAP50 | Δ mAP50-95 | params | MACs (×base) | size | engine p50 ms "
+             "| e2e p50 / p90 / p99 ms | speed-up (e2e) | fps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["variants"]:
+        vb = r.get("vs_base", {})
+        e, g = r["latency_ms"]["end_to_end"], r["latency_ms"]["engine"]
+        lines.append(
+            f"| {r['name']} | {r['runner']['runner']} | {r['map50_95']:.4f} | {r['map50']:.4f} | "
+            f"{vb.get('map50_95_delta', 0) * 100:+.2f} pt | {r['params'] / 1e6:.3f} M | "
+            f"{r['macs'] / 1e9:.3f} G ({vb.get('macs_ratio', 1):.2f}×) | {r['model']['size_bytes'] / 1e6:.2f} MB | "
+            f"{g['p50']:.2f} | {e['p50']:.2f} / {e['p90']:.2f} / {e['p99']:.2f} | {vb.get('e2e_p50_speedup', 1):.2f}× | "
+            f"{r['fps']:.1f} |")
+    lines += ["", "Latency: batch 1, ONNX Runtime CPU unless the runner says otherwise; engine = inference on a ready "
+              "tensor, e2e = letterbox + inference + NMS on a decoded frame. mAP: pycocotools on the predictions and "
+              "ground truth named in report.json."]
+    for r in rep["variants"]:
+        if r.get("note"):
+            lines.append(f"- {r['name']}: {r['note']}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,56 @@
+"""`data` stage: the built-in synthetic dataset, or a user's COCO / YOLO dataset, validated and laid out both
+ways: yolo/data.yaml for the ultralytics trainer and validator, coco/ with the ground-truth JSON pycocotools
+scores against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.core.stage import Context, StageResult, run_stage
+from pipeline.core.store import StageRecord
+from pipeline.data.formats import Dataset, load_dataset, write_coco, write_yolo
+from pipeline.data.synthetic import SynthSpec, generate
+
+VERSION = 1
+
+
+def _user_dataset(ctx: Context) -> Dataset:
+    return load_dataset(ctx.recipe.data.source)
+
+
+def run(ctx: Context) -> StageRecord:
+    src = ctx.recipe.data.source
+    if src == "synthetic":
+        config = {"source": "synthetic", "spec": SynthSpec(**ctx.recipe.data.synthetic.model_dump()).as_dict()}
+    else:
+        ds = _user_dataset(ctx)  # validates: a bad dataset fails here, before anything is written
+        config = {"source": str(Path(src).resolve()), "content": {s: ds.digest(s) for s in ds.splits}}
+
+    def fn(ctx: Context, out: Path, inputs) -> StageResult:
+        if src == "synthetic":
+            generate(out / "synthetic", SynthSpec(**ctx.recipe.data.synthetic.model_dump()))
+            d = load_dataset(out / "synthetic")
+        else:
+            d = _user_dataset(ctx)
+        write_yolo(d, out / "yolo")
+        write_coco(d, out / "coco")
+        split = ctx.recipe.bench.split
+        (out / f"ground_truth_{split}.json").write_text(json.dumps(d.coco_dict(split)))
+        meta = {"names": d.names, "category_ids": [d.cat_id(i) for i in range(d.nc)],
+                "splits": {s: len(v) for s, v in d.splits.items()},
+                "boxes": {s: sum(len(i.boxes) for i in v) for s, v in d.splits.items()}}
+        (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+        return StageResult(outputs={"yolo": "yolo", "coco": "coco", "ground_truth": f"ground_truth_{split}.json",
+                                    "meta": "dataset.json"}, metrics=meta)
+
+    return run_stage(ctx, "data", VERSION, config, {}, fn)
+
+
+def dataset(ctx: Context) -> Dataset:
+    """The run's dataset, read back from the data stage's YOLO layout."""
+    return load_dataset(ctx.output("data", "yolo") / "data.yaml")
+
+
+def meta(ctx: Context) -> dict:
+    return json.loads(ctx.output("data", "meta").read_text())

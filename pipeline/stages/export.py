@@ -1,0 +1,65 @@
+"""`export` stage: static-shape ONNX of an upstream checkpoint, checked by onnx.checker, with ONNX Runtime vs
+PyTorch output parity measured on real letterboxed images and recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.core.errors import UserError
+from pipeline.core.stage import Context, StageResult, run_stage
+from pipeline.core.store import StageRecord
+from pipeline.eval.detect import PrePost, letterbox
+
+VERSION = 1
+
+
+def parity_images(ctx: Context, n: int = 2) -> list[Path]:
+    from pipeline.stages.data import dataset
+
+    return [im.path for im in dataset(ctx).split(ctx.recipe.bench.split)[:n]]
+
+
+def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: bool, images: list[Path],
+                   atol: float) -> dict:
+    import onnx
+
+    from pipeline.adapters import ultralytics_yolo as ua
+    from pipeline.backends.onnxruntime import OnnxRuntimeRunner
+
+    ua.export_onnx(weights, dest, imgsz=imgsz, opset=opset, simplify=simplify)
+    m = onnx.load(str(dest))
+    onnx.checker.check_model(m, full_check=True)
+    torch_model = ua.load_detection_model(weights)
+    runner = OnnxRuntimeRunner(dest, threads=2)
+    diffs = []
+    for p in images:
+        x, _ = letterbox(cv2.imread(str(p)), PrePost(imgsz=imgsz))
+        ref = ua.torch_forward(torch_model, x)
+        got = runner.infer({runner.input_name: x})[0]
+        diffs.append(float(np.abs(ref - got).max()))
+    worst = max(diffs)
+    if worst > atol:
+        raise UserError(f"ONNX Runtime output differs from PyTorch by {worst:.2e} (> {atol:g})", dest)
+    opsets = {o.domain or "ai.onnx": o.version for o in m.opset_import}
+    return {"opset": opsets.get("ai.onnx"), "checker": "passed", "parity_max_abs_diff": worst,
+            "parity_images": len(images), "inputs": [[d.dim_value for d in i.type.tensor_type.shape.dim]
+                                                     for i in m.graph.input]}
+
+
+def run(ctx: Context, source_stage: str = "load", stage_name: str = "export") -> StageRecord:
+    cfg = ctx.recipe.export
+    config = {**cfg.model_dump(), "imgsz": ctx.recipe.model.imgsz}
+    inputs = {"model": ctx.output(source_stage, "model")}
+
+    def fn(ctx: Context, out: Path, inputs) -> StageResult:
+        metrics = export_checked(inputs["model"], out / "model.onnx", ctx.recipe.model.imgsz, cfg.opset,
+                                 cfg.simplify, parity_images(ctx), cfg.parity_atol)
+        (out / "export.json").write_text(json.dumps(metrics, indent=1))
+        return StageResult(outputs={"onnx": "model.onnx"}, metrics=metrics,
+                           requested={"opset": cfg.opset}, effective={"opset": metrics["opset"]})
+
+    return run_stage(ctx, stage_name, VERSION, config, inputs, fn)

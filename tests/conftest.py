@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+COCO8 = SHARED / "data" / "coco8" / "coco8.yaml"
+BASE_CKPT = ROOT / "models" / "base" / "yolo11n-synth.pt"
+
+from pipeline.adapters.offline import setup_offline  # noqa: E402
+
+setup_offline()
+
+
+def cli(*args, cwd=ROOT, timeout=600):
+    """Run the real console script; returns CompletedProcess with text output."""
+    exe = Path(sys.executable).parent / "yolo-edge"
+    return subprocess.run([str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory):
+    """A small synthetic COCO dataset (24 train, 12 val images)."""
+    from pipeline.data.synthetic import SynthSpec, generate
+
+    return generate(tmp_path_factory.mktemp("synth") / "ds", SynthSpec(seed=7, train=24, val=12))
+
+
+@pytest.fixture(scope="session")
+def val_synth(tmp_path_factory):
+    """The default recipe's val split, first 40 images (same generator and seed as the shipped model's data)."""
+    from pipeline.data.synthetic import SynthSpec, generate
+
+    return generate(tmp_path_factory.mktemp("synthval") / "ds", SynthSpec(seed=0, train=1, val=40))
+
+
+@pytest.fixture
+def needs_shared():
+    if not COCO8.is_file():
+        pytest.skip(f"{COCO8} is absent (../shared is not beside this clone)")
+    return COCO8
+
+
+@pytest.fixture
+def base_ckpt():
+    if not BASE_CKPT.is_file():
+        pytest.skip(f"{BASE_CKPT} is absent: `make base` makes it")
+    return BASE_CKPT

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import UserError
+from pipeline.core.store import atomic_dir, atomic_path, sha256_file
+
+from conftest import ROOT
+
+
+def test_default_recipe_loads_and_overrides():
+    r = load_recipe(ROOT / "models/default.yaml", ["bench.iters=7", "model.imgsz=256"])
+    assert r.bench.iters == 7 and r.model.imgsz == 256
+    assert r.data.source == "synthetic"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nbench:\n  itres: 5\n")
+    with pytest.raises(UserError) as e:
+        load_recipe(p)
+    assert "bench.itres" in str(e.value) and str(p) in str(e.value)
+    with pytest.raises(UserError, match="unknown recipe key 'bench.nope'"):
+        load_recipe(ROOT / "models/default.yaml", ["bench.nope=1"])
+
+
+def test_bad_value_is_named(tmp_path):
+    with pytest.raises(UserError, match="bench.iters"):
+        load_recipe(ROOT / "models/default.yaml", ["bench.iters=0"])
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    dest = tmp_path / "a.json"
+    dest.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert dest.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_dir_keeps_old_dir_on_interrupt(tmp_path):
+    dest = tmp_path / "stage"
+    dest.mkdir()
+    (dest / "f").write_text("good")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(dest) as tmp:
+            (tmp / "f").write_text("partial")
+            raise KeyboardInterrupt
+    assert (dest / "f").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["stage"]
+    with atomic_dir(dest) as tmp:
+        (tmp / "g").write_text("new")
+    assert [p.name for p in dest.iterdir()] == ["g"]
+
+
+def test_stage_cache_is_by_content_and_interrupt_keeps_record(tmp_path):
+    from pipeline.core.config import Recipe
+    from pipeline.core.stage import Context, StageResult, run_stage
+
+    ctx = Context(run_dir=tmp_path / "run", recipe=Recipe(), recipe_path=ROOT / "models/default.yaml")
+    src = tmp_path / "in.txt"
+    src.write_text("v1")
+    calls = []
+
+    def fn(ctx, out, inputs):
+        calls.append(1)
+        (out / "o.txt").write_text(inputs["x"].read_text().upper())
+        return StageResult(outputs={"o": "o.txt"})
+
+    r1 = run_stage(ctx, "s", 1, {"a": 1}, {"x": src}, fn)
+    r2 = run_stage(ctx, "s", 1, {"a": 1}, {"x": src}, fn)
+    assert len(calls) == 1 and r1.key == r2.key
+    moved = tmp_path / "moved.txt"  # same content at another path: still cached (keys are digests, not paths)
+    moved.write_text("v1")
+    run_stage(ctx, "s", 1, {"a": 1}, {"x": moved}, fn)
+    assert len(calls) == 1
+    src.write_text("v2")
+    r3 = run_stage(ctx, "s", 1, {"a": 1}, {"x": src}, fn)
+    assert len(calls) == 2 and r3.key != r1.key
+    assert (ctx.stage_dir("s") / "o.txt").read_text() == "V2"
+    assert r3.outputs["o"]["digest"] == sha256_file(ctx.stage_dir("s") / "o.txt")
+
+    def dies(ctx, out, inputs):
+        (out / "o.txt").write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(ctx, "s", 2, {"a": 1}, {"x": src}, dies)
+    rec = json.loads((ctx.stage_dir("s") / "record.json").read_text())
+    assert rec["key"] == r3.key and (ctx.stage_dir("s") / "o.txt").read_text() == "V2"

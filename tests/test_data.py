@@ -1,0 +1,135 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.core.errors import UserError
+from pipeline.data.formats import load_dataset, write_coco, write_yolo
+from pipeline.data.synthetic import CLASSES, SynthSpec, generate
+from pipeline.core.store import sha256_tree
+
+
+def test_synthetic_is_seeded_and_varied(tmp_path, synth_small):
+    again = generate(tmp_path / "again", SynthSpec(seed=7, train=24, val=12))
+    assert sha256_tree(again) == sha256_tree(synth_small)
+    other = generate(tmp_path / "other", SynthSpec(seed=8, train=24, val=12))
+    assert sha256_tree(other) != sha256_tree(synth_small)
+    ds = load_dataset(synth_small)
+    assert len(ds.names) >= 8 and ds.names == CLASSES
+    boxes = [b for im in ds.split("train") for b in im.boxes]
+    areas = np.array([w * h for _, _, _, w, h in boxes])
+    assert areas.min() < 32 ** 2 and areas.max() > 96 ** 2  # COCO small and large objects both present
+    assert len({b[0] for b in boxes}) == len(CLASSES)
+
+
+def _max_rel_err(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-9)))
+
+
+def test_coco_yolo_coco_roundtrip_keeps_boxes_and_names(tmp_path, synth_small):
+    ds = load_dataset(synth_small)
+    y = write_yolo(ds, tmp_path / "yolo")
+    back = write_coco(load_dataset(y), tmp_path / "coco")
+    for split in ("train", "val"):
+        a = json.loads((synth_small / "annotations" / f"instances_{split}.json").read_text())
+        b = json.loads((back / "annotations" / f"instances_{split}.json").read_text())
+        assert [c["name"] for c in a["categories"]] == [c["name"] for c in b["categories"]]
+        assert [c["id"] for c in a["categories"]] == [c["id"] for c in b["categories"]]
+        fa = {i["id"]: i["file_name"] for i in a["images"]}
+        fb = {i["id"]: i["file_name"] for i in b["images"]}
+        key = lambda d, f: sorted((f[x["image_id"]], x["category_id"], *x["bbox"]) for x in d["annotations"])  # noqa
+        ka, kb = key(a, fa), key(b, fb)
+        assert len(ka) == len(kb) > 0
+        assert [k[:2] for k in ka] == [k[:2] for k in kb]
+        assert _max_rel_err([k[2:] for k in kb], [k[2:] for k in ka]) <= 1e-6
+
+
+def test_coco_category_ids_survive_yolo(tmp_path, synth_small):
+    d = json.loads((synth_small / "annotations/instances_val.json").read_text())
+    for c in d["categories"]:
+        c["id"] += 10
+    for a in d["annotations"]:
+        a["category_id"] += 10
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations/instances_val.json").write_text(json.dumps(d))
+    shutil.copytree(synth_small / "images/val", tmp_path / "images/val")
+    ds = load_dataset(tmp_path)
+    y = load_dataset(write_yolo(ds, tmp_path / "y"))
+    assert y.category_ids == [c["id"] for c in d["categories"]]
+
+
+def _yolo_ds(tmp_path, synth_small, label_line=None, image_bytes=None, val_images=True):
+    root = tmp_path / "yds"
+    (root / "images/val").mkdir(parents=True)
+    (root / "labels/val").mkdir(parents=True)
+    src = sorted((synth_small / "images/val").glob("*.jpg"))[:2]
+    if val_images:
+        for p in src:
+            shutil.copy(p, root / "images/val" / p.name)
+            (root / "labels/val" / (p.stem + ".txt")).write_text("0 0.5 0.5 0.2 0.2\n")
+    if label_line is not None:
+        (root / "labels/val" / (src[0].stem + ".txt")).write_text(label_line + "\n")
+    if image_bytes is not None:
+        (root / "images/val" / src[0].name).write_bytes(image_bytes)
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": ".", "train": "images/val", "val": "images/val",
+                                                    "names": {i: n for i, n in enumerate(CLASSES)}}))
+    return root / "data.yaml"
+
+
+def test_yolo_validation_errors_name_the_file(tmp_path, synth_small):
+    y = _yolo_ds(tmp_path, synth_small, label_line="8 0.5 0.5 0.1 0.1")
+    with pytest.raises(UserError, match=r"class id 8 >= nc=8") as e:
+        load_dataset(y)
+    assert "val_00000.txt:1" in str(e.value)
+    y = _yolo_ds(tmp_path / "b", synth_small, label_line="1 0.95 0.5 0.3 0.1")
+    with pytest.raises(UserError, match="outside the image"):
+        load_dataset(y)
+    y = _yolo_ds(tmp_path / "c", synth_small, label_line="1 0.5 0.5 0.0 0.1")
+    with pytest.raises(UserError, match="degenerate"):
+        load_dataset(y)
+    y = _yolo_ds(tmp_path / "d", synth_small, image_bytes=b"not a jpeg")
+    with pytest.raises(UserError, match="does not decode: .*val_00000.jpg"):
+        load_dataset(y)
+
+
+def _coco_copy(tmp_path, synth_small, mutate):
+    d = json.loads((synth_small / "annotations/instances_val.json").read_text())
+    mutate(d)
+    (tmp_path / "annotations").mkdir(parents=True)
+    (tmp_path / "annotations/instances_val.json").write_text(json.dumps(d))
+    shutil.copytree(synth_small / "images/val", tmp_path / "images/val")
+    return tmp_path
+
+
+def test_coco_validation_errors(tmp_path, synth_small):
+    def unknown_image(d):
+        d["annotations"][0]["image_id"] = 999
+
+    def unknown_cat(d):
+        d["annotations"][0]["category_id"] = 77
+
+    def dup(d):
+        d["images"][1]["id"] = d["images"][0]["id"]
+
+    def outside(d):
+        d["annotations"][0]["bbox"] = [300.0, 10.0, 40.0, 10.0]
+
+    def degenerate(d):
+        d["annotations"][0]["bbox"] = [10.0, 10.0, 0.0, 10.0]
+
+    for i, (fn, msg) in enumerate([(unknown_image, "unknown image id 999"), (unknown_cat, "unknown category id 77"),
+                                   (dup, "duplicate image id"), (outside, "outside the 320x320 image"),
+                                   (degenerate, "degenerate bbox")]):
+        root = _coco_copy(tmp_path / str(i), synth_small, fn)
+        with pytest.raises(UserError, match=msg) as e:
+            load_dataset(root)
+        assert "instances_val.json" in str(e.value)
+
+
+def test_empty_split(tmp_path, synth_small):
+    root = _coco_copy(tmp_path, synth_small, lambda d: (d.update(images=[], annotations=[])))
+    with pytest.raises(UserError, match="'val' split is empty"):
+        load_dataset(root).split("val")
