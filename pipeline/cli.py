@@ -15,8 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Prune, fine-tune, quantize and benchmark YOLO11 for NVIDIA Jetson.")
 
 ALL_STAGES = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "bundle", "engine", "bench"]
-IMPLEMENTED = ["data", "load", "export", "bench"]
-PLANNED = {"prune": "issue #4", "finetune": "issue #4", "calibrate": "issue #5", "quantize": "issue #5",
+IMPLEMENTED = ["data", "load", "prune", "finetune", "export", "bench"]
+PLANNED = {"calibrate": "issue #5", "quantize": "issue #5",
            "bundle": "the deploy-bundle issue", "engine": "the device-engine issue (runs on the Jetson)"}
 DEFAULT_RECIPE = Path("models/default.yaml")
 
@@ -34,9 +34,12 @@ def _ctx(recipe: Path, sets: Optional[List[str]], run_dir: Optional[Path], force
 
 
 def _run_stages(ctx, stages: list[str]) -> None:
-    from pipeline.stages import bench, data, export, load
+    from pipeline.stages import bench, data, export, finetune, load, prune
 
-    fns = {"data": data.run, "load": load.run, "export": export.run, "bench": bench.run}
+    fns = {"data": data.run, "load": load.run, "prune": prune.run, "finetune": finetune.run, "export": export.run_all,
+           "bench": bench.run}
+    if not ctx.recipe.prune.enabled:
+        stages = [s for s in stages if s not in ("prune", "finetune")]
     for s in stages:
         if s not in ALL_STAGES:
             raise UserError(f"unknown stage '{s}' (stages: {', '.join(ALL_STAGES)})")
@@ -92,7 +95,7 @@ def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO di
           recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt,
           force: bool = typer.Option(False, "--force")):
     """Benchmark a model on a dataset of your own: data -> load -> export -> bench."""
-    extra = [f"data.source={data}", f"model.weights={weights}"] + ([f"model.imgsz={imgsz}"] if imgsz else [])
+    extra = [f"data.source={data}", f"model.weights={weights}", "prune.enabled=false"] + ([f"model.imgsz={imgsz}"] if imgsz else [])
     name = run_dir or Path("runs") / f"bench-{Path(data).stem}-{Path(weights).stem}"
     ctx = _ctx(recipe, extra + list(sets or []), name, force)
     _run_stages(ctx, ["data", "load", "export", "bench"])
@@ -175,13 +178,11 @@ def main() -> None:
         sys.exit(130)
     except typer.Abort:
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors of the (vendored) click layer carry show() and their exit code
+        if hasattr(e, "exit_code") and hasattr(e, "show"):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
+        if type(e).__name__ == "Exit" and hasattr(e, "exit_code"):
             sys.exit(e.exit_code)
         raise
 

@@ -55,6 +55,8 @@ def load_detection_model(path: str | Path) -> DetectionModel:
     except Exception as e:  # pickle, zip and torch errors all mean: not a checkpoint we can read
         raise UserError(f"not a YOLO checkpoint (torch.load failed: {type(e).__name__})", path) from None
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if model is not None and hasattr(model, "student_model"):  # a checkpoint saved while distilling
+        model = model.student_model
     if not isinstance(model, DetectionModel):
         got = type(model).__name__ if model is not None else type(ckpt).__name__
         raise UserError(f"not a YOLO detection checkpoint (holds {got}, expected an ultralytics DetectionModel)", path)
@@ -114,7 +116,7 @@ def torch_forward(model: torch.nn.Module, x) -> "torch.Tensor":
 def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int,
           batch: int, seed: int = 0, workers: int = 2, device: str = "cpu", **kw) -> Path:
     """Train with the stock trainer; returns the best checkpoint, re-saved in FP32 (ultralytics saves FP16)."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     y = YOLO(str(model_spec))
     y.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, workers=workers, device=device,
             project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False, amp=False,
@@ -148,3 +150,86 @@ def export_onnx(weights: str | Path, dest: str | Path, *, imgsz: int, opset: int
         with atomic_path(dest) as tmp:
             shutil.copyfile(out, tmp)
     return dest
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+
+
+class KeepArchitectureTrainer(DetectionTrainer):
+    """The stock detection trainer, except that the model it trains is the checkpoint's own module.
+
+    `YOLO(pruned).train()` would rebuild the unpruned network from the yaml the pruned model still carries and
+    load what weights fit. The trainer's public hook `get_model(cfg, weights)` receives the loaded checkpoint
+    module as `weights`; returning it keeps the pruned architecture (and, on resume, the EMA weights it saved).
+    """
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        if not isinstance(weights, torch.nn.Module):
+            raise UserError("fine-tuning starts from a checkpoint (.pt) holding the model to train", self.args.model)
+        if hasattr(weights, "student_model"):
+            weights = weights.student_model
+        return self.set_model_names_for_load(weights)
+
+
+def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int, batch: int,
+             seed: int = 0, workers: int = 2, device: str = "cpu", distill_from: str | Path | None = None,
+             distill_weight: float = 6.0, **kw) -> Path:
+    """Fine-tune the model in `weights` without changing its architecture; resumes from out_dir/weights/last.pt
+    when a previous run was cut off. Returns the best checkpoint (FP16, as ultralytics saves it)."""
+    out_dir = Path(out_dir).resolve()
+    last = out_dir / "weights" / "last.pt"
+    if last.is_file() and not (out_dir / "weights" / "done").exists():
+        try:
+            overrides = {"resume": str(last), "model": str(last)}
+            KeepArchitectureTrainer(overrides=overrides).train()
+            (out_dir / "weights" / "done").touch()
+            return out_dir / "weights" / "best.pt"
+        except AssertionError:  # finished already or incompatible: start over
+            pass
+    overrides = dict(model=str(weights), data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed,
+                     workers=workers, device=device, project=str(out_dir.parent), name=out_dir.name, exist_ok=True,
+                     plots=False, amp=False, deterministic=True, verbose=False, **kw)
+    if distill_from:
+        overrides.update(distill_model=str(distill_from), dis=distill_weight)
+    KeepArchitectureTrainer(overrides=overrides).train()
+    (out_dir / "weights" / "done").touch()
+    return out_dir / "weights" / "best.pt"
+
+
+def training_history(out_dir: str | Path) -> list[dict]:
+    import csv
+
+    rows = []
+    with open(Path(out_dir) / "results.csv") as f:
+        for row in csv.DictReader(f):
+            row = {k.strip(): v for k, v in row.items()}
+            rows.append({"epoch": int(float(row["epoch"])), "map50_95": float(row["metrics/mAP50-95(B)"]),
+                         "map50": float(row["metrics/mAP50(B)"])})
+    return rows
+
+
+def taylor_grads_fn(data_yaml: str | Path, imgsz: int, n_batches: int, batch: int = 8):
+    """A function that accumulates detection-loss gradients over `n_batches` train batches into a model, for
+    Taylor importance. Uses ultralytics' own dataset, collate and loss."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    cfg = get_cfg(overrides={"imgsz": imgsz, "batch": batch, "workers": 0})
+    data = check_det_dataset(str(data_yaml))
+
+    def fn(model: torch.nn.Module) -> None:
+        ds = build_yolo_dataset(cfg, data["train"], batch, data, mode="val", stride=int(model.stride.max()))
+        loader = build_dataloader(ds, batch, 0, shuffle=False)
+        model.args = cfg
+        model.criterion = None
+        for i, b in enumerate(loader):
+            if i >= n_batches:
+                break
+            b["img"] = b["img"].float() / 255
+            loss, _ = model.loss(b)
+            loss.sum().backward()
+        model.criterion = None
+
+    return fn

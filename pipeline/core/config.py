@@ -42,6 +42,36 @@ class BaseTrainCfg(Strict):
     device: str = "cpu"
 
 
+class PruneCfg(Strict):
+    enabled: bool = True
+    macs_target: float | None = Field(0.5, gt=0, lt=1, description="fraction of the base MACs to keep")
+    ratio: float | None = Field(None, gt=0, lt=1, description="a channel ratio instead of a MACs target")
+    tolerance: float = Field(0.02, gt=0, lt=1)
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "lamp"] = "l2"
+    global_pruning: bool = False
+    isomorphic: bool = False
+    round_to: int = Field(8, ge=1)
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1)
+    taylor_batches: int = Field(4, ge=1)
+
+
+class DistillCfg(Strict):
+    enabled: bool = False
+    weight: float = Field(6.0, ge=0)
+
+
+class FinetuneCfg(Strict):
+    epochs: int = Field(10, ge=1)
+    batch: int = Field(16, ge=1)
+    seed: int = 0
+    workers: int = Field(2, ge=0)
+    device: str = "cpu"
+    lr0: float | None = None
+    optimizer: str = "auto"
+    close_mosaic: int = Field(3, ge=0)
+    distill: DistillCfg = DistillCfg()
+
+
 class ExportCfg(Strict):
     opset: int = Field(17, ge=13, le=21)
     simplify: bool = True
@@ -64,6 +94,8 @@ class Recipe(Strict):
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()
     base: BaseTrainCfg = BaseTrainCfg()
+    prune: PruneCfg = PruneCfg()
+    finetune: FinetuneCfg = FinetuneCfg()
     export: ExportCfg = ExportCfg()
     bench: BenchCfg = BenchCfg()
 

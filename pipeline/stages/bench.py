@@ -31,6 +31,9 @@ class Variant:
 def variants(ctx: Context) -> list[Variant]:
     """The variants this run has: those whose stages have records."""
     cands = [Variant("base-fp32", "export", "load")]
+    if ctx.recipe.prune.enabled:
+        note = "pruned (DepGraph) + fine-tuned" + (" with distillation" if ctx.recipe.finetune.distill.enabled else "")
+        cands.append(Variant("pruned-fp32", "export-pruned", "finetune", note=note))
     return [v for v in cands if ctx.record(v.model_stage) is not None]
 
 

@@ -63,3 +63,11 @@ def run(ctx: Context, source_stage: str = "load", stage_name: str = "export") ->
                            requested={"opset": cfg.opset}, effective={"opset": metrics["opset"]})
 
     return run_stage(ctx, stage_name, VERSION, config, inputs, fn)
+
+
+def run_all(ctx: Context) -> list[StageRecord]:
+    """Export every model the run has: the base (load) and, when pruning ran, the fine-tuned pruned model."""
+    recs = [run(ctx)]
+    if ctx.recipe.prune.enabled and ctx.record("finetune") is not None:
+        recs.append(run(ctx, source_stage="finetune", stage_name="export-pruned"))
+    return recs

@@ -1,0 +1,135 @@
+"""Exact rewrites of the YOLO11 blocks that dependency-graph pruning cannot see through.
+
+- C2f / C3k2 split their first conv with `chunk(2, 1)` and C2PSA with `split`: Torch-Pruning's DepGraph cannot
+  follow a channel slice of one conv into two consumers. Each becomes two convs (`cv0` = first half, `cv1` =
+  second half of the original weights and BN statistics): the same arithmetic, so the outputs are identical.
+- C2PSA's `Attention` reshapes with the channel count of its *input* (`view(B, C, H, W)`); once the residual
+  stream around it is pruned that no longer equals its inner width. `DecoupledAttention` takes the inner width
+  from its own weights instead: identical before pruning, correct after.
+
+The rewritten modules are plain nn.Modules in this importable package, so a pruned checkpoint pickles them and
+`YOLO(path)` loads it wherever yolo-edge is installed. Nothing in ultralytics is patched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from ultralytics.nn.modules.block import C2PSA, C2f, Attention
+from ultralytics.nn.modules.conv import Conv
+
+TOP_LEVEL_ATTRS = ("f", "i", "type", "np")  # what ultralytics' parse_model puts on each layer of model.model
+
+
+def _half_conv(conv: Conv, sl: slice) -> Conv:
+    """A Conv (conv + BN + act) holding output channels `sl` of `conv`."""
+    new = copy.deepcopy(conv)
+    c = conv.conv
+    w = c.weight.data[sl].clone()
+    new.conv = nn.Conv2d(c.in_channels, w.shape[0], c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
+                         bias=c.bias is not None)
+    new.conv.weight.data.copy_(w)
+    if c.bias is not None:
+        new.conv.bias.data.copy_(c.bias.data[sl])
+    if hasattr(conv, "bn") and isinstance(conv.bn, nn.BatchNorm2d):
+        bn = conv.bn
+        new.bn = nn.BatchNorm2d(w.shape[0], eps=bn.eps, momentum=bn.momentum)
+        new.bn.weight.data.copy_(bn.weight.data[sl])
+        new.bn.bias.data.copy_(bn.bias.data[sl])
+        new.bn.running_mean.copy_(bn.running_mean[sl])
+        new.bn.running_var.copy_(bn.running_var[sl])
+        new.bn.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new
+
+
+def _copy_top_attrs(src: nn.Module, dst: nn.Module) -> None:
+    for a in TOP_LEVEL_ATTRS:
+        if hasattr(src, a):
+            setattr(dst, a, getattr(src, a))
+
+
+class C2fSplit(nn.Module):
+    """C2f / C3k2 with the chunked first conv split into cv0 and cv1."""
+
+    def __init__(self, block: C2f):
+        super().__init__()
+        c = block.c
+        self.c = c
+        self.cv0 = _half_conv(block.cv1, slice(0, c))
+        self.cv1 = _half_conv(block.cv1, slice(c, 2 * c))
+        self.cv2 = block.cv2
+        self.m = block.m
+        self.source_type = type(block).__name__
+        _copy_top_attrs(block, self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv0(x), self.cv1(x)]
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class C2PSASplit(nn.Module):
+    """C2PSA with its split first conv as cv0 (passed through) and cv1 (through the PSA blocks)."""
+
+    def __init__(self, block: C2PSA):
+        super().__init__()
+        c = block.c
+        self.c = c
+        self.cv0 = _half_conv(block.cv1, slice(0, c))
+        self.cv1 = _half_conv(block.cv1, slice(c, 2 * c))
+        self.cv2 = block.cv2
+        self.m = block.m
+        self.source_type = type(block).__name__
+        _copy_top_attrs(block, self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv2(torch.cat((self.cv0(x), self.m(self.cv1(x))), 1))
+
+
+class DecoupledAttention(nn.Module):
+    """ultralytics' Attention with its inner width read from its weights, not from the input tensor."""
+
+    def __init__(self, attn: Attention):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.key_dim = attn.key_dim
+        self.scale = attn.scale
+        self.qkv, self.proj, self.pe = attn.qkv, attn.proj, attn.pe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        N = H * W
+        C = self.num_heads * self.head_dim  # inner width: fixed by the weights
+        q, k, v = self.qkv(x).view(B, self.num_heads, self.key_dim * 2 + self.head_dim, N).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = ((q * self.scale).transpose(-2, -1) @ k).softmax(dim=-1)
+        x = (v @ attn.transpose(-2, -1)).view(B, C, H, W) + self.pe(v.reshape(B, C, H, W))
+        return self.proj(x)
+
+
+def rewrite(model: nn.Module) -> dict:
+    """Rewrite every C2f/C3k2, C2PSA and Attention in place. Returns counts by kind."""
+    counts = {"C2f/C3k2": 0, "C2PSA": 0, "Attention": 0}
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            visit(child)
+            if isinstance(child, C2f) and type(child).__name__ in ("C2f", "C3k2"):
+                setattr(parent, name, C2fSplit(child))
+                counts["C2f/C3k2"] += 1
+            elif isinstance(child, C2PSA):
+                setattr(parent, name, C2PSASplit(child))
+                counts["C2PSA"] += 1
+            elif type(child) is Attention:
+                setattr(parent, name, DecoupledAttention(child))
+                counts["Attention"] += 1
+
+    visit(model)
+    return counts
+
+
+def is_rewritten(model: nn.Module) -> bool:
+    return any(isinstance(m, (C2fSplit, C2PSASplit)) for m in model.modules())

@@ -1,0 +1,286 @@
+"""Structured channel pruning of YOLO11 with Torch-Pruning's dependency graph (DepGraph).
+
+Plan first, change second: the model is rewritten exactly (yolo11_blocks), Detect's final box/class convs and
+the DFL are protected, the C2PSA attention is a leaf with its own pruner (its residual in/out width shrinks with
+the stream around it; its heads are kept whole), and Torch-Pruning's MetaPruner proposes and applies groups.
+A MACs target is reached by bisection over the channel ratio, `round_to` honoured throughout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from ultralytics.nn.modules.block import C3, DFL, SPPF, Bottleneck, C3k, PSABlock
+from ultralytics.nn.modules.conv import Concat, Conv, DWConv
+from ultralytics.nn.modules.head import Detect
+from ultralytics.nn.tasks import DetectionModel
+
+from pipeline.adapters.yolo11_blocks import C2fSplit, C2PSASplit, DecoupledAttention, rewrite
+from pipeline.core.errors import UserError
+
+KNOWN = (DetectionModel, Conv, DWConv, Bottleneck, C3k, C3, C2fSplit, C2PSASplit, PSABlock, DecoupledAttention,
+         SPPF, Detect, DFL, Concat, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Identity,
+         nn.MaxPool2d, nn.Upsample)
+IMPORTANCE = ("l1", "l2", "taylor", "bn_scale", "lamp")
+
+
+class AttentionPruner(tp.pruner.function.BasePruningFunc):
+    """The C2PSA attention as one node: input width = qkv's input channels, output width = proj's output
+    channels. Inner widths (heads, key/head dims, the positional conv) are left whole, so no head is broken."""
+
+    TARGET_MODULES = DecoupledAttention
+
+    def prune_out_channels(self, layer: DecoupledAttention, idxs):
+        tp.prune_conv_out_channels(layer.proj.conv, idxs)
+        tp.prune_batchnorm_out_channels(layer.proj.bn, idxs)
+        return layer
+
+    def prune_in_channels(self, layer: DecoupledAttention, idxs):
+        tp.prune_conv_in_channels(layer.qkv.conv, idxs)
+        return layer
+
+    def get_out_channels(self, layer):
+        return layer.proj.conv.out_channels
+
+    def get_in_channels(self, layer):
+        return layer.qkv.conv.in_channels
+
+
+def check_known(model: nn.Module, where: str | Path | None = None) -> None:
+    for name, m in model.named_modules():
+        if not isinstance(m, KNOWN):
+            raise UserError(f"module '{name}' ({type(m).__module__}.{type(m).__name__}) is not one the YOLO11 pruner "
+                            f"knows; it prunes YOLO11 detection models (Conv, C3k2, SPPF, C2PSA, Detect)", where)
+
+
+def protected_layers(model: nn.Module) -> list[nn.Module]:
+    det = model.model[-1]
+    keep = [det.dfl] if isinstance(det.dfl, nn.Module) else []
+    for head in (det.cv2, det.cv3):
+        keep += [seq[-1] for seq in head]
+    for name in ("one2one_cv2", "one2one_cv3"):
+        if getattr(det, name, None) is not None:
+            keep += [seq[-1] for seq in getattr(det, name)]
+    return keep
+
+
+def _importance(kind: str):
+    if kind == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if kind == "l2":
+        return tp.importance.MagnitudeImportance(p=2)
+    if kind == "taylor":
+        return tp.importance.TaylorImportance()
+    if kind == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    if kind == "lamp":
+        return tp.importance.LAMPImportance(p=2)
+    raise UserError(f"unknown importance '{kind}' (one of {', '.join(IMPORTANCE)})")
+
+
+def _forward(m, x):
+    out = m(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class PruneSpec:
+    ratio: float | None = None  # channel ratio; or
+    macs_target: float | None = None  # fraction of the base MACs to keep (0.5 = 2x fewer)
+    tolerance: float = 0.02  # relative, for macs_target
+    importance: str = "l2"
+    global_pruning: bool = False
+    isomorphic: bool = False
+    round_to: int = 8
+    max_layer_ratio: float = 0.9
+    ratio_dict: dict | None = None  # module name -> ratio (sensitivity-derived non-uniform ratios)
+
+
+def macs_params(model: nn.Module, imgsz: int) -> tuple[int, int]:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, imgsz, imgsz))
+    model.train(was)
+    return int(macs), int(params)
+
+
+def prepare(model: DetectionModel) -> DetectionModel:
+    """A rewritten copy, ready for the dependency graph."""
+    m = copy.deepcopy(model).float().eval()
+    rewrite(m)
+    check_known(m)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def _pruner(model: nn.Module, imgsz: int, spec: PruneSpec, ratio: float, grads_fn=None, ratio_dict=None):
+    by_name = dict(model.named_modules())
+    rdict = {by_name[n]: min(r, spec.max_layer_ratio) for n, r in (ratio_dict or spec.ratio_dict or {}).items()
+             if n in by_name} or None
+    p = tp.pruner.MetaPruner(
+        model, torch.zeros(1, 3, imgsz, imgsz), importance=_importance(spec.importance), pruning_ratio=ratio,
+        pruning_ratio_dict=rdict, global_pruning=spec.global_pruning, isomorphic=spec.isomorphic,
+        max_pruning_ratio=spec.max_layer_ratio, ignored_layers=protected_layers(model), round_to=spec.round_to,
+        customized_pruners={DecoupledAttention: AttentionPruner()}, forward_fn=_forward)
+    if spec.importance == "taylor":
+        if grads_fn is None:
+            raise UserError("taylor importance needs training batches (gradients); none were given")
+        model.zero_grad()
+        grads_fn(model)
+    return p
+
+
+def prune_at_ratio(prepared: DetectionModel, imgsz: int, spec: PruneSpec, ratio: float, grads_fn=None,
+                   ratio_dict: dict | None = None):
+    """Prune a copy of `prepared` at one channel ratio (per-layer overrides in ratio_dict, by module name).
+    Returns (model, history)."""
+    m = copy.deepcopy(prepared)
+    p = _pruner(m, imgsz, spec, ratio, grads_fn, ratio_dict)
+    p.step()
+    return m.eval(), p.pruning_history()
+
+
+def prune(model: DetectionModel, imgsz: int, spec: PruneSpec, grads_fn=None, log=print) -> tuple:
+    """Returns (pruned model, history, info). A MACs target is met within spec.tolerance by bisection."""
+    if spec.ratio is None and spec.macs_target is None:
+        raise UserError("prune needs a ratio or a macs_target")
+    for k in ("ratio", "macs_target"):
+        v = getattr(spec, k)
+        if v is not None and not 0 < v < 1:
+            raise UserError(f"prune.{k} must lie strictly between 0 and 1, got {v}")
+    t0 = time.time()
+    prepared = prepare(model)
+    base_macs, base_params = macs_params(prepared, imgsz)
+    trials = []
+    if spec.ratio is not None:
+        pruned, hist = prune_at_ratio(prepared, imgsz, spec, spec.ratio, grads_fn)
+        ratio = spec.ratio
+    else:
+        pruned, hist, ratio, trials = _search(prepared, imgsz, spec, base_macs, grads_fn, log)
+    macs, params = macs_params(pruned, imgsz)
+    info = {"base_macs": base_macs, "base_params": base_params, "macs": macs, "params": params,
+            "macs_fraction": macs / base_macs, "params_fraction": params / base_params, "channel_ratio": ratio,
+            "trials": trials, "seconds": time.time() - t0}
+    return pruned, hist, info
+
+
+def _wide_convs(prepared: nn.Module) -> list[str]:
+    """Convs in the widest tier (out channels >= half the widest): where round_to steps are finest."""
+    skip = {id(m) for m in protected_layers(prepared)}
+    convs = [(n, m) for n, m in prepared.named_modules()
+             if isinstance(m, nn.Conv2d) and id(m) not in skip and m.groups == 1]
+    widest = max(m.out_channels for _, m in convs)
+    return [n for n, m in convs if m.out_channels >= widest // 2]
+
+
+def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
+    """Bisection over the uniform channel ratio; round_to makes MACs a step function of it, so when a step jumps
+    over the tolerance band, a second bisection prunes the widest tier further (finest steps) from the last
+    uniform ratio that kept MACs above the target."""
+    target, tol = spec.macs_target, spec.tolerance * spec.macs_target
+    trials = []
+
+    def attempt(r, rd=None):
+        m, h = prune_at_ratio(prepared, imgsz, spec, r, grads_fn, rd)
+        frac = macs_params(m, imgsz)[0] / base_macs
+        trials.append({"ratio": round(r, 5), "wide_ratio": round(max(rd.values()), 5) if rd else None,
+                       "macs_fraction": round(frac, 5)})
+        log(f"  ratio {r:.4f}" + (f", widest tier {max(rd.values()):.4f}" if rd else "") +
+            f" -> {frac:.4f} x MACs (target {target})")
+        return m, h, frac
+
+    lo, hi = 0.0, spec.max_layer_ratio  # frac(lo) > target > frac(hi)
+    best, above = None, (0.0, None)
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        m, h, frac = attempt(mid)
+        if best is None or abs(frac - target) < abs(best[2] - target):
+            best = (m, h, frac, mid)
+        if abs(frac - target) <= tol:
+            return m, h, mid, trials
+        if frac > target:
+            lo, above = mid, (mid, frac)
+        else:
+            hi = mid
+        if hi - lo < 1e-3:
+            break
+    r0 = above[0]
+    wide = _wide_convs(prepared)
+    wlo, whi = r0, spec.max_layer_ratio
+    for _ in range(10):
+        wm = (wlo + whi) / 2
+        m, h, frac = attempt(r0, {n: wm for n in wide})
+        if abs(frac - target) < abs(best[2] - target):
+            best = (m, h, frac, r0)
+        if abs(frac - target) <= tol:
+            return m, h, r0, trials
+        wlo, whi = (wm, whi) if frac > target else (wlo, wm)
+        if whi - wlo < 1e-3:
+            break
+    raise UserError(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%}: the closest is "
+                    f"{best[2]:.4f} x base MACs (round_to={spec.round_to}, max per-layer ratio "
+                    f"{spec.max_layer_ratio})")
+
+
+# --------------------------------------------------------------------------------------------- signatures
+def arch_signature(model: nn.Module) -> list:
+    """(name, weight shape) of every conv and BN: two models with the same signature have the same architecture."""
+    return [[n, list(m.weight.shape)] for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+
+
+def replay(base_model: DetectionModel, history: list, imgsz: int) -> DetectionModel:
+    """Apply a saved Torch-Pruning history to the unpruned model: the pruned architecture, without its weights."""
+    m = prepare(base_model)
+    dg = tp.DependencyGraph().build_dependency(
+        m, torch.zeros(1, 3, imgsz, imgsz), forward_fn=_forward, ignored_layers=protected_layers(m),
+        customized_pruners={DecoupledAttention: AttentionPruner()})
+    dg.load_pruning_history(history)
+    return m.eval()
+
+
+def base_from_pruned(pruned: DetectionModel) -> DetectionModel:
+    """The unpruned model a pruned one came from: its own yaml (the pruned checkpoint keeps the original)."""
+    nc = pruned.model[-1].nc
+    m = DetectionModel(copy.deepcopy(pruned.yaml), nc=nc, verbose=False)
+    m.names = getattr(pruned, "names", None)
+    return m.eval()
+
+
+def verify_history(pruned: DetectionModel, history: list, imgsz: int, where: str | Path) -> None:
+    try:
+        rebuilt = replay(base_from_pruned(pruned), history, imgsz)
+    except (KeyError, IndexError, RuntimeError, ValueError) as e:
+        raise UserError(f"pruning history does not replay on the base model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})", where) from None
+    a, b = arch_signature(rebuilt), arch_signature(pruned)
+    if a != b:
+        diff = next(((x, y) for x, y in zip(a, b) if x != y), (a[len(b):len(b) + 1], b[len(a):len(a) + 1]))
+        raise UserError(f"pruning history does not match the checkpoint's weights: replay gives {diff[0]}, "
+                        f"the checkpoint has {diff[1]}", where)
+
+
+def channel_report(model: nn.Module) -> list[dict]:
+    return [{"name": n, "in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+            for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def save_history(history: list, dest: Path) -> None:
+    dest.write_text(json.dumps({"format": "torch-pruning-history", "torch_pruning": tp.__version__,
+                                "history": history}))
+
+
+def load_history(path: Path) -> list:
+    try:
+        d = json.loads(Path(path).read_text())
+        return d["history"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise UserError("not a pruning history file", path) from None

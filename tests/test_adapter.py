@@ -1,0 +1,66 @@
+"""Contract tests of the ultralytics adapter on a tiny random YOLO11: they say when an ultralytics upgrade breaks
+what the pipeline relies on."""
+
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline.adapters import ultralytics_yolo as ua
+from pipeline.core.errors import UserError
+
+
+@pytest.mark.parametrize("nc", [3, 80])
+def test_yaml_any_class_count_saves_fp32_and_reloads_with_plain_yolo(tmp_path, nc):
+    from ultralytics import YOLO
+
+    m = ua.build_from_yaml("yolo11n.yaml", nc=nc, names=[f"k{i}" for i in range(nc)])
+    assert m.model[-1].nc == nc
+    p = ua.save_checkpoint(m, tmp_path / "m.pt")
+    ck = torch.load(p, weights_only=False)
+    assert all(t.dtype == torch.float32 for t in ck["model"].state_dict().values() if t.is_floating_point())
+    x = torch.rand(1, 3, 160, 160)
+    y1 = ua.torch_forward(m, x)
+    y2 = ua.torch_forward(YOLO(str(p)).model, x)
+    assert np.array_equal(y1, y2)
+    assert ua.names_of(ua.load_detection_model(p)) == [f"k{i}" for i in range(nc)]
+
+
+def test_stats_count_params_and_macs():
+    m = ua.build_from_yaml("yolo11n.yaml", nc=80)
+    s = ua.model_stats(m, 640)
+    assert 2.5e6 < s["params"] < 2.7e6  # YOLO11n: 2.6 M parameters
+    assert 2.9e9 < s["macs"] < 3.5e9  # and 6.5 GFLOPs = ~3.2 GMACs at 640
+
+
+def test_unknown_yaml_is_a_user_error():
+    with pytest.raises(UserError, match="architecture yaml not found"):
+        ua.build_from_yaml("yolo99q.yaml", nc=3)
+
+
+def test_export_static_onnx_matches_torch(tmp_path):
+    from pipeline.stages.export import export_checked
+    from pipeline.data.synthetic import SynthSpec, generate
+
+    ds = generate(tmp_path / "d", SynthSpec(train=1, val=2))
+    m = ua.build_from_yaml("yolo11n.yaml", nc=8)
+    ck = ua.save_checkpoint(m, tmp_path / "m.pt")
+    info = export_checked(ck, tmp_path / "m.onnx", 256, 17, True, sorted((ds / "images/val").glob("*.jpg")), 1e-3)
+    assert info["opset"] == 17 and info["checker"] == "passed"
+    assert info["inputs"] == [[1, 3, 256, 256]]
+    assert info["parity_max_abs_diff"] <= 1e-3
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))
+
+
+def test_download_attempt_fails_fast_and_loudly(tmp_path, monkeypatch):
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    monkeypatch.chdir(tmp_path)
+    t = time.time()
+    with pytest.raises(Exception) as e:
+        attempt_download_asset("yolo11s.pt", retry=1)
+    assert time.time() - t < 30
+    assert not (tmp_path / "yolo11s.pt").exists()
+    assert str(e.value)
