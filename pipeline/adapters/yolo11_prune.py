@@ -28,6 +28,7 @@ from pipeline.core.errors import UserError
 KNOWN = (DetectionModel, Conv, DWConv, Bottleneck, C3k, C3, C2fSplit, C2PSASplit, PSABlock, DecoupledAttention,
          SPPF, Detect, DFL, Concat, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Identity,
          nn.MaxPool2d, nn.Upsample)
+SEARCH_MAX_RATIO = 0.7
 IMPORTANCE = ("l1", "l2", "taylor", "bn_scale", "lamp")
 
 
@@ -198,12 +199,23 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
             f" -> {frac:.4f} x MACs (target {target})")
         return m, h, frac
 
-    lo, hi = 0.0, spec.max_layer_ratio  # frac(lo) > target > frac(hi)
-    best, above = None, (0.0, None)
+    def unreachable(frac):
+        return UserError(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%}: the closest is "
+                         f"{frac:.4f} x base MACs (round_to={spec.round_to}, max per-layer ratio "
+                         f"{spec.max_layer_ratio})")
+
+    # Above ~0.7 Torch-Pruning's per-group rounding makes MACs non-monotonic in the ratio (0.9 keeps more than
+    # 0.7 on YOLO11n): the search stays below that.
+    top = min(spec.max_layer_ratio, SEARCH_MAX_RATIO)
+    m, h, frac = attempt(top)  # the most this spec can remove
+    if frac > target + tol:
+        raise unreachable(frac)
+    lo, hi = 0.0, top  # frac(lo) > target > frac(hi)
+    best, above = (m, h, frac, top), (0.0, None)
     for _ in range(10):
         mid = (lo + hi) / 2
         m, h, frac = attempt(mid)
-        if best is None or abs(frac - target) < abs(best[2] - target):
+        if abs(frac - target) < abs(best[2] - target):
             best = (m, h, frac, mid)
         if abs(frac - target) <= tol:
             return m, h, mid, trials
@@ -215,7 +227,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
             break
     r0 = above[0]
     wide = _wide_convs(prepared)
-    wlo, whi = r0, spec.max_layer_ratio
+    wlo, whi = r0, top
     for _ in range(10):
         wm = (wlo + whi) / 2
         m, h, frac = attempt(r0, {n: wm for n in wide})
@@ -226,9 +238,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
         wlo, whi = (wm, whi) if frac > target else (wlo, wm)
         if whi - wlo < 1e-3:
             break
-    raise UserError(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%}: the closest is "
-                    f"{best[2]:.4f} x base MACs (round_to={spec.round_to}, max per-layer ratio "
-                    f"{spec.max_layer_ratio})")
+    raise unreachable(best[2])
 
 
 # --------------------------------------------------------------------------------------------- signatures
@@ -241,7 +251,7 @@ def replay(base_model: DetectionModel, history: list, imgsz: int) -> DetectionMo
     """Apply a saved Torch-Pruning history to the unpruned model: the pruned architecture, without its weights."""
     m = prepare(base_model)
     dg = tp.DependencyGraph().build_dependency(
-        m, torch.zeros(1, 3, imgsz, imgsz), forward_fn=_forward, ignored_layers=protected_layers(m),
+        m, torch.zeros(1, 3, imgsz, imgsz), forward_fn=_forward,
         customized_pruners={DecoupledAttention: AttentionPruner()})
     dg.load_pruning_history(history)
     return m.eval()
