@@ -115,15 +115,16 @@ def torch_forward(model: torch.nn.Module, x) -> "torch.Tensor":
 
 def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int,
           batch: int, seed: int = 0, workers: int = 2, device: str = "cpu", **kw) -> Path:
-    """Train with the stock trainer; returns the best checkpoint, re-saved in FP32 (ultralytics saves FP16)."""
+    """Train with the stock trainer; returns the best checkpoint as ultralytics wrote it (FP16 weights, optimizer
+    stripped): the load stage turns it into FP32."""
     out_dir = Path(out_dir).resolve()
     y = YOLO(str(model_spec))
     y.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, workers=workers, device=device,
             project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False, amp=False,
             deterministic=True, verbose=False, **kw)
     best = out_dir / "weights" / "best.pt"
-    model = load_detection_model(best)
-    return save_checkpoint(model, out_dir / "weights" / "best_fp32.pt")
+    load_detection_model(best)  # refuse a result that is not a detection checkpoint
+    return best
 
 
 def val(weights: str | Path, data_yaml: str | Path, imgsz: int, conf: float = 0.001, iou: float = 0.7,

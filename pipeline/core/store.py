@@ -26,13 +26,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+IGNORED_SUFFIXES = (".cache",)  # ultralytics writes labels/*.cache beside a dataset's labels: not content
+
+
 def sha256_tree(path: str | Path) -> str:
-    """Digest of a directory: relative names and contents of every file, in sorted order."""
+    """Digest of a directory: relative names and contents of every file, in sorted order (symlinks followed;
+    ultralytics' label caches left out)."""
     p = Path(path)
     if p.is_file():
         return sha256_file(p)
     h = hashlib.sha256()
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+    for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.endswith(IGNORED_SUFFIXES)):
         h.update(str(f.relative_to(p)).encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
 

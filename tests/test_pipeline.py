@@ -1,0 +1,105 @@
+"""End to end through the real CLI: the default recipe shape on small data, caching, report schema, mAP parity
+with ultralytics' own validator, and users' own datasets."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED, cli
+
+
+def _check_report(run_dir, *need):
+    tool = SHARED / "tools" / "check-report"
+    if not tool.is_file():
+        return None
+    r = subprocess.run([sys.executable, str(tool), str(run_dir), *need], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+REQUIRED = ["name", "model", "runner", "map50_95", "map50", "latency_ms", "fps", "params", "macs", "predictions",
+            "ground_truth"]
+
+
+def _assert_schema(rep):
+    assert isinstance(rep["variants"], list) and rep["variants"]
+    for v in rep["variants"]:
+        assert all(k in v for k in REQUIRED), v.keys()
+        assert set(v["model"]) >= {"path", "sha256"}
+        for part in ("engine", "end_to_end"):
+            lat = v["latency_ms"][part]
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+
+
+def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
+    run = tmp_path / "run"
+    sets = ["--set", "data.synthetic.train=32", "--set", "data.synthetic.val=16", "--set", "finetune.epochs=1",
+            "--set", "finetune.batch=8", "--set", "bench.iters=5", "--set", "bench.warmup=1",
+            "--set", f"model.weights={base_ckpt}"]
+    r = cli("run", "--run-dir", run, *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((run / "report.json").read_text())
+    _assert_schema(rep)
+    names = [v["name"] for v in rep["variants"]]
+    assert names == ["base-fp32", "pruned-fp32"]
+    base, pruned = rep["variants"]
+    assert pruned["macs"] <= 0.51 * base["macs"] and pruned["params"] < base["params"]
+    assert "engine_p50_speedup" in pruned["vs_base"]
+    assert (run / "report.md").read_text().count("| pruned-fp32 |") == 1
+    _check_report(run, "base-fp32", "pruned-fp32")
+    # second run: every stage cached, nothing recomputed
+    r2 = cli("run", "--run-dir", run, *sets)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    for stage in ("data", "load", "prune", "finetune", "export", "export-pruned", "bench"):
+        assert f"{stage}: cached" in r2.stderr, (stage, r2.stderr[-2000:])
+    st = cli("status", "--run-dir", run, *sets)
+    assert st.returncode == 0 and "finetune   done" in st.stdout
+
+
+def test_bench_map_equals_ultralytics_val(tmp_path, base_ckpt, val_synth):
+    """Our bench (ONNX Runtime, our letterbox + NMS, pycocotools) vs ultralytics' own val() on the same weights and
+    images: within 0.01 mAP50-95."""
+    from pipeline.adapters import ultralytics_yolo as ua
+    from pipeline.data.formats import load_dataset, write_yolo
+
+    run = tmp_path / "run"
+    r = cli("bench", "--data", val_synth, "--weights", base_ckpt, "--run-dir", run, "--set", "bench.iters=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = json.loads((run / "report.json").read_text())["variants"][0]
+    y = write_yolo(load_dataset(val_synth), tmp_path / "y")
+    ref = ua.val(base_ckpt, y, imgsz=320)
+    assert ours["map50_95"] > 0.01, "a model that detects nothing would make parity trivial"
+    assert abs(ours["map50_95"] - ref["map50_95"]) <= 0.01, (ours["map50_95"], ref)
+    assert abs(ours["map50"] - ref["map50"]) <= 0.02, (ours["map50"], ref)
+
+
+def test_bench_on_users_yolo_dataset_coco8(tmp_path, needs_shared):
+    run = tmp_path / "run"
+    r = cli("bench", "--data", needs_shared, "--weights", "yolo11n.yaml", "--run-dir", run, "--set", "bench.iters=3",
+            "--set", "bench.warmup=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((run / "report.json").read_text())
+    _assert_schema(rep)
+    assert rep["dataset"]["images"] == 4 and len(rep["dataset"]["names"]) == 80
+    gt = json.loads((run / rep["variants"][0]["ground_truth"]).read_text())
+    assert len(gt["annotations"]) > 0 and len(gt["categories"]) == 80
+
+
+def test_bench_on_users_coco_json_dataset(tmp_path, synth_small):
+    run = tmp_path / "run"
+    r = cli("bench", "--data", synth_small / "annotations" / "instances_val.json", "--weights", "yolo11n.yaml",
+            "--run-dir", run, "--set", "bench.iters=3", "--set", "bench.warmup=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((run / "report.json").read_text())
+    _assert_schema(rep)
+    assert rep["dataset"]["images"] == 12
+
+
+def test_make_help_lists_every_target():
+    r = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0
+    for t in ("pipeline", "test", "load", "prune", "finetune", "export", "calibrate", "quantize", "engine", "bundle",
+              "bench", "report", "status", "base"):
+        assert f"make {t} " in r.stdout, t
