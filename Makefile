@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv pipeline test test-fast bench status report base data load prune finetune export calibrate \
-        quantize engine bundle lint clean check-report
+        quantize engine bundle lint clean check-report check-trt modelopt-venv
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]*):.*## (.*)/\1\t\2/' | \
@@ -47,6 +47,14 @@ base: venv ## retrain the shipped base checkpoint (models/base/yolo11n-synth.pt;
 
 check-report: venv ## verify runs/default/report.json with ../shared/tools/check-report (pycocotools alone)
 	$(PY) ../shared/tools/check-report runs/default
+
+check-trt: venv ## check an INT8 Q/DQ ONNX against TensorRT's rules: make check-trt FILE=model.onnx
+	$(CLI) check-trt $(FILE)
+
+modelopt-venv: ## NVIDIA ModelOpt in its own venv (.venv-modelopt) for quantize.backend=modelopt
+	@test -x .venv-modelopt/bin/python || python3 -m venv .venv-modelopt
+	.venv-modelopt/bin/python -m pip install -q --upgrade pip
+	.venv-modelopt/bin/python -m pip install -q torch==2.14.1 'nvidia-modelopt[onnx]'
 
 lint: venv ## ruff
 	$(VENV)/bin/ruff check pipeline tests benchmarks

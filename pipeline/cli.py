@@ -15,9 +15,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Prune, fine-tune, quantize and benchmark YOLO11 for NVIDIA Jetson.")
 
 ALL_STAGES = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "bundle", "engine", "bench"]
-IMPLEMENTED = ["data", "load", "prune", "finetune", "export", "bench"]
-PLANNED = {"calibrate": "issue #5", "quantize": "issue #5",
-           "bundle": "the deploy-bundle issue", "engine": "the device-engine issue (runs on the Jetson)"}
+STATUS_ROWS = ["data", "load", "prune", "finetune", "export", "export-pruned", "calibrate", "quantize", "bundle",
+               "engine", "bench"]
+IMPLEMENTED = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "bench"]
+PLANNED = {"bundle": "the deploy-bundle issue", "engine": "the device-engine issue (runs on the Jetson)"}
 DEFAULT_RECIPE = Path("models/default.yaml")
 
 RecipeOpt = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="recipe yaml (models/*.yaml)")
@@ -34,12 +35,14 @@ def _ctx(recipe: Path, sets: Optional[List[str]], run_dir: Optional[Path], force
 
 
 def _run_stages(ctx, stages: list[str]) -> None:
-    from pipeline.stages import bench, data, export, finetune, load, prune
+    from pipeline.stages import bench, calibrate, data, export, finetune, load, prune, quantize
 
     fns = {"data": data.run, "load": load.run, "prune": prune.run, "finetune": finetune.run, "export": export.run_all,
-           "bench": bench.run}
+           "calibrate": calibrate.run, "quantize": quantize.run, "bench": bench.run}
     if not ctx.recipe.prune.enabled:
         stages = [s for s in stages if s not in ("prune", "finetune")]
+    if not ctx.recipe.quantize.enabled:
+        stages = [s for s in stages if s not in ("calibrate", "quantize")]
     for s in stages:
         if s not in ALL_STAGES:
             raise UserError(f"unknown stage '{s}' (stages: {', '.join(ALL_STAGES)})")
@@ -95,7 +98,7 @@ def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO di
           recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt,
           force: bool = typer.Option(False, "--force")):
     """Benchmark a model on a dataset of your own: data -> load -> export -> bench."""
-    extra = [f"data.source={data}", f"model.weights={weights}", "prune.enabled=false"] + ([f"model.imgsz={imgsz}"] if imgsz else [])
+    extra = [f"data.source={data}", f"model.weights={weights}", "prune.enabled=false", "quantize.enabled=false"] + ([f"model.imgsz={imgsz}"] if imgsz else [])
     name = run_dir or Path("runs") / f"bench-{Path(data).stem}-{Path(weights).stem}"
     ctx = _ctx(recipe, extra + list(sets or []), name, force)
     _run_stages(ctx, ["data", "load", "export", "bench"])
@@ -119,8 +122,8 @@ def status(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir
 
     ctx = _ctx(recipe, sets, run_dir)
     typer.echo(f"run: {ctx.run_dir}")
-    for s in ALL_STAGES:
-        if s not in IMPLEMENTED:
+    for s in STATUS_ROWS:
+        if s in PLANNED:
             typer.echo(f"  {s:10s} not implemented yet ({PLANNED[s]})")
             continue
         rec = ctx.record(s)
@@ -144,6 +147,20 @@ def base(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: 
     data_stage.run(ctx)
     dest = Path(out or ctx.recipe.model.weights or "models/base/base.pt")
     typer.echo(str(train_base(ctx, dest, epochs)))
+
+
+@app.command("check-trt")
+def check_trt(path: Path, dynamic: bool = typer.Option(False, "--dynamic", help="allow dynamic input shapes "
+                                                                                "(you will give a profile)")):
+    """Check an INT8 Q/DQ ONNX (ours or any tool's) against TensorRT's explicit-quantization rules."""
+    from pipeline.quant.trt_check import check_file
+
+    v = check_file(path, dynamic_ok=dynamic)
+    if v:
+        for x in v[:20]:
+            typer.echo(f"  {x}", err=True)
+        raise UserError(f"TensorRT would refuse it: {len(v)} violation(s), first: {v[0]}", path)
+    typer.echo(f"{path}: passes TensorRT's explicit-quantization rules")
 
 
 @app.command("check-data")

@@ -234,3 +234,17 @@ def taylor_grads_fn(data_yaml: str | Path, imgsz: int, n_batches: int, batch: in
         model.criterion = None
 
     return fn
+
+
+def export_int8_onnx(weights: str | Path, dest: str | Path, *, imgsz: int, data_yaml: str | Path) -> Path:
+    """Ultralytics' own INT8 ONNX export (its ONNX Runtime static quantization), calibrated on the split 'val'
+    of `data_yaml`: the peer our Q/DQ models are compared with."""
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory(prefix="yolo-edge-int8-") as td:
+        src = Path(td) / "model.pt"
+        shutil.copyfile(weights, src)
+        out = YOLO(str(src)).export(format="onnx", imgsz=imgsz, quantize=8, data=str(data_yaml), fraction=1.0,
+                                    dynamic=False, device="cpu", batch=1, nms=False, verbose=False)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(out, tmp)
+    return dest

@@ -72,6 +72,33 @@ class FinetuneCfg(Strict):
     distill: DistillCfg = DistillCfg()
 
 
+class CalibCfg(Strict):
+    source: str = "train"  # "train": a seeded sample of the train split; or a text file of image paths (calib/)
+    count: int = Field(64, ge=1)
+    min_count: int = Field(64, ge=1)
+    seed: int = 0
+    force: bool = False  # accept fewer images than min_count
+    tuning_images: int = Field(64, ge=8)  # held-out train images for accuracy-aware INT8 (never calib, never eval)
+
+
+class AccuracyAwareCfg(Strict):
+    enabled: bool = True
+    max_drop: float = Field(0.005, ge=0)  # mAP50-95 on the tuning images
+    step: int = Field(2, ge=1)  # nodes returned to float per iteration
+    max_float: int = Field(24, ge=1)
+
+
+class QuantizeCfg(Strict):
+    enabled: bool = True
+    backend: Literal["onnxruntime", "modelopt"] = "onnxruntime"
+    method: Literal["minmax", "entropy", "percentile"] = "percentile"
+    percentile: float = Field(99.99, gt=90, le=100)
+    exclude: list[str] = ["detect-decode"]
+    op_types: list[str] = ["Conv", "MatMul", "Add"]
+    accuracy_aware: AccuracyAwareCfg = AccuracyAwareCfg()
+    peer: bool = True  # ultralytics' own INT8 ONNX export of the pruned model, benchmarked beside ours
+
+
 class ExportCfg(Strict):
     opset: int = Field(17, ge=13, le=21)
     simplify: bool = True
@@ -96,6 +123,8 @@ class Recipe(Strict):
     base: BaseTrainCfg = BaseTrainCfg()
     prune: PruneCfg = PruneCfg()
     finetune: FinetuneCfg = FinetuneCfg()
+    calib: CalibCfg = CalibCfg()
+    quantize: QuantizeCfg = QuantizeCfg()
     export: ExportCfg = ExportCfg()
     bench: BenchCfg = BenchCfg()
 

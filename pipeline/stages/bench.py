@@ -22,10 +22,11 @@ VERSION = 1
 @dataclass(frozen=True)
 class Variant:
     name: str
-    model_stage: str  # the stage whose 'onnx' output is benchmarked
+    model_stage: str  # the stage whose output `output` is benchmarked
     stats_stage: str  # the stage whose 'info' (params, MACs) describes the network
     precision: str = "fp32"
     note: str = ""
+    output: str = "onnx"
 
 
 def variants(ctx: Context) -> list[Variant]:
@@ -34,7 +35,18 @@ def variants(ctx: Context) -> list[Variant]:
     if ctx.recipe.prune.enabled:
         note = "pruned (DepGraph) + fine-tuned" + (" with distillation" if ctx.recipe.finetune.distill.enabled else "")
         cands.append(Variant("pruned-fp32", "export-pruned", "finetune", note=note))
-    return [v for v in cands if ctx.record(v.model_stage) is not None]
+    q = ctx.record("quantize") if ctx.recipe.quantize.enabled else None
+    if q is not None:
+        ort_note = "INT8 Q/DQ; ONNX Runtime CPU latency of INT8 is not representative of TensorRT"
+        for name, out, stats, note in [
+                ("base-int8", "base_int8", "load", "plain PTQ, " + ort_note),
+                ("pruned-int8-ptq", "pruned_int8_ptq", "finetune", "plain PTQ, " + ort_note),
+                ("pruned-int8", "pruned_int8", "finetune", "accuracy-aware PTQ, " + ort_note),
+                ("pruned-ultralytics-int8", "pruned_ultralytics_int8", "finetune",
+                 "peer: ultralytics export(format='onnx', quantize=8), same calibration images")]:
+            if out in q.outputs:
+                cands.append(Variant(name, "quantize", stats, precision="int8", note=note, output=out))
+    return [v for v in cands if ctx.record(v.model_stage) is not None and v.output in ctx.record(v.model_stage).outputs]
 
 
 def prepost(ctx: Context) -> PrePost:
@@ -60,7 +72,7 @@ def run(ctx: Context) -> StageRecord:
     spec = prepost(ctx)
     inputs = {"ground_truth": ctx.output("data", "ground_truth"), "data": ctx.output("data", "yolo")}
     for v in vs:
-        inputs[f"{v.name}.onnx"] = ctx.output(v.model_stage, "onnx")
+        inputs[f"{v.name}.onnx"] = ctx.output(v.model_stage, v.output)
         inputs[f"{v.name}.info"] = ctx.output(v.stats_stage, "info")
     config = {**cfg.model_dump(), "prepost": spec.as_dict(), "variants": [v.__dict__ for v in vs]}
 

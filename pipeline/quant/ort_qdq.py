@@ -1,0 +1,239 @@
+"""Explicit INT8 Q/DQ ONNX in the form TensorRT builds, made with ONNX Runtime's static quantizer.
+
+- INT8 symmetric activations and weights (zero points 0), per-channel weights on the output-channel axis,
+  biases left float (`QuantizeBias=False`: TensorRT's parser rejects int32 bias DequantizeLinear).
+- Q/DQ on the inputs of Conv and MatMul and on residual Adds, where TensorRT fuses them.
+- The detection head's decode (DFL, box/score concat, sigmoid, anchor arithmetic) stays float: a named,
+  configurable exclusion list.
+- Calibration ranges are computed once per method by our own calibrator call (ORT's `quantize_static` never
+  passes bin counts to its entropy calibrator, so with its defaults 'entropy' gives MinMax's ranges) and fed to
+  `quantize_static` as a calibration cache; accuracy-aware iterations re-quantize from it in seconds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pipeline.core.errors import UserError
+
+METHODS = ("minmax", "entropy", "percentile")
+OP_TYPES = ("Conv", "MatMul", "Add")
+
+
+def _ort_q():
+    import onnxruntime.quantization as q
+    from onnxruntime.quantization import calibrate as c
+
+    return q, c
+
+
+class TensorReader:
+    """An ONNX Runtime CalibrationDataReader over an (N, 3, H, W) float32 array."""
+
+    def __init__(self, input_name: str, data: np.ndarray):
+        self.name, self.data, self.i = input_name, data, 0
+
+    def get_next(self):
+        if self.i >= len(self.data):
+            return None
+        self.i += 1
+        return {self.name: self.data[self.i - 1: self.i]}
+
+    def rewind(self):
+        self.i = 0
+
+    def __len__(self):
+        return len(self.data)
+
+
+def detect_prefix(model: onnx.ModelProto) -> str:
+    """The '/model.N/' prefix of the Detect head: the module that produces the graph output."""
+    out = model.graph.output[0].name
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen, stack = set(), [out]
+    while stack:
+        t = stack.pop()
+        n = producer.get(t)
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        m = re.match(r"(/model\.\d+/)", n.name)
+        if m:
+            return m.group(1)
+        stack.extend(n.input)
+    raise UserError("cannot find the detection head in the ONNX graph (no '/model.N/' node names)")
+
+
+def head_decode_nodes(model: onnx.ModelProto, patterns: list[str]) -> list[str]:
+    """Nodes to keep float. Pattern 'detect-decode' means every node of the Detect head outside its conv
+    branches (cv2/cv3): DFL, reshapes, concats, sigmoid, anchor arithmetic. 'detect-output-convs' adds each
+    branch's last conv. Anything else is a regex on node names."""
+    names = [n.name for n in model.graph.node]
+    out = set()
+    pre = detect_prefix(model)
+    for p in patterns:
+        if p == "detect-decode":
+            out |= {n for n in names if n.startswith(pre) and not re.match(re.escape(pre) + r"(one2one_)?cv[23]\.", n)}
+        elif p == "detect-output-convs":
+            out |= {n for n in names if re.match(re.escape(pre) + r"(one2one_)?cv[23]\.\d+/cv[23]\.\d+\.2/", n)}
+        else:
+            rx = re.compile(p)
+            out |= {n for n in names if rx.search(n)}
+    return sorted(out)
+
+
+def trunk(model: onnx.ModelProto, decode: list[str], dest: Path) -> Path:
+    """The model up to (not including) the float head decode: what calibration needs to see. The decode's
+    constant-offset tensors break ORT's histogram calibrators, and their ranges are never used."""
+    dec = set(decode)
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    outs = sorted({i for n in model.graph.node if n.name in dec for i in n.input
+                   if i in producer and producer[i] not in dec})
+    onnx.save(model, str(dest.with_suffix(".full.onnx")))
+    onnx.utils.extract_model(str(dest.with_suffix(".full.onnx")), str(dest), [model.graph.input[0].name], outs,
+                             check_model=False)
+    return dest
+
+
+def _kl_threshold(hist: np.ndarray, edges: np.ndarray, n_quant: int = 128, stride: int = 8) -> float:
+    """TensorRT's entropy calibration: the clipping threshold whose 128-level quantization of the |x|
+    histogram has the smallest KL divergence from the clipped reference distribution."""
+    hist = hist.astype(np.float64)
+    best, best_i = np.inf, len(hist)
+    for i in range(n_quant, len(hist) + 1, stride):
+        ref = hist[:i].copy()
+        ref[-1] += hist[i:].sum()
+        if ref.sum() == 0:
+            continue
+        bounds = np.linspace(0, i, n_quant + 1).astype(np.int64)
+        starts, lens = bounds[:-1], np.diff(bounds)
+        h = hist[:i]
+        nz = (h > 0).astype(np.float64)
+        sums = np.add.reduceat(h, starts)
+        cnts = np.add.reduceat(nz, starts)
+        per = np.divide(sums, cnts, out=np.zeros_like(sums), where=cnts > 0)
+        q = np.repeat(per, lens) * nz
+        p_ = ref / ref.sum()
+        m = p_ > 0
+        if q.sum() == 0 or np.any(q[m] == 0):
+            continue
+        q_ = q / q.sum()
+        kl = float(np.sum(p_[m] * np.log(p_[m] / q_[m])))
+        if kl < best:
+            best, best_i = kl, i
+    return float(edges[best_i])
+
+
+def compute_ranges(fp32: Path, calib: np.ndarray, method: str, cache: Path, workdir: Path,
+                   decode: list[str] | None = None, percentile: float = 99.99) -> Path:
+    """Calibrate `fp32` on `calib` with `method` (the head decode cut off); write ORT's calibration cache.
+
+    minmax is ORT's own calibrator. entropy and percentile are computed here from 2048-bin |x| histograms
+    in float64 (ORT's histogram calibrators fail on near-constant tensors: "Too many bins for data range", and
+    its entropy search takes minutes): percentile clips at that percentile of |x|, entropy at the KL-optimal
+    threshold as TensorRT computes it."""
+    import onnxruntime as ort
+
+    q, c = _ort_q()
+    if method not in METHODS:
+        raise UserError(f"unknown calibration method '{method}' (one of {', '.join(METHODS)})")
+    model = onnx.load(str(fp32))
+    name = model.graph.input[0].name
+    src = trunk(model, decode, workdir / "trunk.onnx") if decode else fp32
+    mm = workdir / "minmax.ranges.json"
+    cal = c.create_calibrator(str(src), op_types_to_calibrate=list(OP_TYPES),
+                              augmented_model_path=str(workdir / "aug.onnx"), calibrate_method=c.CalibrationMethod.MinMax,
+                              extra_options={"symmetric": True})
+    cal.collect_data(TensorReader(name, calib))
+    ranges = cal.compute_data()
+    if method == "minmax":
+        c.save_tensors_data(ranges, cache)
+        return cache
+    tensors = sorted(ranges.data)
+    maxabs = {t: float(max(abs(ranges.data[t].lowest.item()), abs(ranges.data[t].highest.item()))) for t in tensors}
+    m = onnx.load(str(src))
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    bins = 2048
+    hists = {t: np.zeros(bins, np.float64) for t in tensors}
+    for x in calib:
+        outs = sess.run(tensors, {name: x[None]})
+        for t, v in zip(tensors, outs):
+            hi = maxabs[t] if maxabs[t] > 0 else 1.0
+            hists[t] += np.histogram(np.abs(v.astype(np.float64)), bins=bins, range=(0.0, hi))[0]
+    data = {}
+    for t in tensors:
+        hi = maxabs[t] if maxabs[t] > 0 else 1.0
+        edges = np.linspace(0.0, hi, bins + 1)
+        if method == "percentile":
+            cdf = np.cumsum(hists[t]) / max(hists[t].sum(), 1)
+            thr = float(edges[min(int(np.searchsorted(cdf, percentile / 100.0)) + 1, bins)])
+        else:
+            thr = _kl_threshold(hists[t], edges)
+        thr = max(thr, 1e-8)
+        data[t] = c.TensorData(lowest=np.array(-thr, np.float32), highest=np.array(thr, np.float32))
+    kind = c.CalibrationMethod.Percentile if method == "percentile" else c.CalibrationMethod.Entropy
+    c.save_tensors_data(c.TensorsData(kind, data), cache)
+    return cache
+
+
+def quantize(fp32: Path, dest: Path, cache: Path, method: str, exclude: list[str],
+             op_types: tuple[str, ...] = OP_TYPES) -> Path:
+    q, c = _ort_q()
+    kind = {"minmax": c.CalibrationMethod.MinMax, "entropy": c.CalibrationMethod.Entropy,
+            "percentile": c.CalibrationMethod.Percentile}[method]
+    q.quantize_static(
+        str(fp32), str(dest), calibration_data_reader=None, quant_format=q.QuantFormat.QDQ,
+        op_types_to_quantize=list(op_types), per_channel=True, reduce_range=False,
+        activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude),
+        calibrate_method=kind, calibration_cache_path=str(cache),
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+    return dest
+
+
+def quantized_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = OP_TYPES) -> list[str]:
+    """Nodes of `op_types` that consume a DequantizeLinear output (i.e. run quantized)."""
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type in op_types and any(i in dq_out for i in n.input)]
+
+
+def layer_errors(fp32: Path, qdq: Path, calib: np.ndarray, names: list[str], n_images: int = 8) -> dict[str, float]:
+    """Sensitivity: for each quantized node, the relative error its output has in the Q/DQ model vs FP32 on
+    calibration images, minus the largest error among its inputs' producers (the error the node itself adds)."""
+    import onnxruntime as ort
+
+    mf, mq = onnx.load(str(fp32)), onnx.load(str(qdq))
+    node_out = {n.name: n.output[0] for n in mf.graph.node}
+    outs = [node_out[n] for n in names if n in node_out]
+    for m in (mf, mq):
+        have = {o.name for o in m.graph.output}
+        for t in outs:
+            if t not in have:
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sf = ort.InferenceSession(mf.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sq = ort.InferenceSession(mq.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    inp = mf.graph.input[0].name
+    err = {t: 0.0 for t in outs}
+    for x in calib[:n_images]:
+        a = sf.run(outs, {inp: x[None]})
+        b = sq.run(outs, {inp: x[None]})
+        for t, u, v in zip(outs, a, b):
+            err[t] += float(np.sum((u - v) ** 2) / (np.sum(u ** 2) + 1e-12)) / n_images
+    producer = {o: n.name for n in mf.graph.node for o in n.output}
+    by_node = {}
+    for n in mf.graph.node:
+        if n.name in names and n.output[0] in err:
+            upstream = [err.get(i, 0.0) for i in n.input if producer.get(i) in names]
+            by_node[n.name] = err[n.output[0]] - (max(upstream) if upstream else 0.0)
+    return by_node

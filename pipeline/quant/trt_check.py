@@ -1,0 +1,115 @@
+"""Checks an ONNX file against TensorRT's documented explicit-quantization rules, on the dev box.
+
+TensorRT cannot run here, and a Jetson is the worst place to learn a file is unbuildable. The rules (TensorRT 10
+and 11 developer guide, "Explicit Quantization"; onnx-tensorrt operator support):
+- Q/DQ are INT8 (or FP8/INT4 on parts this pipeline does not target): a UINT8 zero point is refused;
+- zero points are 0 (symmetric quantization only);
+- DequantizeLinear inputs are activations or INT8 weights: an int32 DequantizeLinear (a quantized bias) is
+  refused by the parser ("only activation types allowed as input to this layer": onnx/onnx-tensorrt#850);
+- per-channel scales lie on the output-channel axis of the weight they dequantize (0 for Conv/Gemm weights,
+  1 for ConvTranspose), per-tensor scales for activations;
+- Q/DQ come from the standard ONNX domain, opset >= 13 (per-channel Q/DQ), at most the opset TensorRT 10 parses;
+- input shapes are static unless an optimization profile is supplied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pipeline.core.errors import UserError
+
+MIN_OPSET, MAX_OPSET = 13, 22
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass
+class Violation:
+    node: str
+    rule: str
+
+    def __str__(self) -> str:
+        return f"node '{self.node}': {self.rule}"
+
+
+def check(model: onnx.ModelProto, dynamic_ok: bool = False) -> list[Violation]:
+    v: list[Violation] = []
+    opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}.get("ai.onnx", 0)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        v.append(Violation("<model>", f"opset {opset} outside what TensorRT 10/11 parse for Q/DQ "
+                                      f"({MIN_OPSET}..{MAX_OPSET})"))
+    if not dynamic_ok:
+        for i in model.graph.input:
+            dims = i.type.tensor_type.shape.dim
+            if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+                v.append(Violation(i.name, "dynamic input shape: give an optimization profile or export static"))
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.attribute}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def arr(name):
+        t = inits.get(name) or consts.get(name)
+        return numpy_helper.to_array(t) if t is not None else None
+
+    n_qdq = 0
+    for n in model.graph.node:
+        if n.op_type not in QDQ:
+            continue
+        n_qdq += 1
+        if n.domain not in ("", "ai.onnx"):
+            v.append(Violation(n.name, f"{n.op_type} from domain '{n.domain}': TensorRT parses only standard ONNX Q/DQ"))
+            continue
+        zp = arr(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zp is not None:
+            if zp.dtype != np.int8:
+                v.append(Violation(n.name, f"zero point of type {zp.dtype}: TensorRT explicit quantization is INT8 "
+                                           f"symmetric (int8 zero point 0)"))
+            elif np.any(zp != 0):
+                v.append(Violation(n.name, "non-zero zero point: TensorRT supports only symmetric quantization"))
+        if n.op_type == "DequantizeLinear":
+            x = arr(n.input[0])
+            if x is not None and x.dtype == np.int32:
+                v.append(Violation(n.name, "int32 DequantizeLinear (a quantized bias): TensorRT's parser accepts only "
+                                           "activation types here; keep biases float"))
+            scale = arr(n.input[1])
+            if x is not None and scale is not None and scale.size > 1:
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                for c in consumers.get(n.output[0], []):
+                    if c.op_type in ("Conv", "Gemm") and c.input[1] == n.output[0]:
+                        want = 0
+                    elif c.op_type == "ConvTranspose" and c.input[1] == n.output[0]:
+                        want = 1
+                    else:
+                        continue
+                    ax = axis % x.ndim
+                    if ax != want or scale.size != x.shape[want]:
+                        v.append(Violation(n.name, f"per-channel scale on axis {ax} (size {scale.size}) of the "
+                                                   f"{c.op_type} weight; TensorRT needs the output-channel axis {want}"))
+    if n_qdq == 0:
+        v.append(Violation("<model>", "no QuantizeLinear/DequantizeLinear nodes: not an explicitly quantized model"))
+    return v
+
+
+def check_file(path: str | Path, dynamic_ok: bool = False) -> list[Violation]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("ONNX file not found", path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError and friends
+        raise UserError(f"not an ONNX model ({type(e).__name__})", path) from None
+    return check(model, dynamic_ok)
+
+
+def assert_buildable(path: str | Path) -> None:
+    v = check_file(path)
+    if v:
+        more = f" (and {len(v) - 1} more)" if len(v) > 1 else ""
+        raise UserError(f"TensorRT would refuse this Q/DQ model: {v[0]}{more}", path)

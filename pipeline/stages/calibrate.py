@@ -1,0 +1,115 @@
+"""`calibrate` stage: the INT8 calibration set, preprocessed exactly as the device will (letterbox, RGB, /255),
+written once as calib.npy with a digest over the image bytes and the preprocessing spec.
+
+Images come from the train split (a seeded sample) or a list under calib/; never from the evaluation split:
+any overlap with the images bench evaluates is refused by content hash. A second, disjoint sample of train
+images ("tuning") with its COCO ground truth serves the accuracy-aware INT8 search, so no decision is ever
+made on the evaluation images. The stage key covers the images' contents, so a calibration tensor whose images
+changed is rebuilt, never reused by path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.core.errors import UserError
+from pipeline.core.stage import Context, StageResult, run_stage
+from pipeline.core.store import StageRecord, sha256_file, sha256_json
+
+VERSION = 1
+
+
+def _list_file_images(path: Path) -> list[Path]:
+    if not path.is_file():
+        raise UserError("calibration image list not found", path)
+    out = []
+    for ln in path.read_text().splitlines():
+        ln = ln.strip()
+        if ln and not ln.startswith("#"):
+            p = Path(ln) if Path(ln).is_absolute() else path.parent / ln
+            if not p.is_file():
+                raise UserError(f"calibration image missing: {p}", path)
+            out.append(p)
+    return out
+
+
+def select(ctx: Context):
+    """(calibration images, tuning images as dataset Images) — validated, before anything is written."""
+    from pipeline.stages.data import dataset
+
+    c = ctx.recipe.calib
+    ds = dataset(ctx)
+    eval_hashes = {sha256_file(im.path): im.path for im in ds.split(ctx.recipe.bench.split)}
+    train = ds.split("train") if "train" in ds.splits else []
+    rng = np.random.default_rng(c.seed)
+    order = rng.permutation(len(train)) if train else np.array([], int)
+    if c.source == "train":
+        calib = [train[i].path for i in order[: c.count]]
+        rest = [train[i] for i in order[c.count:]]
+    else:
+        calib = _list_file_images(Path(c.source))[: c.count]
+        calib_h = {sha256_file(p) for p in calib}
+        rest = [train[i] for i in order if sha256_file(train[i].path) not in calib_h]
+    for p in calib:
+        h = sha256_file(p)
+        if h in eval_hashes:
+            raise UserError(f"calibration image {p} is also an evaluation image ({eval_hashes[h]}): calibrating on "
+                            f"the images bench scores would leak them", c.source if c.source != "train" else p)
+    if len(calib) < c.min_count and not c.force:
+        raise UserError(f"only {len(calib)} calibration images (< calib.min_count={c.min_count}): INT8 ranges from "
+                        f"so few images are unreliable; add images or set calib.force=true",
+                        ctx.recipe_path if c.source == "train" else c.source)
+    tuning = [im for im in rest if sha256_file(im.path) not in eval_hashes][: c.tuning_images]
+    return calib, tuning, ds
+
+
+def run(ctx: Context) -> StageRecord:
+    from pipeline.stages.bench import prepost
+
+    calib, tuning, ds = select(ctx)
+    spec = prepost(ctx)
+    config = {**ctx.recipe.calib.model_dump(), "prepost": spec.as_dict()}
+    inputs = {"data": ctx.output("data", "yolo")}
+    if ctx.recipe.calib.source != "train":
+        inputs["list"] = Path(ctx.recipe.calib.source)
+
+    def fn(ctx: Context, out: Path, inputs) -> StageResult:
+        from pipeline.eval.detect import letterbox
+
+        arr = np.concatenate([letterbox(cv2.imread(str(p)), spec)[0] for p in calib]).astype(np.float32)
+        np.save(out / "calib.npy", arr)
+        imgs = [{"path": str(p), "sha256": sha256_file(p)} for p in calib]
+        digest = sha256_json({"images": [i["sha256"] for i in imgs], "prepost": spec.as_dict()})
+        (out / "calib.json").write_text(json.dumps({"digest": digest, "images": imgs, "prepost": spec.as_dict(),
+                                                    "shape": list(arr.shape)}, indent=1))
+        (out / "calib_images.txt").write_text("\n".join(str(Path(p).resolve()) for p in calib) + "\n")
+        # ultralytics' INT8 exporter calibrates on a data yaml's split: point one at exactly these images
+        (out / "calib_data.yaml").write_text(json.dumps({"train": "calib_images.txt",
+                                                         "val": "calib_images.txt", "names": dict(enumerate(ds.names))}))
+        gt = {"images": [], "annotations": [], "categories": [{"id": ds.cat_id(i), "name": n}
+                                                               for i, n in enumerate(ds.names)]}
+        for im in tuning:
+            gt["images"].append({"id": im.id, "file_name": str(im.path), "width": im.width, "height": im.height})
+            for c, x, y, w, h in im.boxes:
+                gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": im.id,
+                                          "category_id": ds.cat_id(c), "bbox": [x, y, w, h], "area": w * h,
+                                          "iscrowd": 0})
+        (out / "tuning_gt.json").write_text(json.dumps(gt))
+        return StageResult(outputs={"calib": "calib.npy", "meta": "calib.json", "tuning": "tuning_gt.json",
+                                    "ultralytics_data": "calib_data.yaml", "list": "calib_images.txt"},
+                           metrics={"images": len(calib), "tuning_images": len(tuning), "digest": digest})
+
+    return run_stage(ctx, "calibrate", VERSION, config, inputs, fn)
+
+
+def verify(ctx: Context) -> dict:
+    """Re-hash the calibration images: a calib.npy whose images changed must not be used."""
+    meta = json.loads(ctx.output("calibrate", "meta").read_text())
+    for im in meta["images"]:
+        if not Path(im["path"]).is_file() or sha256_file(im["path"]) != im["sha256"]:
+            raise UserError(f"calibration image {im['path']} changed since calib.npy was made: re-run calibrate "
+                            f"(`make calibrate`)", ctx.output("calibrate", "calib"))
+    return meta

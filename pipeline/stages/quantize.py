@@ -1,0 +1,144 @@
+"""`quantize` stage: INT8 explicit Q/DQ ONNX of the base and the pruned model, checked against TensorRT's rules.
+
+- base-int8 and pruned-int8-ptq: plain post-training quantization with the recipe's calibration method;
+- pruned-int8: accuracy-aware: nodes ranked by the error they add (per-layer relative error vs FP32 on
+  calibration images) return to float, `step` at a time, until the mAP50-95 drop on the held-out tuning images
+  is within `max_drop` or `max_float` nodes are float; every step recorded;
+- pruned-ultralytics-int8 (the peer): ultralytics' own INT8 ONNX export of the same pruned model, calibrated on
+  the same images. It is benchmarked, and our TensorRT check says why TensorRT would refuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pipeline.core.errors import UserError
+from pipeline.core.stage import Context, StageResult, console, run_stage
+from pipeline.core.store import StageRecord
+
+VERSION = 1
+
+
+def _tuning_map(onnx_path: Path, gt: dict, ctx: Context) -> float:
+    from pipeline.backends.onnxruntime import OnnxRuntimeRunner
+    from pipeline.eval.bench import EvalImage, accuracy
+    from pipeline.stages.bench import prepost
+
+    images = [EvalImage(im["file_name"], im["id"]) for im in gt["images"]]
+    cat_ids = [c["id"] for c in gt["categories"]]
+    acc, _ = accuracy(OnnxRuntimeRunner(onnx_path, threads=ctx.recipe.bench.threads), images, gt, cat_ids,
+                      prepost(ctx), label=f"tuning {onnx_path.name}")
+    return acc["map50_95"]
+
+
+def accuracy_aware(fp32: Path, dest: Path, cache: Path, method: str, exclude: list[str], op_types: tuple,
+                   calib: np.ndarray, gt: dict, ctx: Context, work: Path) -> dict:
+    from pipeline.quant import ort_qdq as oq
+
+    cfg = ctx.recipe.quantize.accuracy_aware
+    ref = _tuning_map(fp32, gt, ctx)
+    trial = work / "trial.onnx"
+    oq.quantize(fp32, trial, cache, method, exclude, op_types)
+    cur = _tuning_map(trial, gt, ctx)
+    steps = [{"float_nodes": [], "tuning_map50_95": cur, "drop": ref - cur}]
+    console.print(f"  accuracy-aware: FP32 {ref:.4f}, all-INT8 {cur:.4f} on {len(gt['images'])} tuning images")
+    if ref - cur > cfg.max_drop:
+        cands = oq.quantized_nodes(onnx.load(str(trial)), op_types)
+        errs = oq.layer_errors(fp32, trial, calib, cands)
+        ranking = sorted(errs, key=errs.get, reverse=True)
+        floated: list[str] = []
+        while ref - cur > cfg.max_drop and len(floated) < cfg.max_float and ranking:
+            take, ranking = ranking[: cfg.step], ranking[cfg.step:]
+            floated += take
+            oq.quantize(fp32, trial, cache, method, exclude + floated, op_types)
+            cur = _tuning_map(trial, gt, ctx)
+            steps.append({"float_nodes": list(take), "added_error": [errs[n] for n in take],
+                          "tuning_map50_95": cur, "drop": ref - cur})
+            console.print(f"  +{len(take)} float ({', '.join(take)}): {cur:.4f} (drop {100 * (ref - cur):.2f} pt)")
+    shutil.copyfile(trial, dest)
+    return {"tuning_fp32_map50_95": ref, "tuning_int8_map50_95": cur, "within_budget": ref - cur <= cfg.max_drop,
+            "max_drop": cfg.max_drop, "float_nodes": [n for s in steps for n in s["float_nodes"]], "steps": steps}
+
+
+def run(ctx: Context) -> StageRecord:
+    from pipeline.stages.calibrate import verify
+
+    q = ctx.recipe.quantize
+    if q.backend == "modelopt":
+        from pipeline.quant.modelopt_backend import ensure_available
+
+        ensure_available()
+    verify(ctx)
+    config = {**q.model_dump(), "imgsz": ctx.recipe.model.imgsz, "opset": ctx.recipe.export.opset}
+    inputs = {"base": ctx.output("export", "onnx"), "calib": ctx.output("calibrate", "calib"),
+              "tuning": ctx.output("calibrate", "tuning"), "calib_data": ctx.output("calibrate", "list")}
+    pruned = ctx.recipe.prune.enabled and ctx.record("export-pruned") is not None
+    if pruned:
+        inputs["pruned"] = ctx.output("export-pruned", "onnx")
+        inputs["pruned_pt"] = ctx.output("finetune", "model")
+
+    def fn(ctx: Context, out: Path, inputs) -> StageResult:
+        from pipeline.quant import ort_qdq as oq
+        from pipeline.quant import trt_check
+
+        calib = np.load(inputs["calib"])
+        gt = json.loads(inputs["tuning"].read_text())
+        work = out / ".work"
+        work.mkdir()
+        outputs, metrics, effective = {}, {}, {}
+        jobs = [("base", "base_int8.onnx", False)]
+        if pruned:
+            jobs += [("pruned", "pruned_int8_ptq.onnx", False)]
+            if q.accuracy_aware.enabled:
+                jobs += [("pruned", "pruned_int8.onnx", True)]
+        caches = {}
+        for src, name, aware in jobs:
+            fp32 = inputs[src]
+            exclude = oq.head_decode_nodes(onnx.load(str(fp32)), q.exclude)
+            if src not in caches:
+                caches[src] = oq.compute_ranges(fp32, calib, q.method, work / f"{src}.{q.method}.json", work,
+                                                decode=exclude, percentile=q.percentile)
+            if q.backend == "modelopt":
+                from pipeline.quant.modelopt_backend import quantize as mo_quantize
+
+                mo_quantize(fp32, out / name, inputs["calib"], q.method, exclude)
+                info = {"backend": "modelopt"}
+            elif aware:
+                info = accuracy_aware(fp32, out / name, caches[src], q.method, exclude, tuple(q.op_types), calib, gt,
+                                      ctx, work)
+            else:
+                oq.quantize(fp32, out / name, caches[src], q.method, exclude, tuple(q.op_types))
+                info = {}
+            violations = trt_check.check_file(out / name)
+            if violations:
+                raise UserError(f"the Q/DQ model breaks TensorRT's rules: {violations[0]}", out / name)
+            m = onnx.load(str(out / name))
+            onnx.checker.check_model(m)
+            info.update({"excluded_head_nodes": exclude, "quantized_nodes": len(oq.quantized_nodes(m)),
+                         "trt_check": "passed", "source": src, "method": q.method})
+            key = Path(name).stem
+            outputs[key] = name
+            metrics[key] = info
+            effective[key] = {"precision": "int8-qdq", "float_nodes": info.get("float_nodes", []),
+                              "decode_float": True}
+        if pruned and q.peer:
+            from pipeline.adapters import ultralytics_yolo as ua
+
+            peer = ua.export_int8_onnx(inputs["pruned_pt"], out / "pruned_ultralytics_int8.onnx",
+                                       imgsz=ctx.recipe.model.imgsz, data_yaml=ctx.output("calibrate",
+                                                                                          "ultralytics_data"))
+            v = trt_check.check_file(peer)
+            outputs["pruned_ultralytics_int8"] = peer.name
+            metrics["pruned_ultralytics_int8"] = {"trt_check": "refused: " + str(v[0]) if v else "passed",
+                                                  "violations": len(v)}
+        shutil.rmtree(work)
+        return StageResult(outputs=outputs, metrics=metrics,
+                           requested={"precision": "int8", "method": q.method, "backend": q.backend,
+                                      "max_drop": q.accuracy_aware.max_drop}, effective=effective)
+
+    return run_stage(ctx, "quantize", VERSION, config, inputs, fn)
