@@ -196,8 +196,49 @@ def quantize(fp32: Path, dest: Path, cache: Path, method: str, exclude: list[str
         op_types_to_quantize=list(op_types), per_channel=True, reduce_range=False,
         activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude),
         calibrate_method=kind, calibration_cache_path=str(cache),
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                       # Q/DQ on inputs, as TensorRT places them; no Q/DQ on outputs, so the box and class logits
+                       # enter the float decode unquantized
+                       "OpTypesToExcludeOutputQuantization": list(op_types),
+                       # one Q/DQ pair per consumer: a node returned to float then really reads float
+                       "DedicatedQDQPair": True})
+    _float_inputs(dest, list(exclude))
     return dest
+
+
+def _float_inputs(path: Path, nodes: list[str]) -> None:
+    """Make excluded nodes read float: ORT may still wire an excluded consumer to the Q/DQ pair of a tensor it
+    quantized for another consumer. Re-point such inputs at the float tensor and drop Q/DQ left unused."""
+    m = onnx.load(str(path))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    want = set(nodes)
+    changed = False
+    for n in m.graph.node:
+        if n.name not in want:
+            continue
+        for k, i in enumerate(n.input):
+            dq = prod.get(i)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = prod.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                n.input[k] = q.input[0]
+                changed = True
+    if not changed:
+        return
+    outputs = {o.name for o in m.graph.output}
+    while True:
+        used = {i for n in m.graph.node for i in n.input} | outputs
+        dead = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            m.graph.node.remove(n)
+    used = {i for n in m.graph.node for i in n.input}
+    for t in [t for t in m.graph.initializer if t.name not in used]:
+        m.graph.initializer.remove(t)
+    onnx.save(m, str(path))
 
 
 def quantized_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = OP_TYPES) -> list[str]:
