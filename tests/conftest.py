@@ -50,3 +50,10 @@ def base_ckpt():
     if not BASE_CKPT.is_file():
         pytest.skip(f"{BASE_CKPT} is absent: `make base` makes it")
     return BASE_CKPT
+
+
+def pytest_report_header(config):
+    from pipeline.backends.tensorrt import tensorrt_available
+
+    ok, why = tensorrt_available()
+    return f"tensorrt: {'available' if ok else 'not available: ' + why}"

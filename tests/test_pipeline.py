@@ -37,22 +37,28 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     run = tmp_path / "run"
     sets = ["--set", "data.synthetic.train=32", "--set", "data.synthetic.val=16", "--set", "finetune.epochs=1",
             "--set", "finetune.batch=8", "--set", "bench.iters=5", "--set", "bench.warmup=1",
-            "--set", f"model.weights={base_ckpt}"]
+            "--set", f"model.weights={base_ckpt}", "--set", "calib.count=16", "--set", "calib.min_count=16",
+            "--set", "calib.tuning_images=8", "--set", "quantize.accuracy_aware.max_float=2",
+            "--set", "quantize.accuracy_aware.min_float=2"]
     r = cli("run", "--run-dir", run, *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((run / "report.json").read_text())
     _assert_schema(rep)
     names = [v["name"] for v in rep["variants"]]
-    assert names == ["base-fp32", "pruned-fp32"]
-    base, pruned = rep["variants"]
+    assert names == ["base-fp32", "pruned-fp32", "base-int8", "pruned-int8-ptq", "pruned-int8",
+                     "pruned-ultralytics-int8"]
+    base, pruned = rep["variants"][:2]
     assert pruned["macs"] <= 0.51 * base["macs"] and pruned["params"] < base["params"]
     assert "engine_p50_speedup" in pruned["vs_base"]
     assert (run / "report.md").read_text().count("| pruned-fp32 |") == 1
-    _check_report(run, "base-fp32", "pruned-fp32")
+    _check_report(run, *names)
+    q = json.loads((run / "quantize" / "record.json").read_text())
+    assert q["metrics"]["pruned_int8"]["trt_check"] == "passed"
+    assert q["metrics"]["pruned_ultralytics_int8"]["trt_check"].startswith("refused: node '")
     # second run: every stage cached, nothing recomputed
     r2 = cli("run", "--run-dir", run, *sets)
     assert r2.returncode == 0, r2.stderr[-2000:]
-    for stage in ("data", "load", "prune", "finetune", "export", "export-pruned", "bench"):
+    for stage in ("data", "load", "prune", "finetune", "export", "export-pruned", "calibrate", "quantize", "bench"):
         assert f"{stage}: cached" in r2.stderr, (stage, r2.stderr[-2000:])
     st = cli("status", "--run-dir", run, *sets)
     assert st.returncode == 0 and "finetune   done" in st.stdout

@@ -86,6 +86,7 @@ class AccuracyAwareCfg(Strict):
     max_drop: float = Field(0.005, ge=0)  # mAP50-95 on the tuning images
     step: int = Field(2, ge=1)  # nodes returned to float per iteration
     max_float: int = Field(24, ge=1)
+    min_float: int = Field(0, ge=0)  # return at least this many of the worst-ranked nodes to float
 
 
 class QuantizeCfg(Strict):

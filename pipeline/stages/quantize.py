@@ -47,12 +47,13 @@ def accuracy_aware(fp32: Path, dest: Path, cache: Path, method: str, exclude: li
     cur = _tuning_map(trial, gt, ctx)
     steps = [{"float_nodes": [], "tuning_map50_95": cur, "drop": ref - cur}]
     console.print(f"  accuracy-aware: FP32 {ref:.4f}, all-INT8 {cur:.4f} on {len(gt['images'])} tuning images")
-    if ref - cur > cfg.max_drop:
+    if ref - cur > cfg.max_drop or cfg.min_float > 0:
         cands = oq.quantized_nodes(onnx.load(str(trial)), op_types)
         errs = oq.layer_errors(fp32, trial, calib, cands)
         ranking = sorted(errs, key=errs.get, reverse=True)
         floated: list[str] = []
-        while ref - cur > cfg.max_drop and len(floated) < cfg.max_float and ranking:
+        while ((ref - cur > cfg.max_drop or len(floated) < cfg.min_float) and len(floated) < cfg.max_float
+               and ranking):
             take, ranking = ranking[: cfg.step], ranking[cfg.step:]
             floated += take
             oq.quantize(fp32, trial, cache, method, exclude + floated, op_types)
