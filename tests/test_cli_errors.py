@@ -112,5 +112,7 @@ def test_empty_val_split(tmp_path, synth_small):
 
 
 def test_unimplemented_stage_says_so(tmp_path):
+    r = cli("stage", "engine", "--run-dir", tmp_path / "run")
+    _assert_clean_error(r, "stage 'engine' is not implemented yet")
     r = cli("stage", "quantize", "--run-dir", tmp_path / "run")
-    _assert_clean_error(r, "stage 'quantize' is not implemented yet")
+    _assert_clean_error(r, "stage 'calibrate' has not produced", "make calibrate")
