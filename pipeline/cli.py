@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -26,7 +25,7 @@ SetOpt = typer.Option(None, "--set", help="override a recipe key: --set bench.it
 RunDirOpt = typer.Option(None, "--run-dir", help="run directory (default runs/<recipe name>)")
 
 
-def _ctx(recipe: Path, sets: Optional[List[str]], run_dir: Optional[Path], force: bool = False):
+def _ctx(recipe: Path, sets: list[str] | None, run_dir: Path | None, force: bool = False):
     from pipeline.core.config import load_recipe
     from pipeline.core.stage import Context
 
@@ -74,7 +73,7 @@ def _preflight(ctx, stages: list[str]) -> None:
 
 
 @app.command()
-def run(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt,
+def run(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
         stages: str = typer.Option(",".join(IMPLEMENTED), help="comma-separated stages, in pipeline order"),
         force: bool = typer.Option(False, "--force", help="re-run stages even when cached")):
     """Run the pipeline (or some stages of it) for a recipe; cached stages are skipped."""
@@ -85,8 +84,8 @@ def run(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: O
 
 
 @app.command()
-def stage(name: str, recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt,
-          run_dir: Optional[Path] = RunDirOpt, force: bool = typer.Option(False, "--force")):
+def stage(name: str, recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt,
+          run_dir: Path | None = RunDirOpt, force: bool = typer.Option(False, "--force")):
     """Run one stage; the stages before it must have run."""
     _run_stages(_ctx(recipe, sets, run_dir, force), [name])
 
@@ -94,11 +93,12 @@ def stage(name: str, recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOp
 @app.command()
 def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO directory or COCO instances JSON"),
           weights: str = typer.Option(..., "--weights", help="YOLO11 .pt checkpoint (or .yaml architecture)"),
-          imgsz: Optional[int] = typer.Option(None, help="input size (default: the recipe's)"),
-          recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt,
+          imgsz: int | None = typer.Option(None, help="input size (default: the recipe's)"),
+          recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
           force: bool = typer.Option(False, "--force")):
     """Benchmark a model on a dataset of your own: data -> load -> export -> bench."""
-    extra = [f"data.source={data}", f"model.weights={weights}", "prune.enabled=false", "quantize.enabled=false"] + ([f"model.imgsz={imgsz}"] if imgsz else [])
+    extra = [f"data.source={data}", f"model.weights={weights}", "prune.enabled=false", "quantize.enabled=false"]
+    extra += [f"model.imgsz={imgsz}"] if imgsz else []
     name = run_dir or Path("runs") / f"bench-{Path(data).stem}-{Path(weights).stem}"
     ctx = _ctx(recipe, extra + list(sets or []), name, force)
     _run_stages(ctx, ["data", "load", "export", "bench"])
@@ -106,7 +106,7 @@ def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO di
 
 
 @app.command()
-def report(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt):
+def report(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt):
     """Write runs/<run>/report.json and report.md from the last bench and print the table."""
     from pipeline.stages.bench import publish
 
@@ -116,7 +116,7 @@ def report(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir
 
 
 @app.command()
-def status(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt):
+def status(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt):
     """List the stages of a run with their state."""
     from datetime import datetime
 
@@ -136,9 +136,9 @@ def status(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir
 
 
 @app.command()
-def base(recipe: Path = RecipeOpt, sets: Optional[List[str]] = SetOpt, run_dir: Optional[Path] = RunDirOpt,
-         epochs: Optional[int] = typer.Option(None, help="epochs (default: the recipe's base.epochs)"),
-         out: Optional[Path] = typer.Option(None, help="where to write the checkpoint (default: model.weights)")):
+def base(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
+         epochs: int | None = typer.Option(None, help="epochs (default: the recipe's base.epochs)"),
+         out: Path | None = typer.Option(None, help="where to write the checkpoint (default: model.weights)")):
     """Train the default base model from its yaml on the recipe's data (what the shipped checkpoint is)."""
     from pipeline.stages import data as data_stage
     from pipeline.stages.base import train_base

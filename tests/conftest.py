@@ -10,7 +10,7 @@ SHARED = ROOT.parent / "shared"
 COCO8 = SHARED / "data" / "coco8" / "coco8.yaml"
 BASE_CKPT = ROOT / "models" / "base" / "yolo11n-synth.pt"
 
-from pipeline.adapters.offline import setup_offline  # noqa: E402
+from pipeline.adapters.offline import setup_offline
 
 setup_offline()
 

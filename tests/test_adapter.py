@@ -41,8 +41,8 @@ def test_unknown_yaml_is_a_user_error():
 
 
 def test_export_static_onnx_matches_torch(tmp_path):
-    from pipeline.stages.export import export_checked
     from pipeline.data.synthetic import SynthSpec, generate
+    from pipeline.stages.export import export_checked
 
     ds = generate(tmp_path / "d", SynthSpec(train=1, val=2))
     m = ua.build_from_yaml("yolo11n.yaml", nc=8)

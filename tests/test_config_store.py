@@ -1,12 +1,11 @@
 import json
 
 import pytest
+from conftest import ROOT
 
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import UserError
 from pipeline.core.store import atomic_dir, atomic_path, sha256_file
-
-from conftest import ROOT
 
 
 def test_default_recipe_loads_and_overrides():
@@ -33,10 +32,9 @@ def test_bad_value_is_named(tmp_path):
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     dest = tmp_path / "a.json"
     dest.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(dest) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
     assert dest.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
@@ -45,10 +43,9 @@ def test_atomic_dir_keeps_old_dir_on_interrupt(tmp_path):
     dest = tmp_path / "stage"
     dest.mkdir()
     (dest / "f").write_text("good")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(dest) as tmp:
-            (tmp / "f").write_text("partial")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_dir(dest) as tmp:
+        (tmp / "f").write_text("partial")
+        raise KeyboardInterrupt
     assert (dest / "f").read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["stage"]
     with atomic_dir(dest) as tmp:

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from pipeline.core.errors import UserError
+from pipeline.core.store import sha256_tree
 from pipeline.data.formats import load_dataset, write_coco, write_yolo
 from pipeline.data.synthetic import CLASSES, SynthSpec, generate
-from pipeline.core.store import sha256_tree
 
 
 def test_synthetic_is_seeded_and_varied(tmp_path, synth_small):
@@ -40,7 +40,7 @@ def test_coco_yolo_coco_roundtrip_keeps_boxes_and_names(tmp_path, synth_small):
         assert [c["id"] for c in a["categories"]] == [c["id"] for c in b["categories"]]
         fa = {i["id"]: i["file_name"] for i in a["images"]}
         fb = {i["id"]: i["file_name"] for i in b["images"]}
-        key = lambda d, f: sorted((f[x["image_id"]], x["category_id"], *x["bbox"]) for x in d["annotations"])  # noqa
+        key = lambda d, f: sorted((f[x["image_id"]], x["category_id"], *x["bbox"]) for x in d["annotations"])
         ka, kb = key(a, fa), key(b, fb)
         assert len(ka) == len(kb) > 0
         assert [k[:2] for k in ka] == [k[:2] for k in kb]

@@ -2,7 +2,6 @@
 the architecture, and the errors a user can hit."""
 
 import json
-import resource
 import subprocess
 import sys
 import textwrap

@@ -7,14 +7,12 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from conftest import cli
 from onnx import numpy_helper
 
-from pipeline.core.errors import UserError
 from pipeline.eval.detect import PrePost, letterbox
 from pipeline.quant import ort_qdq as oq
 from pipeline.quant import trt_check
-
-from conftest import ROOT, cli
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ def test_unavailable_runner_is_refused_with_the_reason():
 @pytest.mark.skipif(not OK, reason=f"TensorRT not available: {WHY}")
 def test_build_and_run_engine_matches_onnxruntime(tmp_path):
     import numpy as np
-
     from conftest import BASE_CKPT
+
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.backends.onnxruntime import OnnxRuntimeRunner
 

@@ -14,13 +14,13 @@ from pipeline.adapters.offline import setup_offline
 
 setup_offline()
 
-import torch  # noqa: E402
-import ultralytics  # noqa: E402
-from ultralytics import YOLO  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+import torch
+import ultralytics
+from ultralytics import YOLO
+from ultralytics.nn.tasks import DetectionModel
 
-from pipeline.core.errors import UserError  # noqa: E402
-from pipeline.core.store import atomic_path  # noqa: E402
+from pipeline.core.errors import UserError
+from pipeline.core.store import atomic_path
 
 ULTRALYTICS_VERSION = ultralytics.__version__
 CFG_DIR = Path(ultralytics.__file__).parent / "cfg" / "models"
@@ -96,9 +96,9 @@ def names_of(model: torch.nn.Module) -> list[str]:
 
 def model_stats(model: torch.nn.Module, imgsz: int) -> dict:
     """Parameters and MACs (Torch-Pruning's counter, at one imgsz x imgsz image)."""
-    import torch_pruning as tp
-
     from copy import deepcopy
+
+    import torch_pruning as tp
 
     m = deepcopy(model).float().eval()
     x = torch.zeros(1, 3, imgsz, imgsz)
@@ -107,7 +107,7 @@ def model_stats(model: torch.nn.Module, imgsz: int) -> dict:
     return {"params": int(params), "macs": int(macs)}
 
 
-def torch_forward(model: torch.nn.Module, x) -> "torch.Tensor":
+def torch_forward(model: torch.nn.Module, x) -> torch.Tensor:
     with torch.no_grad():
         y = model.eval()(torch.as_tensor(x))
     return (y[0] if isinstance(y, (list, tuple)) else y).numpy()
@@ -154,7 +154,7 @@ def export_onnx(weights: str | Path, dest: str | Path, *, imgsz: int, opset: int
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
-from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.models.yolo.detect import DetectionTrainer
 
 
 class KeepArchitectureTrainer(DetectionTrainer):

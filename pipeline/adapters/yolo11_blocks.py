@@ -16,8 +16,8 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
-from ultralytics.nn.modules.block import C2PSA, C2f, Attention
+from torch import nn
+from ultralytics.nn.modules.block import C2PSA, Attention, C2f
 from ultralytics.nn.modules.conv import Conv
 
 TOP_LEVEL_ATTRS = ("f", "i", "type", "np")  # what ultralytics' parse_model puts on each layer of model.model
@@ -50,10 +50,10 @@ def _copy_top_attrs(src: nn.Module, dst: nn.Module) -> None:
             setattr(dst, a, getattr(src, a))
 
 
-class C2fSplit(nn.Module):
-    """C2f / C3k2 with the chunked first conv split into cv0 and cv1."""
+class _SplitFirstConv(nn.Module):
+    """A block whose first conv is sliced in two by its forward: here as two convs, cv0 and cv1."""
 
-    def __init__(self, block: C2f):
+    def __init__(self, block: nn.Module):
         super().__init__()
         c = block.c
         self.c = c
@@ -63,6 +63,10 @@ class C2fSplit(nn.Module):
         self.m = block.m
         self.source_type = type(block).__name__
         _copy_top_attrs(block, self)
+
+
+class C2fSplit(_SplitFirstConv):
+    """C2f / C3k2 with the chunked first conv split into cv0 and cv1."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = [self.cv0(x), self.cv1(x)]
@@ -70,19 +74,8 @@ class C2fSplit(nn.Module):
         return self.cv2(torch.cat(y, 1))
 
 
-class C2PSASplit(nn.Module):
+class C2PSASplit(_SplitFirstConv):
     """C2PSA with its split first conv as cv0 (passed through) and cv1 (through the PSA blocks)."""
-
-    def __init__(self, block: C2PSA):
-        super().__init__()
-        c = block.c
-        self.c = c
-        self.cv0 = _half_conv(block.cv1, slice(0, c))
-        self.cv1 = _half_conv(block.cv1, slice(c, 2 * c))
-        self.cv2 = block.cv2
-        self.m = block.m
-        self.source_type = type(block).__name__
-        _copy_top_attrs(block, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv2(torch.cat((self.cv0(x), self.m(self.cv1(x))), 1))

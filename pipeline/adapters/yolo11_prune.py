@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch_pruning as tp
+from torch import nn
 from ultralytics.nn.modules.block import C3, DFL, SPPF, Bottleneck, C3k, PSABlock
 from ultralytics.nn.modules.conv import Concat, Conv, DWConv
 from ultralytics.nn.modules.head import Detect

@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -95,7 +96,7 @@ class Artifact:
     size: int
 
     @classmethod
-    def of(cls, kind: str, path: str | Path) -> "Artifact":
+    def of(cls, kind: str, path: str | Path) -> Artifact:
         p = Path(path)
         size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         return cls(kind=kind, path=str(p), digest=sha256_tree(p), size=size)
@@ -120,5 +121,5 @@ class StageRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "StageRecord":
+    def from_json(cls, d: dict) -> StageRecord:
         return cls(**d)

@@ -99,6 +99,19 @@ def trunk(model: onnx.ModelProto, decode: list[str], dest: Path) -> Path:
     return dest
 
 
+def _session_with_outputs(model: onnx.ModelProto, tensors: list[str]):
+    """An ONNX Runtime CPU session of `model` that also returns the intermediate `tensors`."""
+    import onnxruntime as ort
+
+    have = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def _kl_threshold(hist: np.ndarray, edges: np.ndarray, n_quant: int = 128, stride: int = 8) -> float:
     """TensorRT's entropy calibration: the clipping threshold whose 128-level quantization of the |x|
     histogram has the smallest KL divergence from the clipped reference distribution."""
@@ -136,7 +149,6 @@ def compute_ranges(fp32: Path, calib: np.ndarray, method: str, cache: Path, work
     in float64 (ORT's histogram calibrators fail on near-constant tensors: "Too many bins for data range", and
     its entropy search takes minutes): percentile clips at that percentile of |x|, entropy at the KL-optimal
     threshold as TensorRT computes it."""
-    import onnxruntime as ort
 
     q, c = _ort_q()
     if method not in METHODS:
@@ -144,9 +156,9 @@ def compute_ranges(fp32: Path, calib: np.ndarray, method: str, cache: Path, work
     model = onnx.load(str(fp32))
     name = model.graph.input[0].name
     src = trunk(model, decode, workdir / "trunk.onnx") if decode else fp32
-    mm = workdir / "minmax.ranges.json"
     cal = c.create_calibrator(str(src), op_types_to_calibrate=list(OP_TYPES),
-                              augmented_model_path=str(workdir / "aug.onnx"), calibrate_method=c.CalibrationMethod.MinMax,
+                              augmented_model_path=str(workdir / "aug.onnx"),
+                              calibrate_method=c.CalibrationMethod.MinMax,
                               extra_options={"symmetric": True})
     cal.collect_data(TensorReader(name, calib))
     ranges = cal.compute_data()
@@ -155,14 +167,7 @@ def compute_ranges(fp32: Path, calib: np.ndarray, method: str, cache: Path, work
         return cache
     tensors = sorted(ranges.data)
     maxabs = {t: float(max(abs(ranges.data[t].lowest.item()), abs(ranges.data[t].highest.item()))) for t in tensors}
-    m = onnx.load(str(src))
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _session_with_outputs(onnx.load(str(src)), tensors)
     bins = 2048
     hists = {t: np.zeros(bins, np.float64) for t in tensors}
     for x in calib:
@@ -250,20 +255,12 @@ def quantized_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = OP_TYPES
 def layer_errors(fp32: Path, qdq: Path, calib: np.ndarray, names: list[str], n_images: int = 8) -> dict[str, float]:
     """Sensitivity: for each quantized node, the relative error its output has in the Q/DQ model vs FP32 on
     calibration images, minus the largest error among its inputs' producers (the error the node itself adds)."""
-    import onnxruntime as ort
 
-    mf, mq = onnx.load(str(fp32)), onnx.load(str(qdq))
+    mf = onnx.load(str(fp32))
     node_out = {n.name: n.output[0] for n in mf.graph.node}
     outs = [node_out[n] for n in names if n in node_out]
-    for m in (mf, mq):
-        have = {o.name for o in m.graph.output}
-        for t in outs:
-            if t not in have:
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sf = ort.InferenceSession(mf.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sq = ort.InferenceSession(mq.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sf = _session_with_outputs(mf, outs)
+    sq = _session_with_outputs(onnx.load(str(qdq)), outs)
     inp = mf.graph.input[0].name
     err = {t: 0.0 for t in outs}
     for x in calib[:n_images]:

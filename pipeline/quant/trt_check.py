@@ -64,7 +64,8 @@ def check(model: onnx.ModelProto, dynamic_ok: bool = False) -> list[Violation]:
             continue
         n_qdq += 1
         if n.domain not in ("", "ai.onnx"):
-            v.append(Violation(n.name, f"{n.op_type} from domain '{n.domain}': TensorRT parses only standard ONNX Q/DQ"))
+            v.append(Violation(n.name, f"{n.op_type} from domain '{n.domain}': TensorRT parses only standard "
+                                       f"ONNX Q/DQ"))
             continue
         zp = arr(n.input[2]) if len(n.input) > 2 and n.input[2] else None
         if zp is not None:
@@ -91,7 +92,8 @@ def check(model: onnx.ModelProto, dynamic_ok: bool = False) -> list[Violation]:
                     ax = axis % x.ndim
                     if ax != want or scale.size != x.shape[want]:
                         v.append(Violation(n.name, f"per-channel scale on axis {ax} (size {scale.size}) of the "
-                                                   f"{c.op_type} weight; TensorRT needs the output-channel axis {want}"))
+                                                   f"{c.op_type} weight; TensorRT needs the output-channel axis "
+                                                   f"{want}"))
     if n_qdq == 0:
         v.append(Violation("<model>", "no QuantizeLinear/DequantizeLinear nodes: not an explicitly quantized model"))
     return v

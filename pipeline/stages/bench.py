@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.stage import Context, StageResult, run_stage, lib_versions
+from pipeline.core.stage import Context, StageResult, lib_versions, run_stage
 from pipeline.core.store import StageRecord, atomic_path, sha256_file, write_json
 from pipeline.eval.detect import PrePost
 
@@ -95,7 +95,7 @@ def run(ctx: Context) -> StageRecord:
             acc, dets = accuracy(runner, images, gt, cat_ids, spec, label=v.name)
             (out / "predictions" / f"{v.name}.json").write_text(json.dumps(dets))
             lat = latency(runner, [i.path for i in images], spec, cfg.warmup, cfg.iters)
-            rel = lambda p: os.path.relpath(p, ctx.run_dir)  # noqa: E731
+            rel = lambda p: os.path.relpath(p, ctx.run_dir)
             rows.append({
                 "name": v.name, "precision": v.precision, "note": v.note,
                 "model": {"path": rel(ctx.stage_dir(v.model_stage) / onnx_path.name), "sha256": sha256_file(onnx_path),
@@ -117,7 +117,8 @@ def run(ctx: Context) -> StageRecord:
             r["vs_base"] = {"macs_ratio": r["macs"] / base["macs"], "params_ratio": r["params"] / base["params"],
                             "size_ratio": r["model"]["size_bytes"] / base["model"]["size_bytes"],
                             "map50_95_delta": r["map50_95"] - base["map50_95"],
-                            "engine_p50_speedup": base["latency_ms"]["engine"]["p50"] / r["latency_ms"]["engine"]["p50"],
+                            "engine_p50_speedup": base["latency_ms"]["engine"]["p50"]
+                            / r["latency_ms"]["engine"]["p50"],
                             "e2e_p50_speedup": base["latency_ms"]["end_to_end"]["p50"]
                             / r["latency_ms"]["end_to_end"]["p50"]}
         report = {"schema": "yolo-edge/report/1", "run": ctx.run_dir.name, "recipe": ctx.recipe.model_dump(),
@@ -161,7 +162,8 @@ def render_markdown(rep: dict) -> str:
             f"| {r['name']} | {r['runner']['runner']} | {r['map50_95']:.4f} | {r['map50']:.4f} | "
             f"{vb.get('map50_95_delta', 0) * 100:+.2f} pt | {r['params'] / 1e6:.3f} M | "
             f"{r['macs'] / 1e9:.3f} G ({vb.get('macs_ratio', 1):.2f}×) | {r['model']['size_bytes'] / 1e6:.2f} MB | "
-            f"{g['p50']:.2f} | {e['p50']:.2f} / {e['p90']:.2f} / {e['p99']:.2f} | {vb.get('e2e_p50_speedup', 1):.2f}× | "
+            f"{g['p50']:.2f} | {e['p50']:.2f} / {e['p90']:.2f} / {e['p99']:.2f} | "
+            f"{vb.get('e2e_p50_speedup', 1):.2f}× | "
             f"{r['fps']:.1f} |")
     lines += ["", "Latency: batch 1, ONNX Runtime CPU unless the runner says otherwise; engine = inference on a ready "
               "tensor, e2e = letterbox + inference + NMS on a decoded frame. mAP: pycocotools on the predictions and "

@@ -87,8 +87,8 @@ def run(ctx: Context) -> StageRecord:
                                                     "shape": list(arr.shape)}, indent=1))
         (out / "calib_images.txt").write_text("\n".join(str(Path(p).resolve()) for p in calib) + "\n")
         # ultralytics' INT8 exporter calibrates on a data yaml's split: point one at exactly these images
-        (out / "calib_data.yaml").write_text(json.dumps({"train": "calib_images.txt",
-                                                         "val": "calib_images.txt", "names": dict(enumerate(ds.names))}))
+        (out / "calib_data.yaml").write_text(json.dumps({"train": "calib_images.txt", "val": "calib_images.txt",
+                                                         "names": dict(enumerate(ds.names))}))
         gt = {"images": [], "annotations": [], "categories": [{"id": ds.cat_id(i), "name": n}
                                                                for i, n in enumerate(ds.names)]}
         for im in tuning:
