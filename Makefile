@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv pipeline test test-fast bench status report base data load prune finetune export calibrate \
-        quantize engine bundle lint clean check-report check-trt modelopt-venv
+        quantize engine bundle lint clean check-report check-trt modelopt-venv profile history
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]*):.*## (.*)/\1\t\2/' | \
@@ -47,6 +47,12 @@ base: venv ## retrain the shipped base checkpoint (models/base/yolo11n-synth.pt;
 
 check-report: venv ## verify runs/default/report.json with ../shared/tools/check-report (pycocotools alone)
 	$(PY) ../shared/tools/check-report runs/default
+
+profile: venv ## where the time goes: ONNX Runtime op-type profile of base vs pruned (runs/default)
+	$(PY) benchmarks/profile_ort.py runs/default 20
+
+history: venv ## append the latest runs/default results to benchmarks/history/
+	$(PY) benchmarks/record.py runs/default
 
 check-trt: venv ## check an INT8 Q/DQ ONNX against TensorRT's rules: make check-trt FILE=model.onnx
 	$(CLI) check-trt $(FILE)

@@ -28,7 +28,6 @@ def setup_offline(config_dir: str | Path | None = None) -> Path:
         return cfg
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "0"
-    os.environ["YOLO_VERBOSE"] = os.environ.get("YOLO_VERBOSE", "False")
     os.environ["YOLO_CONFIG_DIR"] = str(cfg)
     for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         os.environ[k] = REFUSE_PROXY
