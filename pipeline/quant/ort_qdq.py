@@ -253,8 +253,10 @@ def quantized_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = OP_TYPES
 
 
 def layer_errors(fp32: Path, qdq: Path, calib: np.ndarray, names: list[str], n_images: int = 8) -> dict[str, float]:
-    """Sensitivity: for each quantized node, the relative error its output has in the Q/DQ model vs FP32 on
-    calibration images, minus the largest error among its inputs' producers (the error the node itself adds)."""
+    """Sensitivity: for each quantized node, the mean squared error its output has in the Q/DQ model vs FP32 on
+    calibration images, minus the largest error among its inputs' producers (the error the node itself adds).
+    Absolute, not relative: activations after BatchNorm are of comparable scale across the network, and a
+    relative error would rank first the near-silent branches whose errors never reach a detection."""
 
     mf = onnx.load(str(fp32))
     node_out = {n.name: n.output[0] for n in mf.graph.node}
@@ -267,7 +269,7 @@ def layer_errors(fp32: Path, qdq: Path, calib: np.ndarray, names: list[str], n_i
         a = sf.run(outs, {inp: x[None]})
         b = sq.run(outs, {inp: x[None]})
         for t, u, v in zip(outs, a, b):
-            err[t] += float(np.sum((u - v) ** 2) / (np.sum(u ** 2) + 1e-12)) / n_images
+            err[t] += float(np.mean((u - v) ** 2)) / n_images
     producer = {o: n.name for n in mf.graph.node for o in n.output}
     by_node = {}
     for n in mf.graph.node:
@@ -275,3 +277,33 @@ def layer_errors(fp32: Path, qdq: Path, calib: np.ndarray, names: list[str], n_i
             upstream = [err.get(i, 0.0) for i in n.input if producer.get(i) in names]
             by_node[n.name] = err[n.output[0]] - (max(upstream) if upstream else 0.0)
     return by_node
+
+
+def output_error(ref: list[np.ndarray], qdq: Path, calib: np.ndarray) -> float:
+    """Score-weighted error of a Q/DQ model's detector output vs FP32 reference outputs `ref` (one per
+    calibration image): box errors (in input pixels, over imgsz²) plus class-score errors, per anchor, weighted by
+    the anchor's FP32 best class score, so anchors that never become detections do not count."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    s = ort.InferenceSession(str(qdq), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    size = float(calib.shape[-1]) ** 2
+    tot = 0.0
+    for x, f in zip(calib, ref):
+        q = s.run(None, {name: x[None]})[0][0]
+        f = f[0]
+        w = f[4:].max(0)
+        w = np.where(w > 0.01, w, 0.0)  # anchors that can become detections
+        e = ((q[:4] - f[:4]) ** 2).sum(0) / size + ((q[4:] - f[4:]) ** 2).sum(0)
+        tot += float((w * e).sum() / (w.sum() + 1e-12))
+    return tot / len(calib)
+
+
+def reference_outputs(fp32: Path, calib: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    return [s.run(None, {name: x[None]})[0] for x in calib]

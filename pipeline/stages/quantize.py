@@ -1,9 +1,11 @@
 """`quantize` stage: INT8 explicit Q/DQ ONNX of the base and the pruned model, checked against TensorRT's rules.
 
 - base-int8 and pruned-int8-ptq: plain post-training quantization with the recipe's calibration method;
-- pruned-int8: accuracy-aware: nodes ranked by the error they add (per-layer relative error vs FP32 on
-  calibration images) return to float, `step` at a time, until the mAP50-95 drop on the held-out tuning images
-  is within `max_drop` or `max_float` nodes are float; every step recorded;
+- pruned-int8: accuracy-aware: nodes ranked by the error they add (per-layer error vs FP32 on calibration
+  images) are shortlisted, and those whose return to float brings the score-weighted detector output closest
+  to FP32 return to float, `step` at a time, until the mAP50-95 drop on the held-out tuning images
+  is within `max_drop` (and at least `min_float` are float) or `max_float` nodes are float; every step
+  recorded;
 - pruned-ultralytics-int8 (the peer): ultralytics' own INT8 ONNX export of the same pruned model, calibrated on
   the same images. It is benchmarked, and our TensorRT check says why TensorRT would refuse it.
 """
@@ -21,7 +23,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 
-VERSION = 1
+VERSION = 4
 
 
 def _tuning_map(onnx_path: Path, gt: dict, ctx: Context) -> float:
@@ -51,15 +53,34 @@ def accuracy_aware(fp32: Path, dest: Path, cache: Path, method: str, exclude: li
         cands = oq.quantized_nodes(onnx.load(str(trial)), op_types)
         errs = oq.layer_errors(fp32, trial, calib, cands)
         ranking = sorted(errs, key=errs.get, reverse=True)
+        probe = calib[: cfg.probe_images]
+        ref_out = oq.reference_outputs(fp32, probe)
         floated: list[str] = []
+        base_err = oq.output_error(ref_out, trial, probe)
         while ((ref - cur > cfg.max_drop or len(floated) < cfg.min_float) and len(floated) < cfg.max_float
                and ranking):
-            take, ranking = ranking[: cfg.step], ranking[cfg.step:]
+            # the layer-error ranking proposes candidates; the detector output decides: each is floated alone and
+            # those that bring the score-weighted output closest to FP32 are kept. Candidates that change nothing a
+            # detection depends on (a branch whose anchors never score) are passed over.
+            scored = []
+            while ranking and len(scored) < cfg.step:
+                shortlist, ranking = ranking[: cfg.shortlist], ranking[cfg.shortlist:]
+                for n in shortlist:
+                    oq.quantize(fp32, trial, cache, method, exclude + floated + [n], op_types)
+                    e = oq.output_error(ref_out, trial, probe)
+                    if e < base_err:
+                        scored.append((e, n))
+            if not scored:
+                break
+            scored.sort()
+            take = [n for _, n in scored[: cfg.step]]
+            ranking = [n for _, n in scored[cfg.step:]] + ranking
             floated += take
             oq.quantize(fp32, trial, cache, method, exclude + floated, op_types)
+            base_err = oq.output_error(ref_out, trial, probe)
             cur = _tuning_map(trial, gt, ctx)
             steps.append({"float_nodes": list(take), "added_error": [errs[n] for n in take],
-                          "tuning_map50_95": cur, "drop": ref - cur})
+                          "output_error_after": base_err, "tuning_map50_95": cur, "drop": ref - cur})
             console.print(f"  +{len(take)} float ({', '.join(take)}): {cur:.4f} (drop {100 * (ref - cur):.2f} pt)")
     shutil.copyfile(trial, dest)
     return {"tuning_fp32_map50_95": ref, "tuning_int8_map50_95": cur, "within_budget": ref - cur <= cfg.max_drop,
