@@ -20,8 +20,16 @@ import numpy as np
 from modelopt.onnx.quantization import quantize
 src, dst, calib, method, exclude = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 quantize(onnx_path=src, quantize_mode="int8", calibration_data=np.load(calib), calibration_method=method,
-         nodes_to_exclude=exclude or None, output_path=dst, high_precision_dtype="fp32")
+         nodes_to_exclude=exclude or None, output_path=dst, high_precision_dtype="fp32", calibration_eps=["cpu"])
 """
+
+
+def method_for(method: str) -> str:
+    """ModelOpt's ONNX PTQ calibrates with max or entropy; a percentile request cannot be honoured: refused."""
+    if method not in ("minmax", "entropy"):
+        raise UserError(f"quantize.method={method} cannot be honoured by ModelOpt (it offers max and entropy "
+                        f"calibration): use minmax or entropy with quantize.backend=modelopt")
+    return {"minmax": "max", "entropy": "entropy"}[method]
 
 
 def ensure_available() -> Path:
@@ -35,11 +43,12 @@ def ensure_available() -> Path:
     return VENV_PY
 
 
-def quantize(fp32: Path, dest: Path, calib_npy: Path, method: str, exclude: list[str]) -> Path:
+def quantize(fp32: Path, dest: Path, calib_npy: Path, method: str, exclude: list[str]) -> str:
+    """Quantize with ModelOpt; returns the calibration method name ModelOpt used."""
     ensure_available()
-    mo_method = {"minmax": "max", "entropy": "entropy", "percentile": "max"}[method]
+    mo_method = method_for(method)
     r = subprocess.run([str(VENV_PY), "-c", SCRIPT, str(fp32), str(dest), str(calib_npy), mo_method, *exclude],
                        capture_output=True, text=True)
     if r.returncode != 0 or not dest.is_file():
         raise UserError(f"ModelOpt quantization failed: {(r.stderr or r.stdout).strip().splitlines()[-1][:300]}", fp32)
-    return dest
+    return mo_method

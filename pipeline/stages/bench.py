@@ -38,9 +38,10 @@ def variants(ctx: Context) -> list[Variant]:
     q = ctx.record("quantize") if ctx.recipe.quantize.enabled else None
     if q is not None:
         ort_note = "INT8 Q/DQ; ONNX Runtime CPU latency of INT8 is not representative of TensorRT"
+        ptq = f"plain PTQ ({q.requested.get('backend', 'onnxruntime')}, {q.requested.get('method')}), "
         for name, out, stats, note in [
-                ("base-int8", "base_int8", "load", "plain PTQ, " + ort_note),
-                ("pruned-int8-ptq", "pruned_int8_ptq", "finetune", "plain PTQ, " + ort_note),
+                ("base-int8", "base_int8", "load", ptq + ort_note),
+                ("pruned-int8-ptq", "pruned_int8_ptq", "finetune", ptq + ort_note),
                 ("pruned-int8", "pruned_int8", "finetune", "accuracy-aware PTQ, " + ort_note),
                 ("pruned-ultralytics-int8", "pruned_ultralytics_int8", "finetune",
                  "peer: ultralytics export(format='onnx', quantize=8), same calibration images")]:

@@ -23,7 +23,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 
-VERSION = 4
+VERSION = 5
 
 
 def _tuning_map(onnx_path: Path, gt: dict, ctx: Context) -> float:
@@ -92,8 +92,9 @@ def run(ctx: Context) -> StageRecord:
 
     q = ctx.recipe.quantize
     if q.backend == "modelopt":
-        from pipeline.quant.modelopt_backend import ensure_available
+        from pipeline.quant.modelopt_backend import ensure_available, method_for
 
+        method_for(q.method)
         ensure_available()
     verify(ctx)
     config = {**q.model_dump(), "imgsz": ctx.recipe.model.imgsz, "opset": ctx.recipe.export.opset}
@@ -116,7 +117,7 @@ def run(ctx: Context) -> StageRecord:
         jobs = [("base", "base_int8.onnx", False)]
         if pruned:
             jobs += [("pruned", "pruned_int8_ptq.onnx", False)]
-            if q.accuracy_aware.enabled:
+            if q.accuracy_aware.enabled and q.backend == "onnxruntime":  # the search drives ORT's quantizer
                 jobs += [("pruned", "pruned_int8.onnx", True)]
         caches = {}
         for src, name, aware in jobs:
@@ -128,8 +129,8 @@ def run(ctx: Context) -> StageRecord:
             if q.backend == "modelopt":
                 from pipeline.quant.modelopt_backend import quantize as mo_quantize
 
-                mo_quantize(fp32, out / name, inputs["calib"], q.method, exclude)
-                info = {"backend": "modelopt"}
+                info = {"backend": "modelopt", "modelopt_method": mo_quantize(fp32, out / name, inputs["calib"],
+                                                                              q.method, exclude)}
             elif aware:
                 info = accuracy_aware(fp32, out / name, caches[src], q.method, exclude, tuple(q.op_types), calib, gt,
                                       ctx, work)
