@@ -21,8 +21,8 @@ def test_missing_venv_is_said_plainly(monkeypatch, tmp_path):
 @pytest.mark.skipif(not mo.VENV_PY.is_file(), reason=f"{mo.VENV_PY} absent: `make modelopt-venv` makes it")
 def test_modelopt_quantizes_to_a_trt_buildable_file(tmp_path):
     import numpy as np
-
     from conftest import BASE_CKPT
+
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.quant import trt_check
 
