@@ -34,12 +34,18 @@ class ModelCfg(Strict):
     imgsz: int = Field(320, ge=32)
 
 
-class BaseTrainCfg(Strict):
-    epochs: int = Field(60, ge=1)
+class TrainCfg(Strict):
+    """What every ultralytics training run here is given."""
+
+    epochs: int = Field(10, ge=1)
     batch: int = Field(16, ge=1)
     seed: int = 0
     workers: int = Field(2, ge=0)
     device: str = "cpu"
+
+
+class BaseTrainCfg(TrainCfg):
+    epochs: int = Field(60, ge=1)
 
 
 class PruneCfg(Strict):
@@ -60,12 +66,7 @@ class DistillCfg(Strict):
     weight: float = Field(6.0, ge=0)
 
 
-class FinetuneCfg(Strict):
-    epochs: int = Field(10, ge=1)
-    batch: int = Field(16, ge=1)
-    seed: int = 0
-    workers: int = Field(2, ge=0)
-    device: str = "cpu"
+class FinetuneCfg(TrainCfg):
     lr0: float | None = None
     optimizer: str = "auto"
     close_mosaic: int = Field(3, ge=0)
