@@ -63,9 +63,10 @@ def _preflight(ctx, stages: list[str]) -> None:
 
         spec = weights_spec(ctx)
         if not spec.endswith((".yaml", ".yml")):
-            from pipeline.adapters.ultralytics_yolo import load_detection_model
+            from pipeline.adapters.ultralytics_yolo import check_pruned_checkpoint, load_detection_model
 
             load_detection_model(spec)
+            check_pruned_checkpoint(spec, ctx.recipe.model.imgsz)
         else:
             from pipeline.adapters.ultralytics_yolo import resolve_yaml
 

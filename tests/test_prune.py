@@ -149,3 +149,24 @@ def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path
     saved = ua.save_checkpoint(out, tmp_path / "final.pt")
     ck = torch.load(saved, weights_only=False)
     assert all(t.dtype == torch.float32 for t in ck["model"].state_dict().values() if t.is_floating_point())
+
+
+def test_cli_refuses_pruned_checkpoint_whose_history_does_not_match(tmp_path, synth_small):
+    from conftest import cli
+
+    m = _randomized("yolo11n.yaml")
+    m.names = dict(enumerate(["c"] * 8))
+    p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25))
+    _, h2, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.4))
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for d, h in ((good, h1), (bad, h2)):
+        d.mkdir()
+        ua.save_checkpoint(p1, d / "pruned.pt", pruning={"history_file": "history.json"})
+        yp.save_history(h, d / "history.json")
+    r = cli("bench", "--data", synth_small, "--weights", bad / "pruned.pt", "--run-dir", tmp_path / "run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "pruned.pt: pruning history does not match the checkpoint's weights" in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = cli("bench", "--data", synth_small, "--weights", good / "pruned.pt", "--run-dir", tmp_path / "run2",
+            "--set", "bench.iters=2", "--set", "bench.warmup=1")
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -66,6 +66,21 @@ def load_detection_model(path: str | Path) -> DetectionModel:
     return model
 
 
+def check_pruned_checkpoint(path: str | Path, imgsz: int) -> None:
+    """A checkpoint that says it was pruned must come with a history that rebuilds its architecture."""
+    from pipeline.adapters import yolo11_prune as yp
+
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    meta = ckpt.get("pruning") if isinstance(ckpt, dict) else None
+    if not meta:
+        return
+    hist = path.parent / meta.get("history_file", "history.json")
+    if not hist.is_file():
+        raise UserError(f"pruned checkpoint without its pruning history ({hist.name} is not beside it)", path)
+    yp.verify_history(load_detection_model(path), yp.load_history(hist), imgsz, path)
+
+
 def build_from_yaml(spec: str | Path, nc: int, names: list[str] | None = None) -> DetectionModel:
     cfg = resolve_yaml(spec)
     with contextlib.redirect_stdout(io.StringIO()):
