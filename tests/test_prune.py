@@ -170,3 +170,22 @@ def test_cli_refuses_pruned_checkpoint_whose_history_does_not_match(tmp_path, sy
     r = cli("bench", "--data", synth_small, "--weights", good / "pruned.pt", "--run-dir", tmp_path / "run2",
             "--set", "bench.iters=2", "--set", "bench.warmup=1")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_dfl_last_axis_rewrite_is_exact_and_exports(tmp_path):
+    import onnx
+
+    from pipeline.adapters.yolo11_blocks import DFLLastAxis, rewrite_dfl
+    from pipeline.stages.export import export_checked
+
+    m = _randomized("yolo11n.yaml")
+    r = __import__("copy").deepcopy(m)
+    assert rewrite_dfl(r) == 1 and isinstance(r.model[-1].dfl, DFLLastAxis)
+    for x in _real_images(320):
+        a, b = ua.torch_forward(m, x), ua.torch_forward(r, x)
+        assert np.abs(a - b).max() <= 1e-6 * max(1.0, float(np.abs(a).max())) * 10
+    ck = ua.save_checkpoint(m, tmp_path / "m.pt")
+    info = export_checked(ck, tmp_path / "m.onnx", 320, 17, True, [ASSETS / "bus.jpg"], 1e-3, dfl_last_axis=True)
+    assert info["rewrites"] == ["dfl_last_axis"] and info["parity_max_abs_diff"] <= 1e-3
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if "dfl" in n.name}
+    assert "MatMul" in ops and "Conv" not in ops

@@ -126,3 +126,31 @@ def rewrite(model: nn.Module) -> dict:
 
 def is_rewritten(model: nn.Module) -> bool:
     return any(isinstance(m, (C2fSplit, C2PSASplit)) for m in model.modules())
+
+
+class DFLLastAxis(nn.Module):
+    """ultralytics' DFL with the softmax over the last, contiguous axis and the expectation as a MatMul:
+    the same function (|diff| <= 5e-5 in FP32), without the transpose that makes the stock one a strided softmax
+    plus a 1x1 conv in ONNX. An export-time rewrite (`export.dfl_last_axis`), recorded in the export record."""
+
+    def __init__(self, dfl: nn.Module):
+        super().__init__()
+        self.c1 = dfl.c1
+        self.register_buffer("bins", dfl.conv.weight.data.view(-1).clone().view(self.c1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, a = x.shape
+        p = x.view(b, 4, self.c1, a).transpose(2, 3).softmax(-1)  # (b, 4, a, c1)
+        return (p @ self.bins).view(b, 4, a)
+
+
+def rewrite_dfl(model: nn.Module) -> int:
+    """Replace the Detect head's DFL by DFLLastAxis; returns how many were replaced."""
+    from ultralytics.nn.modules.block import DFL
+
+    n = 0
+    for m in model.modules():
+        if isinstance(getattr(m, "dfl", None), DFL):
+            m.dfl = DFLLastAxis(m.dfl)
+            n += 1
+    return n

@@ -109,6 +109,7 @@ class ExportCfg(Strict):
     opset: int = Field(17, ge=13, le=21)
     simplify: bool = True
     parity_atol: float = 1e-3
+    dfl_last_axis: bool = True  # exact rewrite of the DFL (softmax on the last axis + MatMul)
 
 
 class BenchCfg(Strict):

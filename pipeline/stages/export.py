@@ -24,13 +24,27 @@ def parity_images(ctx: Context, n: int = 2) -> list[Path]:
 
 
 def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: bool, images: list[Path],
-                   atol: float) -> dict:
+                   atol: float, dfl_last_axis: bool = False) -> dict:
+    """Export, then check: onnx.checker, and ONNX Runtime vs the *original* PyTorch model on real images (so an
+    export-time rewrite is checked too)."""
+    import tempfile
+
     import onnx
 
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.backends.onnxruntime import OnnxRuntimeRunner
 
-    ua.export_onnx(weights, dest, imgsz=imgsz, opset=opset, simplify=simplify)
+    rewrites = []
+    with tempfile.TemporaryDirectory() as td:
+        src = weights
+        if dfl_last_axis:
+            from pipeline.adapters.yolo11_blocks import rewrite_dfl
+
+            m = ua.load_detection_model(weights)
+            if rewrite_dfl(m):
+                rewrites.append("dfl_last_axis")
+            src = ua.save_checkpoint(m, Path(td) / "rewritten.pt")
+        ua.export_onnx(src, dest, imgsz=imgsz, opset=opset, simplify=simplify)
     m = onnx.load(str(dest))
     onnx.checker.check_model(m, full_check=True)
     torch_model = ua.load_detection_model(weights)
@@ -45,7 +59,7 @@ def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: 
     if worst > atol:
         raise UserError(f"ONNX Runtime output differs from PyTorch by {worst:.2e} (> {atol:g})", dest)
     opsets = {o.domain or "ai.onnx": o.version for o in m.opset_import}
-    return {"opset": opsets.get("ai.onnx"), "checker": "passed", "parity_max_abs_diff": worst,
+    return {"opset": opsets.get("ai.onnx"), "checker": "passed", "parity_max_abs_diff": worst, "rewrites": rewrites,
             "parity_images": len(images), "inputs": [[d.dim_value for d in i.type.tensor_type.shape.dim]
                                                      for i in m.graph.input]}
 
@@ -57,7 +71,7 @@ def run(ctx: Context, source_stage: str = "load", stage_name: str = "export") ->
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         metrics = export_checked(inputs["model"], out / "model.onnx", ctx.recipe.model.imgsz, cfg.opset,
-                                 cfg.simplify, parity_images(ctx), cfg.parity_atol)
+                                 cfg.simplify, parity_images(ctx), cfg.parity_atol, cfg.dfl_last_axis)
         (out / "export.json").write_text(json.dumps(metrics, indent=1))
         return StageResult(outputs={"onnx": "model.onnx"}, metrics=metrics,
                            requested={"opset": cfg.opset}, effective={"opset": metrics["opset"]})
