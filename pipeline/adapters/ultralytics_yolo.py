@@ -26,10 +26,6 @@ ULTRALYTICS_VERSION = ultralytics.__version__
 CFG_DIR = Path(ultralytics.__file__).parent / "cfg" / "models"
 
 
-def is_yaml(spec: str | Path) -> bool:
-    return str(spec).endswith((".yaml", ".yml"))
-
-
 def resolve_yaml(spec: str | Path) -> Path:
     """A local yaml, or one of ultralytics' shipped architectures by name (yolo11n.yaml ... yolo11x.yaml)."""
     p = Path(spec)

@@ -150,7 +150,7 @@ def compute_ranges(fp32: Path, calib: np.ndarray, method: str, cache: Path, work
     its entropy search takes minutes): percentile clips at that percentile of |x|, entropy at the KL-optimal
     threshold as TensorRT computes it."""
 
-    q, c = _ort_q()
+    _, c = _ort_q()
     if method not in METHODS:
         raise UserError(f"unknown calibration method '{method}' (one of {', '.join(METHODS)})")
     model = onnx.load(str(fp32))
