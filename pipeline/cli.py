@@ -138,16 +138,19 @@ def status(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: P
 
 @app.command()
 def base(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
-         epochs: int | None = typer.Option(None, help="epochs (default: the recipe's base.epochs)"),
+         epochs: int | None = typer.Option(None, help="one run of this many epochs (default: the recipe's "
+                                                      "base.epochs, then base.more_epochs)"),
+         start: Path | None = typer.Option(None, help="start from these weights instead of the yaml"),
          out: Path | None = typer.Option(None, help="where to write the checkpoint (default: model.weights)")):
-    """Train the default base model from its yaml on the recipe's data (what the shipped checkpoint is)."""
+    """Train the default base model from its yaml on the recipe's data (what the shipped checkpoint is), then
+    (base.check_epochs) show whether more epochs still raise its mAP."""
     from pipeline.stages import data as data_stage
     from pipeline.stages.base import train_base
 
     ctx = _ctx(recipe, sets, run_dir)
     data_stage.run(ctx)
     dest = Path(out or ctx.recipe.model.weights or "models/base/base.pt")
-    typer.echo(str(train_base(ctx, dest, epochs)))
+    typer.echo(str(train_base(ctx, dest, epochs, start)))
 
 
 @app.command("check-trt")

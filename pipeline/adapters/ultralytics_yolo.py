@@ -18,6 +18,7 @@ import torch
 import ultralytics
 from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils import LOGGER
 
 from pipeline.core.errors import UserError
 from pipeline.core.store import atomic_path
@@ -188,17 +189,24 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
              seed: int = 0, workers: int = 2, device: str = "cpu", distill_from: str | Path | None = None,
              distill_weight: float = 6.0, **kw) -> Path:
     """Fine-tune the model in `weights` without changing its architecture; resumes from out_dir/weights/last.pt
-    when a previous run was cut off. Returns the best checkpoint (FP16, as ultralytics saves it)."""
+    when a previous run was cut off. Returns the final epoch's checkpoint (EMA weights, FP16 as ultralytics saves
+    them), not ultralytics' best.pt: that one is picked on the val split, which bench scores."""
     out_dir = Path(out_dir).resolve()
     last = out_dir / "weights" / "last.pt"
-    if last.is_file() and not (out_dir / "weights" / "done").exists():
+    if last.is_file() and (out_dir / "weights" / "done").exists():
+        return last  # finished; the stage around it was cut off after training
+    if last.is_file():
         try:
             overrides = {"resume": str(last), "model": str(last)}
             KeepArchitectureTrainer(overrides=overrides).train()
             (out_dir / "weights" / "done").touch()
-            return out_dir / "weights" / "best.pt"
-        except AssertionError:  # finished already or incompatible: start over
+            return last
+        except AssertionError:  # ultralytics: nothing left to resume
             pass
+        except Exception as e:  # a last.pt cut off mid-write, or from another version: start over
+            LOGGER.warning(f"cannot resume from {last} ({type(e).__name__}: {str(e)[:120]}); starting over")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
     overrides = dict(model=str(weights), data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed,
                      workers=workers, device=device, project=str(out_dir.parent), name=out_dir.name, exist_ok=True,
                      plots=False, amp=False, deterministic=True, verbose=False, **kw)
@@ -206,7 +214,7 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
         overrides.update(distill_model=str(distill_from), dis=distill_weight)
     KeepArchitectureTrainer(overrides=overrides).train()
     (out_dir / "weights" / "done").touch()
-    return out_dir / "weights" / "best.pt"
+    return last
 
 
 def training_history(out_dir: str | Path) -> list[dict]:

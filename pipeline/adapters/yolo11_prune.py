@@ -101,7 +101,8 @@ class PruneSpec:
     isomorphic: bool = False
     round_to: int = 8
     max_layer_ratio: float = 0.9
-    ratio_dict: dict | None = None  # module name -> ratio (sensitivity-derived non-uniform ratios)
+    ratio_dict: dict | None = None  # module name -> ratio (fixed per-layer overrides)
+    group_weights: dict | None = None  # group root name -> weight: non-uniform ratios min(cap, a*w), a searched
 
 
 def macs_params(model: nn.Module, imgsz: int) -> tuple[int, int]:
@@ -165,6 +166,8 @@ def prune(model: DetectionModel, imgsz: int, spec: PruneSpec, grads_fn=None, log
     if spec.ratio is not None:
         pruned, hist = prune_at_ratio(prepared, imgsz, spec, spec.ratio, grads_fn)
         ratio = spec.ratio
+    elif spec.group_weights:
+        pruned, hist, ratio, trials = _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log)
     else:
         pruned, hist, ratio, trials = _search(prepared, imgsz, spec, base_macs, grads_fn, log)
     macs, params = macs_params(pruned, imgsz)
@@ -241,19 +244,68 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     raise unreachable(best[2])
 
 
+def weighted_ratios(weights: dict, alpha: float, cap: float) -> dict:
+    top = max(weights.values())
+    return {g: min(cap, alpha * w / top) for g, w in weights.items() if w > 0}
+
+
+def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
+    """Non-uniform ratios ratio_g = min(cap, a * w_g / max w) (global ratio 0), a bisected to the MACs target."""
+    target, tol = spec.macs_target, spec.tolerance * spec.macs_target
+    cap = min(spec.max_layer_ratio, SEARCH_MAX_RATIO)
+    w = spec.group_weights
+    wmin = min(v for v in w.values() if v > 0) / max(w.values())
+    trials = []
+
+    def attempt(a):
+        rd = weighted_ratios(w, a, cap)
+        m, h = prune_at_ratio(prepared, imgsz, spec, 0.0, grads_fn, rd)
+        frac = macs_params(m, imgsz)[0] / base_macs
+        mean = sum(rd.values()) / max(len(rd), 1)
+        trials.append({"alpha": round(a, 5), "mean_ratio": round(mean, 5), "macs_fraction": round(frac, 5)})
+        log(f"  scale {a:.4f} (mean group ratio {mean:.3f}) -> {frac:.4f} x MACs (target {target})")
+        return m, h, frac, rd
+
+    lo, hi = 0.0, cap / wmin
+    m, h, frac, rd = attempt(hi)
+    if frac > target + tol:
+        raise UserError(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%} with these group "
+                        f"weights: every group at its cap ({cap}) keeps {frac:.4f} x base MACs")
+    best = (abs(frac - target), m, h, rd)
+    for _ in range(18):
+        mid = (lo + hi) / 2
+        m, h, frac, rd = attempt(mid)
+        if abs(frac - target) < best[0]:
+            best = (abs(frac - target), m, h, rd)
+        if abs(frac - target) <= tol:
+            return m, h, {"scale": mid, "ratios": rd}, trials
+        lo, hi = (mid, hi) if frac > target else (lo, mid)
+    raise UserError(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%} with these group weights: "
+                    f"the closest is off by {best[0]:.4f} (round_to={spec.round_to})")
+
+
 # --------------------------------------------------------------------------------------------- signatures
 def arch_signature(model: nn.Module) -> list:
     """(name, weight shape) of every conv and BN: two models with the same signature have the same architecture."""
     return [[n, list(m.weight.shape)] for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
 
 
+def as_steps(history: list) -> list[list]:
+    """A Torch-Pruning history (entries [root name, out?, idxs]) or a list of them, one per iterative step."""
+    if not history or (isinstance(history[0], (list, tuple)) and history[0] and isinstance(history[0][0], str)):
+        return [list(history)]
+    return [list(h) for h in history]
+
+
 def replay(base_model: DetectionModel, history: list, imgsz: int) -> DetectionModel:
-    """Apply a saved Torch-Pruning history to the unpruned model: the pruned architecture, without its weights."""
+    """Apply a saved Torch-Pruning history (one step, or several in order, each on a freshly built dependency
+    graph as the pruner saw it) to the unpruned model: the pruned architecture, without its weights."""
     m = prepare(base_model)
-    dg = tp.DependencyGraph().build_dependency(
-        m, torch.zeros(1, 3, imgsz, imgsz), forward_fn=_forward,
-        customized_pruners={DecoupledAttention: AttentionPruner()})
-    dg.load_pruning_history(history)
+    for step in as_steps(history):
+        dg = tp.DependencyGraph().build_dependency(
+            m, torch.zeros(1, 3, imgsz, imgsz), forward_fn=_forward,
+            customized_pruners={DecoupledAttention: AttentionPruner()})
+        dg.load_pruning_history(step)
     return m.eval()
 
 
@@ -284,13 +336,14 @@ def channel_report(model: nn.Module) -> list[dict]:
 
 
 def save_history(history: list, dest: Path) -> None:
-    dest.write_text(json.dumps({"format": "torch-pruning-history", "torch_pruning": tp.__version__,
-                                "history": history}))
+    steps = as_steps(history)
+    body = {"history": steps[0]} if len(steps) == 1 else {"steps": steps}
+    dest.write_text(json.dumps({"format": "torch-pruning-history", "torch_pruning": tp.__version__, **body}))
 
 
 def load_history(path: Path) -> list:
     try:
         d = json.loads(Path(path).read_text())
-        return d["history"]
+        return d["steps"] if "steps" in d else d["history"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise UserError("not a pruning history file", path) from None

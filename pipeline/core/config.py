@@ -45,7 +45,21 @@ class TrainCfg(Strict):
 
 
 class BaseTrainCfg(TrainCfg):
+    """`make base`: stock ultralytics runs in sequence, the first from the yaml, each later one from the previous
+    run's last weights (a restart: new warm-up and LR schedule). The shipped checkpoint is the last run's final
+    epoch (not a best-epoch pick on the val split, which bench scores)."""
+
     epochs: int = Field(60, ge=1)
+    more_epochs: list[int] = []  # the later runs, e.g. [60]
+    check_epochs: int = Field(0, ge=0)  # a further run, not shipped, that shows whether more epochs still help
+    converged_gain: float = Field(0.005, ge=0)  # converged: that run gains less than this mAP50-95
+
+
+class SensitivityCfg(Strict):
+    ratio: float = Field(0.5, gt=0, lt=1)  # each group is pruned alone at this ratio
+    images: int = Field(48, ge=4)  # held-out train images (never the eval split) the drop is measured on
+    seed: int = 0
+    latency_runs: int = Field(30, ge=1)  # ONNX Runtime profile runs (latency mode)
 
 
 class PruneCfg(Strict):
@@ -59,6 +73,12 @@ class PruneCfg(Strict):
     round_to: int = Field(8, ge=1)
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
     taylor_batches: int = Field(4, ge=1)
+    # where to prune: uniform ratios; per-group ratios from a sensitivity scan; or from measured latency per point
+    mode: Literal["uniform", "sensitivity", "latency"] = "uniform"
+    sensitivity: SensitivityCfg = SensitivityCfg()
+    steps: int = Field(1, ge=1)  # iterative: prune in k steps toward the target, fine-tuning between steps
+    step_epochs: int = Field(2, ge=1)  # fine-tune epochs after each step but the last (finetune does the last)
+    max_step_drop: float | None = Field(None, gt=0)  # stop early when a step loses more mAP50-95 than this
 
 
 class DistillCfg(Strict):
@@ -70,6 +90,7 @@ class FinetuneCfg(TrainCfg):
     lr0: float | None = None
     optimizer: str = "auto"
     close_mosaic: int = Field(3, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)  # the model is trained already: a short warm-up
     distill: DistillCfg = DistillCfg()
 
 

@@ -1,6 +1,11 @@
 """`make base`: train the default base model (YOLO11n from its yaml) on the run's dataset with the stock
 trainer, and ship it as models/base/<name>.pt (FP32) with its training history beside it, so a fresh clone's
-`make pipeline` need not spend an hour of CPU on it and anyone can reproduce it."""
+`make pipeline` need not spend hours of CPU on it and anyone can reproduce it.
+
+Training is a sequence of stock ultralytics runs (base.epochs, then each of base.more_epochs from the previous
+run's last weights). The shipped weights are the last run's final epoch. Convergence is shown, not assumed: with
+base.check_epochs > 0 one further run (not shipped) continues from the shipped weights, and the base counts as
+converged when that run's best epoch gains less than base.converged_gain mAP50-95 over the shipped weights."""
 
 from __future__ import annotations
 
@@ -14,26 +19,55 @@ from pipeline.core.stage import Context, console, lib_versions
 from pipeline.core.store import atomic_path, sha256_file
 
 
-def train_base(ctx: Context, dest: Path, epochs: int | None = None) -> Path:
+def _history(train_dir: Path, phase: int, offset: int) -> list[dict]:
+    rows = []
+    with open(train_dir / "results.csv") as f:
+        for row in csv.DictReader(f):
+            row = {k.strip(): v for k, v in row.items()}
+            e = int(float(row["epoch"]))
+            rows.append({"epoch": offset + e, "phase": phase, "map50_95": float(row["metrics/mAP50-95(B)"]),
+                         "map50": float(row["metrics/mAP50(B)"])})
+    return rows
+
+
+def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path | None = None) -> Path:
+    """Train (all phases, or one phase of `epochs` from `start` weights) and ship to `dest`."""
     from pipeline.adapters import ultralytics_yolo as ua
 
     b = ctx.recipe.base
-    epochs = epochs or b.epochs
+    phases = [epochs] if epochs else [b.epochs, *b.more_epochs]
     data_yaml = ctx.output("data", "yolo") / "data.yaml"
     work = Path(tempfile.mkdtemp(prefix="base-", dir=ctx.run_dir))
-    console.print(f"training {ctx.recipe.model.arch} for {epochs} epochs at {ctx.recipe.model.imgsz}px on {data_yaml}")
-    best = ua.train(ctx.recipe.model.arch, data_yaml, work / "train", epochs=epochs, imgsz=ctx.recipe.model.imgsz,
-                    batch=b.batch, seed=b.seed, workers=b.workers, device=b.device, patience=0)
-    history = []
-    with open(work / "train" / "results.csv") as f:
-        for row in csv.DictReader(f):
-            history.append({"epoch": int(float(row["epoch"])), "map50_95": float(row["metrics/mAP50-95(B)"]),
-                            "map50": float(row["metrics/mAP50(B)"])})
+    spec: str | Path = start or ctx.recipe.model.arch
+    history: list[dict] = []
+    first_val = None
+    for i, n in enumerate(phases, 1):
+        console.print(f"phase {i}/{len(phases)}: training {spec} for {n} epochs at {ctx.recipe.model.imgsz}px "
+                      f"on {data_yaml}")
+        ua.train(spec, data_yaml, work / f"phase{i}", epochs=n, imgsz=ctx.recipe.model.imgsz, batch=b.batch,
+                 seed=b.seed, workers=b.workers, device=b.device, patience=0)
+        history += _history(work / f"phase{i}", i, len(history))
+        spec = work / f"phase{i}" / "weights" / "last.pt"
+        first_val = first_val if first_val is not None else history[0]["map50_95"]
+    final = history[-1]["map50_95"]
+    check = None
+    if b.check_epochs:
+        console.print(f"convergence check: {b.check_epochs} more epochs from the final weights (not shipped)")
+        ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz,
+                 batch=b.batch, seed=b.seed, workers=b.workers, device=b.device, patience=0)
+        ch = _history(work / "check", 0, len(history))
+        best = max(r["map50_95"] for r in ch)
+        check = {"epochs": b.check_epochs, "history": ch, "best_map50_95": best, "shipped_map50_95": final,
+                 "gain": best - final, "converged_gain": b.converged_gain, "converged": best - final < b.converged_gain}
+        console.print(f"  shipped {final:.4f}; best of {b.check_epochs} more epochs {best:.4f} "
+                      f"(gain {best - final:+.4f}): {'converged' if check['converged'] else 'NOT converged'}")
     with atomic_path(dest) as tmp:
-        shutil.copyfile(best, tmp)
-    meta = {"arch": ctx.recipe.model.arch, "imgsz": ctx.recipe.model.imgsz, "epochs": epochs, "batch": b.batch,
-            "seed": b.seed, "data": ctx.recipe.data.model_dump(), "sha256": sha256_file(dest), "history": history,
-            "env": lib_versions()}
+        shutil.copyfile(spec, tmp)
+    meta = {"arch": str(ctx.recipe.model.arch), "imgsz": ctx.recipe.model.imgsz, "phases": phases,
+            "epochs": sum(phases), "batch": b.batch, "seed": b.seed, "start": str(start) if start else None,
+            "data": ctx.recipe.data.model_dump(), "sha256": sha256_file(dest), "history": history,
+            "shipped": "final epoch of the last phase (last.pt, EMA weights)", "convergence_check": check,
+            "converged": None if check is None else check["converged"], "env": lib_versions()}
     with atomic_path(dest.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
     shutil.rmtree(work, ignore_errors=True)

@@ -14,7 +14,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord, sha256_file, sha256_json
 
-VERSION = 1
+VERSION = 2
 
 
 def run(ctx: Context) -> StageRecord:
@@ -36,16 +36,16 @@ def run(ctx: Context) -> StageRecord:
         work = ctx.run_dir / ".work" / f"finetune-{key[:16]}"
         if (work / "weights" / "last.pt").is_file():
             console.print(f"  resuming the interrupted fine-tune in {work}")
-        extra = {"optimizer": c.optimizer, "close_mosaic": c.close_mosaic}
+        extra = {"optimizer": c.optimizer, "close_mosaic": c.close_mosaic, "warmup_epochs": c.warmup_epochs}
         if c.lr0 is not None:
             extra["lr0"] = c.lr0
-        best = ua.finetune(inputs["model"], inputs["data"] / "data.yaml", work, epochs=c.epochs,
+        last = ua.finetune(inputs["model"], inputs["data"] / "data.yaml", work, epochs=c.epochs,
                            imgsz=ctx.recipe.model.imgsz, batch=c.batch, seed=c.seed, workers=c.workers,
                            device=c.device, distill_from=inputs.get("teacher"), distill_weight=c.distill.weight,
                            **extra)
-        model = ua.load_detection_model(best)
+        model = ua.load_detection_model(last)
         if yp.arch_signature(model) != want:
-            raise UserError("the fine-tuned checkpoint does not have the pruned architecture: refusing it", best)
+            raise UserError("the fine-tuned checkpoint does not have the pruned architecture: refusing it", last)
         model.names = pruned.names
         ua.save_checkpoint(model, out / "model.pt", pruning={"history_file": "history.json"})
         shutil.copyfile(inputs["history"], out / "history.json")

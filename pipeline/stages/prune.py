@@ -1,18 +1,31 @@
 """`prune` stage: structured DepGraph pruning of the loaded model to a MACs target (or channel ratio).
 
 Writes pruned.pt (an FP32 ultralytics checkpoint that plain `YOLO(path)` loads), history.json (Torch-Pruning's
-pruning history: replayed on the base model it rebuilds the pruned architecture) and plan.json (the spec, the
-search trials, requested vs effective MACs, and every conv's channel counts)."""
+pruning history, one entry per step: replayed on the base model it rebuilds the pruned architecture) and
+plan.json (the spec, the search trials, requested vs effective MACs, and every conv's channel counts).
+
+Modes (prune.mode): `uniform` ratios; `sensitivity` (each group pruned alone, mAP drop measured on held-out
+train images; less sensitive groups pruned more); `latency` (group time measured with ONNX Runtime's profiler,
+pruning the groups that buy the most time per point of accuracy). The non-uniform modes also save
+sensitivity.csv/.json/.png and time the chosen candidate against the uniform one at the same MACs target.
+Iterative (prune.steps > 1): k steps toward the target, each followed by a short fine-tune (stock trainer) and
+a held-out mAP check that stops the schedule early when a step loses more than prune.max_step_drop.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
-from pipeline.core.stage import Context, StageResult, console, run_stage
-from pipeline.core.store import StageRecord
+import numpy as np
 
-VERSION = 1
+from pipeline.core.errors import UserError
+from pipeline.core.stage import Context, StageResult, console, run_stage
+from pipeline.core.store import StageRecord, sha256_file
+
+VERSION = 2
 
 
 def spec_of(ctx: Context):
@@ -27,38 +40,185 @@ def spec_of(ctx: Context):
                      max_layer_ratio=c.max_layer_ratio)
 
 
+def held_out_images(ctx: Context, n: int, seed: int):
+    """A seeded sample of train images that are not in the eval split (checked by content hash)."""
+    from pipeline.stages.data import dataset
+
+    ds = dataset(ctx)
+    if "train" not in ds.splits or not ds.split("train"):
+        raise UserError("prune.mode/steps need train images to measure accuracy on; the dataset has none",
+                        ctx.recipe.data.source)
+    eval_hashes = {sha256_file(im.path) for im in ds.split(ctx.recipe.bench.split)}
+    train = ds.split("train")
+    order = np.random.default_rng(seed).permutation(len(train))
+    picked = [train[i] for i in order if sha256_file(train[i].path) not in eval_hashes][:n]
+    return picked, ds
+
+
 def run(ctx: Context) -> StageRecord:
     spec = spec_of(ctx)
-    from pipeline.adapters import yolo11_prune as yp
-
-    config = {**ctx.recipe.prune.model_dump(), "imgsz": ctx.recipe.model.imgsz}
+    c = ctx.recipe.prune
+    if c.steps > 1 and c.ratio is not None:
+        raise UserError("prune.steps > 1 needs prune.macs_target (the steps approach it), not prune.ratio",
+                        ctx.recipe_path)
+    if c.mode != "uniform" and c.ratio is not None:
+        raise UserError(f"prune.mode={c.mode} distributes a MACs target over groups: set prune.macs_target, "
+                        f"not prune.ratio", ctx.recipe_path)
+    needs_eval = c.mode != "uniform" or c.steps > 1
+    config = {**c.model_dump(), "imgsz": ctx.recipe.model.imgsz}
+    if c.steps > 1:
+        config["step_finetune"] = ctx.recipe.finetune.model_dump()
     inputs = {"model": ctx.output("load", "model")}
+    if needs_eval or c.importance == "taylor":
+        inputs["data"] = ctx.output("data", "yolo")
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.adapters import ultralytics_yolo as ua
+        from pipeline.adapters import yolo11_prune as yp
 
         model = ua.load_detection_model(inputs["model"])
+        imgsz = ctx.recipe.model.imgsz
         grads_fn = None
         if spec.importance == "taylor":
-            grads_fn = ua.taylor_grads_fn(ctx.output("data", "yolo") / "data.yaml", ctx.recipe.model.imgsz,
-                                          ctx.recipe.prune.taylor_batches)
-        pruned, history, info = yp.prune(model, ctx.recipe.model.imgsz, spec, grads_fn=grads_fn,
-                                         log=lambda s: console.print(s))
+            grads_fn = ua.taylor_grads_fn(inputs["data"] / "data.yaml", imgsz, c.taylor_batches)
+        evaluator = None
+        if needs_eval:
+            from pipeline.adapters.prune_plan import Evaluator
+            from pipeline.stages.bench import prepost
+
+            imgs, ds = held_out_images(ctx, c.sensitivity.images, c.sensitivity.seed)
+            evaluator = Evaluator(imgs, ds, prepost(ctx))
+
+        if c.steps == 1:
+            pruned, history, info, plan = _prune_once(ctx, model, spec, grads_fn, evaluator, out)
+            steps = [{"step": 1, **_summary(info), **plan}]
+        else:
+            pruned, history, info, steps = _iterative(ctx, model, spec, grads_fn, evaluator, out, inputs)
         pruned.names = model.names
-        meta = {"spec": spec.__dict__, **info}
-        ua.save_checkpoint(pruned, out / "pruned.pt", pruning={"history_file": "history.json", "spec": spec.__dict__,
+        ua.save_checkpoint(pruned, out / "pruned.pt", pruning={"history_file": "history.json", "spec": _jsonable(spec),
                                                                "macs_fraction": info["macs_fraction"]})
         yp.save_history(history, out / "history.json")
+        meta = {"spec": _jsonable(spec), "mode": c.mode, "steps": steps, **info}
         (out / "plan.json").write_text(json.dumps({**meta, "channels": yp.channel_report(pruned)}, indent=1))
         (out / "model.json").write_text(json.dumps({"params": info["params"], "macs": info["macs"]}, indent=1))
         console.print(f"  pruned to {info['macs_fraction']:.3f}x MACs, {info['params_fraction']:.3f}x params "
-                      f"in {info['seconds']:.1f}s")
-        requested = {"macs_target": spec.macs_target, "ratio": spec.ratio, "round_to": spec.round_to}
+                      f"in {info['seconds']:.1f}s ({c.mode}, {len(steps)} step(s))")
+        requested = {"macs_target": spec.macs_target, "ratio": spec.ratio, "round_to": spec.round_to,
+                     "mode": c.mode, "steps": c.steps}
         effective = {"macs_fraction": info["macs_fraction"], "channel_ratio": info["channel_ratio"],
-                     "round_to": spec.round_to}
-        return StageResult(outputs={"model": "pruned.pt", "history": "history.json", "plan": "plan.json",
-                                    "info": "model.json"},
-                           metrics={k: v for k, v in info.items() if k != "trials"},
-                           requested=requested, effective=effective)
+                     "round_to": spec.round_to, "mode": c.mode, "steps": len(steps)}
+        outputs = {"model": "pruned.pt", "history": "history.json", "plan": "plan.json", "info": "model.json"}
+        for extra in ("sensitivity.csv", "sensitivity.json", "sensitivity.png"):
+            if (out / extra).is_file():
+                outputs[extra.replace(".", "_")] = extra
+        metrics = {k: v for k, v in info.items() if k not in ("trials", "channel_ratio")}
+        metrics["steps"] = [_summary(s) for s in steps]
+        return StageResult(outputs=outputs, metrics=metrics, requested=requested, effective=effective)
 
     return run_stage(ctx, "prune", VERSION, config, inputs, fn)
+
+
+def _jsonable(spec) -> dict:
+    d = dataclasses.asdict(spec)
+    if d.get("group_weights"):
+        d["group_weights"] = {k: round(v, 6) for k, v in d["group_weights"].items()}
+    return d
+
+
+def _summary(d: dict) -> dict:
+    keep = ("step", "macs_fraction", "params_fraction", "map50_95", "drop", "latency_ms", "stopped", "seconds",
+            "target")
+    return {k: d[k] for k in keep if k in d}
+
+
+def _prune_once(ctx: Context, model, spec, grads_fn, evaluator, out: Path):
+    """One pruning pass to spec.macs_target (relative to `model`). Returns (pruned, history, info, plan)."""
+    from pipeline.adapters import prune_plan as pp
+    from pipeline.adapters import yolo11_prune as yp
+
+    c = ctx.recipe.prune
+    log = lambda s: console.print(s)  # noqa: E731
+    if c.mode == "uniform":
+        pruned, history, info = yp.prune(model, ctx.recipe.model.imgsz, spec, grads_fn=grads_fn, log=log)
+        return pruned, history, info, {}
+    imgsz = ctx.recipe.model.imgsz
+    prepared = yp.prepare(model)
+    grps = pp.groups(prepared, imgsz)
+    sens = pp.sensitivity(prepared, imgsz, spec, grps, evaluator, c.sensitivity.ratio, log=log)
+    lat = None
+    if c.mode == "latency":
+        lat = pp.group_latency(grps, pp.onnx_node_times(prepared, imgsz, ctx.recipe.bench.threads,
+                                                        c.sensitivity.latency_runs))
+    w = pp.weights(c.mode, sens, lat)
+    chosen, history, info = yp.prune(model, imgsz, dataclasses.replace(spec, group_weights=w), grads_fn=grads_fn,
+                                     log=log)
+    console.print("  the uniform candidate at the same target, for comparison:")
+    uniform, _, uinfo = yp.prune(model, imgsz, spec, grads_fn=grads_fn, log=log)
+    ms = pp.measure_latency({"base": prepared, "uniform": uniform, c.mode: chosen}, imgsz, ctx.recipe.bench.threads)
+    maps = {"base": sens["base_map50_95"], "uniform": evaluator(uniform), c.mode: evaluator(chosen)}
+    compare = {k: {"latency_ms": ms[k], "map50_95_before_finetune": maps[k],
+                   "macs_fraction": {"base": 1.0, "uniform": uinfo["macs_fraction"],
+                                     c.mode: info["macs_fraction"]}[k]} for k in ms}
+    console.print("  ORT CPU latency, held-out mAP50-95 before fine-tuning: " +
+                  ", ".join(f"{k} {v['latency_ms']:.2f} ms / {v['map50_95_before_finetune']:.4f}"
+                            for k, v in compare.items()))
+    ratios = info["channel_ratio"]["ratios"] if isinstance(info["channel_ratio"], dict) else None
+    pp.save_table_and_plot(sens, lat, ratios, out)
+    return chosen, history, info, {"compare": compare, "latency_ms": ms[c.mode]}
+
+
+def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs):
+    from pipeline.adapters import ultralytics_yolo as ua
+    from pipeline.adapters import yolo11_prune as yp
+
+    c, f = ctx.recipe.prune, ctx.recipe.finetune
+    imgsz = ctx.recipe.model.imgsz
+    base_macs, base_params = yp.macs_params(yp.prepare(model), imgsz)
+    base_map = evaluator(model)
+    cur, frac, history, steps, total_s = model, 1.0, [], [], 0.0
+    work = ctx.run_dir / ".work" / "prune-steps"
+    shutil.rmtree(work, ignore_errors=True)
+    info = None
+    for i in range(1, c.steps + 1):
+        goal = c.macs_target ** (i / c.steps)
+        console.print(f"  step {i}/{c.steps}: to {goal:.3f}x the base MACs")
+        step_spec = dataclasses.replace(spec, macs_target=min(goal / frac, 0.999))
+        pruned, h, inf, plan = _prune_once(ctx, cur, step_spec, grads_fn, evaluator, out)
+        pruned.names = model.names
+        total_s += inf["seconds"]
+        rec = {"step": i, "target": goal, **plan}
+        if i < c.steps:
+            ck = work / f"step{i}" / "pruned.pt"
+            ck.parent.mkdir(parents=True, exist_ok=True)
+            ua.save_checkpoint(pruned, ck)
+            last = ua.finetune(ck, inputs["data"] / "data.yaml", work / f"step{i}" / "train", epochs=c.step_epochs,
+                               imgsz=imgsz, batch=f.batch, seed=f.seed, workers=f.workers, device=f.device,
+                               optimizer=f.optimizer, close_mosaic=0, warmup_epochs=min(f.warmup_epochs, 1.0))
+            tuned = ua.load_detection_model(last)
+            if yp.arch_signature(tuned) != yp.arch_signature(pruned):
+                raise UserError("the step's fine-tuned checkpoint lost the pruned architecture", last)
+            tuned.names = model.names
+            pruned = tuned
+        m = evaluator(pruned)
+        macs, params = yp.macs_params(pruned, imgsz)
+        rec.update({"macs_fraction": macs / base_macs, "params_fraction": params / base_params, "map50_95": m,
+                    "drop": base_map - m, "finetuned": i < c.steps})
+        console.print(f"  step {i}: {macs / base_macs:.3f}x MACs, held-out mAP50-95 {m:.4f} "
+                      f"(base {base_map:.4f}){' after ' + str(c.step_epochs) + ' epochs' if i < c.steps else ''}")
+        if i < c.steps and c.max_step_drop is not None and base_map - m > c.max_step_drop:
+            rec["stopped"] = f"drop {base_map - m:.4f} > max_step_drop {c.max_step_drop}: kept step {i - 1}"
+            steps.append(rec)
+            console.print(f"  [yellow]stopped early: {rec['stopped']}[/]")
+            break
+        steps.append(rec)
+        cur, frac = pruned, macs / base_macs
+        history.append(h)
+        info = {"base_macs": base_macs, "base_params": base_params, "macs": macs, "params": params,
+                "macs_fraction": frac, "params_fraction": params / base_params,
+                "channel_ratio": inf["channel_ratio"], "trials": inf["trials"]}
+    if not history:
+        raise UserError(f"the first pruning step already lost more than prune.max_step_drop={c.max_step_drop} "
+                        f"mAP50-95: nothing to keep", ctx.recipe_path)
+    shutil.rmtree(work, ignore_errors=True)
+    info["seconds"] = total_s
+    return cur, history, info, steps
