@@ -42,7 +42,7 @@ report: venv ## re-render runs/<run>/report.json + report.md from the last bench
 status: venv ## list the stages of the default run and their state
 	$(CLI) status --recipe $(RECIPE) $(ARGS)
 
-base: venv ## retrain the shipped base checkpoint (models/base/yolo11n-synth.pt; 120 epochs + a 20-epoch convergence check, ~2.5 h on 2 cores)
+base: venv ## retrain the shipped base checkpoint (models/base/yolo11n-synth.pt; 60+60+15 epochs + a 15-epoch convergence check, ~2.5 h on 2 cores)
 	$(CLI) base --recipe $(RECIPE) $(ARGS)
 
 check-report: venv ## verify runs/default/report.json with ../shared/tools/check-report (pycocotools alone)
