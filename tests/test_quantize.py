@@ -199,7 +199,7 @@ def test_calibration_tensor_is_rebuilt_when_its_images_change(tmp_path, synth_sm
     meta = json.loads((run / "calibrate" / "calib.json").read_text())
     r, _ = _calib_run(tmp_path, *sets)
     assert "calibrate: cached" in r.stderr
-    victim = __import__("os").path.realpath(meta["images"][0]["path"])
+    victim = __import__("os").path.realpath(run / meta["images"][0]["path"])  # stored relative to the run
     assert victim.startswith(str(data))
     img = cv2.imread(victim)
     img[:40, :40] = 0
@@ -209,3 +209,18 @@ def test_calibration_tensor_is_rebuilt_when_its_images_change(tmp_path, synth_sm
     meta2 = json.loads((run / "calibrate" / "calib.json").read_text())
     assert meta2["digest"] != meta["digest"]
     assert [i["path"] for i in meta2["images"]] == [i["path"] for i in meta["images"]]
+
+
+def test_a_moved_run_directory_still_calibrates_and_quantizes_from_its_cache(tmp_path):
+    sets = ["--set", "calib.count=8", "--set", "calib.min_count=8", "--set", "calib.tuning_images=8"]
+    r, run = _calib_run(tmp_path, *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(run, moved)
+    r = cli("run", "--run-dir", moved, "--stages", "data,load,export,calibrate,quantize", "--set",
+            "data.synthetic.train=24", "--set", "data.synthetic.val=8", "--set", "prune.enabled=false", "--set",
+            "model.weights=yolo11n.yaml", *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "calibrate: cached" in r.stderr and "quantize: done" in r.stderr, r.stderr[-2000:]
+    assert (moved / "quantize" / "base_int8.onnx").is_file()

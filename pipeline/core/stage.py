@@ -71,12 +71,17 @@ class Context:
 
             raise UserError(f"stage '{stage}' has not produced '{name}' yet: run `yolo-edge run --stages {stage}` "
                             f"(or `make {stage}`) first", self.run_dir)
-        return Path(rec.outputs[name]["path"])
+        return self._resolve(stage, rec.outputs[name])
+
+    def _resolve(self, stage: str, art: dict) -> Path:
+        """An output's path in this run directory (records keep it relative to the stage, so a run directory that
+        is moved or copied keeps its cache and never reads another directory's files)."""
+        return self.stage_dir(stage) / art["rel"] if "rel" in art else Path(art["path"])
 
 
-def _outputs_intact(rec: StageRecord) -> bool:
+def _outputs_intact(ctx: Context, stage: str, rec: StageRecord) -> bool:
     for a in rec.outputs.values():
-        p = Path(a["path"])
+        p = ctx._resolve(stage, a)
         if not p.exists() or sha256_tree(p) != a["digest"]:
             return False
     return True
@@ -88,7 +93,7 @@ def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict
     key = sha256_json({"stage": stage, "version": version, "config": config,
                        "inputs": {k: a.digest for k, a in in_arts.items()}})
     old = ctx.record(stage)
-    if old and old.key == key and not ctx.force and _outputs_intact(old):
+    if old and old.key == key and not ctx.force and _outputs_intact(ctx, stage, old):
         console.print(f"[green]✓[/] {stage}: cached (inputs, config and stage version unchanged; key {key[:12]})")
         return old
     final = ctx.stage_dir(stage)
@@ -100,7 +105,7 @@ def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict
         for name, rel in res.outputs.items():
             a = Artifact.of(name, tmp / rel)
             a.path = str(final / rel)
-            outs[name] = a.__dict__
+            outs[name] = {**a.__dict__, "rel": str(rel)}
         rec = StageRecord(stage=stage, stage_version=version, key=key, config=config,
                           inputs={k: a.__dict__ for k, a in in_arts.items()}, outputs=outs, env=lib_versions(),
                           requested=res.requested, effective=res.effective, metrics=res.metrics,

@@ -10,6 +10,7 @@ changed is rebuilt, never reused by path."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, run_stage
 from pipeline.core.store import StageRecord, sha256_file, sha256_json
 
-VERSION = 1
+VERSION = 2
 
 
 def _list_file_images(path: Path) -> list[Path]:
@@ -81,35 +82,57 @@ def run(ctx: Context) -> StageRecord:
 
         arr = np.concatenate([letterbox(cv2.imread(str(p)), spec)[0] for p in calib]).astype(np.float32)
         np.save(out / "calib.npy", arr)
-        imgs = [{"path": str(p), "sha256": sha256_file(p)} for p in calib]
+        # paths relative to the run directory: a run (or clone) that moves keeps working from the cache
+        imgs = [{"path": run_relative(ctx, p), "sha256": sha256_file(p)} for p in calib]
         digest = sha256_json({"images": [i["sha256"] for i in imgs], "prepost": spec.as_dict()})
         (out / "calib.json").write_text(json.dumps({"digest": digest, "images": imgs, "prepost": spec.as_dict(),
                                                     "shape": list(arr.shape)}, indent=1))
-        (out / "calib_images.txt").write_text("\n".join(str(Path(p).resolve()) for p in calib) + "\n")
-        # ultralytics' INT8 exporter calibrates on a data yaml's split: point one at exactly these images
-        (out / "calib_data.yaml").write_text(json.dumps({"train": "calib_images.txt", "val": "calib_images.txt",
-                                                         "names": dict(enumerate(ds.names))}))
+        (out / "calib_images.txt").write_text("\n".join(run_relative(ctx, p) for p in calib) + "\n")
         gt = {"images": [], "annotations": [], "categories": [{"id": ds.cat_id(i), "name": n}
                                                                for i, n in enumerate(ds.names)]}
         for im in tuning:
-            gt["images"].append({"id": im.id, "file_name": str(im.path), "width": im.width, "height": im.height})
+            gt["images"].append({"id": im.id, "file_name": run_relative(ctx, im.path), "width": im.width,
+                                 "height": im.height})
             for c, x, y, w, h in im.boxes:
                 gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": im.id,
                                           "category_id": ds.cat_id(c), "bbox": [x, y, w, h], "area": w * h,
                                           "iscrowd": 0})
         (out / "tuning_gt.json").write_text(json.dumps(gt))
         return StageResult(outputs={"calib": "calib.npy", "meta": "calib.json", "tuning": "tuning_gt.json",
-                                    "ultralytics_data": "calib_data.yaml", "list": "calib_images.txt"},
+                                    "list": "calib_images.txt"},
                            metrics={"images": len(calib), "tuning_images": len(tuning), "digest": digest})
 
     return run_stage(ctx, "calibrate", VERSION, config, inputs, fn)
+
+
+def run_relative(ctx: Context, path) -> str:
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(ctx.run_dir))
+
+
+def resolve(ctx: Context, path: str) -> Path:
+    """A path stored by this stage (relative to the run directory) as a path that opens here."""
+    return Path(path) if os.path.isabs(path) else Path(os.path.abspath(ctx.run_dir)) / path
+
+
+def ultralytics_calib_yaml(ctx: Context, dest_dir: Path) -> Path:
+    """A data yaml whose train/val split is exactly the calibration images (absolute paths, written where it is
+    used): ultralytics' INT8 exporter calibrates on a data yaml's split."""
+    from pipeline.stages.data import dataset
+
+    lst = ctx.output("calibrate", "list").read_text().split()
+    (dest_dir / "calib_images.txt").write_text("\n".join(str(resolve(ctx, p)) for p in lst) + "\n")
+    y = dest_dir / "calib_data.yaml"
+    y.write_text(json.dumps({"train": str(dest_dir / "calib_images.txt"), "val": str(dest_dir / "calib_images.txt"),
+                             "names": dict(enumerate(dataset(ctx).names))}))
+    return y
 
 
 def verify(ctx: Context) -> dict:
     """Re-hash the calibration images: a calib.npy whose images changed must not be used."""
     meta = json.loads(ctx.output("calibrate", "meta").read_text())
     for im in meta["images"]:
-        if not Path(im["path"]).is_file() or sha256_file(im["path"]) != im["sha256"]:
+        p = resolve(ctx, im["path"])
+        if not p.is_file() or sha256_file(p) != im["sha256"]:
             raise UserError(f"calibration image {im['path']} changed since calib.npy was made: re-run calibrate "
                             f"(`make calibrate`)", ctx.output("calibrate", "calib"))
     return meta

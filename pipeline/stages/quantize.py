@@ -23,15 +23,16 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 
-VERSION = 5
+VERSION = 6
 
 
 def _tuning_map(onnx_path: Path, gt: dict, ctx: Context) -> float:
     from pipeline.backends.onnxruntime import OnnxRuntimeRunner
     from pipeline.eval.bench import EvalImage, accuracy
     from pipeline.stages.bench import prepost
+    from pipeline.stages.calibrate import resolve
 
-    images = [EvalImage(im["file_name"], im["id"]) for im in gt["images"]]
+    images = [EvalImage(str(resolve(ctx, im["file_name"])), im["id"]) for im in gt["images"]]
     cat_ids = [c["id"] for c in gt["categories"]]
     acc, _ = accuracy(OnnxRuntimeRunner(onnx_path, threads=ctx.recipe.bench.threads), images, gt, cat_ids,
                       prepost(ctx), label=f"tuning {onnx_path.name}")
@@ -151,10 +152,10 @@ def run(ctx: Context) -> StageRecord:
                               "decode_float": True}
         if pruned and q.peer:
             from pipeline.adapters import ultralytics_yolo as ua
+            from pipeline.stages.calibrate import ultralytics_calib_yaml
 
             peer = ua.export_int8_onnx(inputs["pruned_pt"], out / "pruned_ultralytics_int8.onnx",
-                                       imgsz=ctx.recipe.model.imgsz, data_yaml=ctx.output("calibrate",
-                                                                                          "ultralytics_data"))
+                                       imgsz=ctx.recipe.model.imgsz, data_yaml=ultralytics_calib_yaml(ctx, work))
             v = trt_check.check_file(peer)
             outputs["pruned_ultralytics_int8"] = peer.name
             metrics["pruned_ultralytics_int8"] = {"trt_check": "refused: " + str(v[0]) if v else "passed",
