@@ -120,6 +120,7 @@ def ultralytics_calib_yaml(ctx: Context, dest_dir: Path) -> Path:
     from pipeline.stages.data import dataset
 
     lst = ctx.output("calibrate", "list").read_text().split()
+    dest_dir = Path(os.path.abspath(dest_dir))
     (dest_dir / "calib_images.txt").write_text("\n".join(str(resolve(ctx, p)) for p in lst) + "\n")
     y = dest_dir / "calib_data.yaml"
     y.write_text(json.dumps({"train": str(dest_dir / "calib_images.txt"), "val": str(dest_dir / "calib_images.txt"),
