@@ -115,3 +115,15 @@ def test_unimplemented_stage_says_so(tmp_path):
     _assert_clean_error(r, "stage 'engine' is not implemented yet")
     r = cli("stage", "quantize", "--run-dir", tmp_path / "run")
     _assert_clean_error(r, "stage 'calibrate' has not produced", "make calibrate")
+
+
+@pytest.mark.parametrize("sets,msg", [
+    (["prune.mode=latency", "prune.ratio=0.3"], "prune.mode=latency distributes a MACs target over groups"),
+    (["prune.steps=3", "prune.ratio=0.3"], "prune.steps > 1 needs prune.macs_target"),
+    (["prune.sensitivity.ratio=1.5"], "recipe key 'prune.sensitivity.ratio'"),
+])
+def test_prune_mode_settings_that_cannot_work_are_refused(tmp_path, sets, msg):
+    args = [a for s in sets for a in ("--set", s)]
+    r = cli("stage", "prune", "--run-dir", tmp_path / "run", *args)
+    _assert_clean_error(r, "", msg)
+    assert not (tmp_path / "run" / "prune").exists()

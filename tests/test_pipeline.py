@@ -37,7 +37,7 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
             "--set", "finetune.batch=8", "--set", "bench.iters=5", "--set", "bench.warmup=1",
             "--set", f"model.weights={base_ckpt}", "--set", "calib.count=16", "--set", "calib.min_count=16",
             "--set", "calib.tuning_images=8", "--set", "quantize.accuracy_aware.max_float=2",
-            "--set", "quantize.accuracy_aware.min_float=2"]
+            "--set", "quantize.accuracy_aware.min_float=2", "--set", "prune.mode=uniform"]  # latency: its own test
     r = cli("run", "--run-dir", run, *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((run / "report.json").read_text())

@@ -19,8 +19,8 @@ from pipeline.adapters import yolo11_prune as yp
 
 def _sets(base_ckpt, **extra):
     s = ["--set", "data.synthetic.train=24", "--set", "data.synthetic.val=8", "--set", f"model.weights={base_ckpt}",
-         "--set", "finetune.batch=8", "--set", "finetune.workers=0"]
-    for k, v in extra.items():
+         "--set", "finetune.batch=8", "--set", "finetune.workers=0", "--set", "prune.mode=uniform"]
+    for k, v in extra.items():  # later --set wins
         s += ["--set", f"{k.replace('__', '.')}={v}"]
     return s
 
