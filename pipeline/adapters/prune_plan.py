@@ -83,24 +83,30 @@ def _conv(model: nn.Module, name: str) -> nn.Conv2d:
     return dict(model.named_modules())[name]
 
 
-def onnx_node_times(model: nn.Module, imgsz: int, threads: int = 2, runs: int = 30) -> dict[str, float]:
-    """Mean milliseconds per ONNX Runtime node (CPU), profiled on an ONNX export of `model`."""
+def _ort_session(model: nn.Module, imgsz: int, path: Path, threads: int, profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session over a static (1, 3, imgsz, imgsz) export of `model` (legacy exporter)."""
     import onnxruntime as ort
 
     m = copy.deepcopy(model).eval()
     for p in m.parameters():
         p.requires_grad_(False)
-    with tempfile.TemporaryDirectory(prefix="yolo-edge-lat-") as td:
-        f = Path(td) / "m.onnx"
-        torch.onnx.export(m, torch.zeros(1, 3, imgsz, imgsz), str(f), opset_version=17, dynamo=False,
-                          input_names=["images"])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
+    torch.onnx.export(m, torch.zeros(1, 3, imgsz, imgsz), str(path), opset_version=17, dynamo=False,
+                      input_names=["images"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if profile_prefix:
         so.enable_profiling = True
-        so.profile_file_prefix = str(Path(td) / "prof")
-        sess = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_node_times(model: nn.Module, imgsz: int, threads: int = 2, runs: int = 30) -> dict[str, float]:
+    """Mean milliseconds per ONNX Runtime node (CPU), profiled on an ONNX export of `model`."""
+
+    with tempfile.TemporaryDirectory(prefix="yolo-edge-lat-") as td:
+        sess = _ort_session(model, imgsz, Path(td) / "m.onnx", threads, profile_prefix=str(Path(td) / "prof"))
         x = torch.rand(1, 3, imgsz, imgsz).numpy()
         for _ in range(runs):
             sess.run(None, {"images": x})
@@ -240,22 +246,11 @@ def measure_latency(models: dict[str, nn.Module], imgsz: int, threads: int = 2, 
     import time
 
     import numpy as np
-    import onnxruntime as ort
 
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="yolo-edge-lat-") as td:
         for name, model in models.items():
-            m = copy.deepcopy(model).eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-            f = Path(td) / f"{len(sessions)}.onnx"
-            torch.onnx.export(m, torch.zeros(1, 3, imgsz, imgsz), str(f), opset_version=17, dynamo=False,
-                              input_names=["images"])
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.log_severity_level = 3
-            sessions[name] = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+            sessions[name] = _ort_session(model, imgsz, Path(td) / f"{len(sessions)}.onnx", threads)
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     samples: dict[str, list[float]] = {n: [] for n in sessions}
     for s in sessions.values():
