@@ -40,7 +40,6 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
     work = Path(tempfile.mkdtemp(prefix="base-", dir=ctx.run_dir))
     spec: str | Path = start or ctx.recipe.model.arch
     history: list[dict] = []
-    first_val = None
     for i, n in enumerate(phases, 1):
         console.print(f"phase {i}/{len(phases)}: training {spec} for {n} epochs at {ctx.recipe.model.imgsz}px "
                       f"on {data_yaml}")
@@ -48,7 +47,6 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
                  seed=b.seed, workers=b.workers, device=b.device, patience=0)
         history += _history(work / f"phase{i}", i, len(history))
         spec = work / f"phase{i}" / "weights" / "last.pt"
-        first_val = first_val if first_val is not None else history[0]["map50_95"]
     final = history[-1]["map50_95"]
     check = None
     if b.check_epochs:
