@@ -139,7 +139,7 @@ def status(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: P
 @app.command()
 def base(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
          epochs: int | None = typer.Option(None, help="one run of this many epochs (default: the recipe's "
-                                                      "base.epochs, then base.more_epochs)"),
+                                                      "base.phases)"),
          start: Path | None = typer.Option(None, help="start from these weights instead of the yaml"),
          out: Path | None = typer.Option(None, help="where to write the checkpoint (default: model.weights)")):
     """Train the default base model from its yaml on the recipe's data (what the shipped checkpoint is), then

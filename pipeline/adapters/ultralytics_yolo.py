@@ -177,6 +177,8 @@ class KeepArchitectureTrainer(DetectionTrainer):
     module as `weights`; returning it keeps the pruned architecture (and, on resume, the EMA weights it saved).
     """
 
+    head_kd: dict | None = None  # {"head_weight", "temperature"}: distil the head outputs too (yolo11_distill)
+
     def get_model(self, cfg=None, weights=None, verbose=True):
         if not isinstance(weights, torch.nn.Module):
             raise UserError("fine-tuning starts from a checkpoint (.pt) holding the model to train", self.args.model)
@@ -184,13 +186,44 @@ class KeepArchitectureTrainer(DetectionTrainer):
             weights = weights.student_model
         return self.set_model_names_for_load(weights)
 
+    def set_model_attributes(self):
+        """The stock attributes; then, when distilling with head KD, the model becomes a HeadDistillationModel
+        (ultralytics' DistillationModel with the head-output loss added) before the trainer would wrap it in a
+        plain one. On resume ultralytics rebuilds its plain wrapper from the checkpoint: it is re-wrapped here,
+        its trained projector kept."""
+        from ultralytics.nn.distill_model import DistillationModel
+
+        from pipeline.adapters.yolo11_distill import HeadDistillationModel
+
+        super().set_model_attributes()
+        if self.args.distill_model is None or not self.head_kd or isinstance(self.model, HeadDistillationModel):
+            return
+        projector = None
+        if isinstance(self.model, DistillationModel):
+            student, teacher, projector = self.model.student_model, self.model.teacher_model, self.model.projector
+        else:
+            student, teacher = self.model, self.args.distill_model
+        student.args = self.args
+        self.model = HeadDistillationModel(teacher, student, **self.head_kd)
+        if projector is not None:
+            self.model.projector.load_state_dict(projector.state_dict())
+
 
 def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int, batch: int,
              seed: int = 0, workers: int = 2, device: str = "cpu", distill_from: str | Path | None = None,
-             distill_weight: float = 6.0, **kw) -> Path:
+             feature_weight: float = 0.0, head_kd: dict | None = None, **kw) -> Path:
     """Fine-tune the model in `weights` without changing its architecture; resumes from out_dir/weights/last.pt
     when a previous run was cut off. Returns the final epoch's checkpoint (EMA weights, FP16 as ultralytics saves
-    them), not ultralytics' best.pt: that one is picked on the val split, which bench scores."""
+    them), not ultralytics' best.pt: that one is picked on the val split, which bench scores.
+
+    With `distill_from` (the teacher checkpoint) the student is distilled: ultralytics' feature loss at
+    `feature_weight` and, with `head_kd` ({"head_weight", "temperature"}), the head-output loss."""
+
+    def trainer(overrides):
+        t = KeepArchitectureTrainer(overrides=overrides)
+        t.head_kd = head_kd if distill_from else None
+        return t
+
     out_dir = Path(out_dir).resolve()
     last = out_dir / "weights" / "last.pt"
     if last.is_file() and (out_dir / "weights" / "done").exists():
@@ -198,7 +231,7 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
     if last.is_file():
         try:
             overrides = {"resume": str(last), "model": str(last)}
-            KeepArchitectureTrainer(overrides=overrides).train()
+            trainer(overrides).train()
             (out_dir / "weights" / "done").touch()
             return last
         except AssertionError:  # ultralytics: nothing left to resume
@@ -211,8 +244,8 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
                      workers=workers, device=device, project=str(out_dir.parent), name=out_dir.name, exist_ok=True,
                      plots=False, amp=False, deterministic=True, verbose=False, **kw)
     if distill_from:
-        overrides.update(distill_model=str(distill_from), dis=distill_weight)
-    KeepArchitectureTrainer(overrides=overrides).train()
+        overrides.update(distill_model=str(distill_from), dis=feature_weight)
+    trainer(overrides).train()
     (out_dir / "weights" / "done").touch()
     return last
 

@@ -34,23 +34,33 @@ class ModelCfg(Strict):
     imgsz: int = Field(320, ge=32)
 
 
-class TrainCfg(Strict):
-    """What every ultralytics training run here is given."""
+class TrainSetup(Strict):
+    """What every ultralytics training run here is given, besides its length."""
 
-    epochs: int = Field(10, ge=1)
     batch: int = Field(16, ge=1)
+    # ultralytics' nominal batch size: gradients accumulate over round(nbs / batch) batches per optimizer step.
+    # Its default 64 means 7.5 steps an epoch on 480 images; nbs = batch steps after every batch.
+    nbs: int = Field(64, ge=1)
     seed: int = 0
     workers: int = Field(2, ge=0)
     device: str = "cpu"
 
 
-class BaseTrainCfg(TrainCfg):
+class TrainCfg(TrainSetup):
+    epochs: int = Field(10, ge=1)
+
+
+class BasePhase(Strict):
+    epochs: int = Field(..., ge=1)
+    nbs: int | None = Field(None, ge=1)  # this phase's nominal batch (default: base.nbs)
+
+
+class BaseTrainCfg(TrainSetup):
     """`make base`: stock ultralytics runs in sequence, the first from the yaml, each later one from the previous
     run's last weights (a restart: new warm-up and LR schedule). The shipped checkpoint is the last run's final
     epoch (not a best-epoch pick on the val split, which bench scores)."""
 
-    epochs: int = Field(60, ge=1)
-    more_epochs: list[int] = []  # the later runs, e.g. [60]
+    phases: list[BasePhase] = Field(default_factory=lambda: [BasePhase(epochs=60)], min_length=1)
     check_epochs: int = Field(0, ge=0)  # a further run, not shipped, that shows whether more epochs still help
     converged_gain: float = Field(0.005, ge=0)  # converged: that run gains less than this mAP50-95
 
@@ -82,8 +92,12 @@ class PruneCfg(Strict):
 
 
 class DistillCfg(Strict):
+    """Knowledge distillation from the unpruned model during fine-tuning."""
+
     enabled: bool = False
-    weight: float = Field(6.0, ge=0)
+    head_weight: float = Field(1.0, ge=0)  # KD on the Detect head's outputs (class scores + DFL distributions)
+    feature_weight: float = Field(0.0, ge=0)  # ultralytics' own neck-feature distillation (its `dis`; it uses 6.0)
+    temperature: float = Field(1.0, gt=0)
 
 
 class FinetuneCfg(TrainCfg):

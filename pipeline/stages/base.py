@@ -2,10 +2,11 @@
 trainer, and ship it as models/base/<name>.pt (FP32) with its training history beside it, so a fresh clone's
 `make pipeline` need not spend hours of CPU on it and anyone can reproduce it.
 
-Training is a sequence of stock ultralytics runs (base.epochs, then each of base.more_epochs from the previous
-run's last weights). The shipped weights are the last run's final epoch. Convergence is shown, not assumed: with
-base.check_epochs > 0 one further run (not shipped) continues from the shipped weights, and the base counts as
-converged when that run's best epoch gains less than base.converged_gain mAP50-95 over the shipped weights."""
+Training is a sequence of stock ultralytics runs (base.phases: the first from the yaml, each later one from the
+previous run's last weights, each with its own epochs and nominal batch). The shipped weights are the last run's
+final epoch. Convergence is shown, not assumed: with base.check_epochs > 0 one further run (not shipped, the last
+phase's settings) continues from the shipped weights, and the base counts as converged when that run's best
+epoch gains less than base.converged_gain mAP50-95 over the shipped weights."""
 
 from __future__ import annotations
 
@@ -35,34 +36,47 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
     from pipeline.adapters import ultralytics_yolo as ua
 
     b = ctx.recipe.base
-    phases = [epochs] if epochs else [b.epochs, *b.more_epochs]
+    phases = [{"epochs": epochs, "nbs": b.nbs}] if epochs else \
+        [{"epochs": p.epochs, "nbs": p.nbs or b.nbs} for p in b.phases]
     data_yaml = ctx.output("data", "yolo") / "data.yaml"
     work = Path(tempfile.mkdtemp(prefix="base-", dir=ctx.run_dir))
     spec: str | Path = start or ctx.recipe.model.arch
     history: list[dict] = []
-    for i, n in enumerate(phases, 1):
-        console.print(f"phase {i}/{len(phases)}: training {spec} for {n} epochs at {ctx.recipe.model.imgsz}px "
-                      f"on {data_yaml}")
-        ua.train(spec, data_yaml, work / f"phase{i}", epochs=n, imgsz=ctx.recipe.model.imgsz, batch=b.batch,
-                 seed=b.seed, workers=b.workers, device=b.device, patience=0)
+    for i, ph in enumerate(phases, 1):
+        console.print(f"phase {i}/{len(phases)}: training {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
+                      f"{ctx.recipe.model.imgsz}px on {data_yaml}")
+        ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
+                 batch=b.batch, nbs=ph["nbs"], seed=b.seed, workers=b.workers, device=b.device, patience=0)
         history += _history(work / f"phase{i}", i, len(history))
         spec = work / f"phase{i}" / "weights" / "last.pt"
     final = history[-1]["map50_95"]
     check = None
     if b.check_epochs:
-        console.print(f"convergence check: {b.check_epochs} more epochs from the final weights (not shipped)")
+        # The check trains the shipped weights exactly as the pruned model is fine-tuned (the finetune section:
+        # nominal batch, warm-up, mosaic, optimizer): if that does not raise the base's mAP, what fine-tuning
+        # wins back for the pruned model is not something the base merely lacked.
+        f = ctx.recipe.finetune
+        console.print(f"convergence check: {b.check_epochs} more epochs from the final weights with the fine-tune "
+                      f"settings (not shipped)")
+        extra = {"lr0": f.lr0} if f.lr0 is not None else {}
         ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz,
-                 batch=b.batch, seed=b.seed, workers=b.workers, device=b.device, patience=0)
+                 batch=f.batch, nbs=f.nbs, seed=b.seed, workers=b.workers, device=b.device, patience=0,
+                 optimizer=f.optimizer, close_mosaic=f.close_mosaic, warmup_epochs=f.warmup_epochs, **extra)
         ch = _history(work / "check", 0, len(history))
         best = max(r["map50_95"] for r in ch)
-        check = {"epochs": b.check_epochs, "history": ch, "best_map50_95": best, "shipped_map50_95": final,
-                 "gain": best - final, "converged_gain": b.converged_gain, "converged": best - final < b.converged_gain}
+        check = {"epochs": b.check_epochs, "settings": {"batch": f.batch, "nbs": f.nbs, "optimizer": f.optimizer,
+                                                        "close_mosaic": f.close_mosaic,
+                                                        "warmup_epochs": f.warmup_epochs, "lr0": f.lr0},
+                 "history": ch, "best_map50_95": best, "final_map50_95": ch[-1]["map50_95"],
+                 "shipped_map50_95": final, "gain": best - final, "converged_gain": b.converged_gain,
+                 "converged": best - final < b.converged_gain}
         console.print(f"  shipped {final:.4f}; best of {b.check_epochs} more epochs {best:.4f} "
                       f"(gain {best - final:+.4f}): {'converged' if check['converged'] else 'NOT converged'}")
     with atomic_path(dest) as tmp:
         shutil.copyfile(spec, tmp)
     meta = {"arch": str(ctx.recipe.model.arch), "imgsz": ctx.recipe.model.imgsz, "phases": phases,
-            "epochs": sum(phases), "batch": b.batch, "seed": b.seed, "start": str(start) if start else None,
+            "epochs": sum(p["epochs"] for p in phases), "batch": b.batch, "seed": b.seed,
+            "start": str(start) if start else None,
             "data": ctx.recipe.data.model_dump(), "sha256": sha256_file(dest), "history": history,
             "shipped": "final epoch of the last phase (last.pt, EMA weights)", "convergence_check": check,
             "converged": None if check is None else check["converged"], "env": lib_versions()}

@@ -1,8 +1,8 @@
 """`finetune` stage: the pruned model trained on the run's data by the stock ultralytics trainer (through its
-`get_model` hook, so the pruned architecture is what trains), optionally distilled from the unpruned model
-with ultralytics' own feature distillation. Refuses a result whose architecture is not the pruned one; saves
-FP32. A run cut off (kill, Ctrl-C) resumes from its last epoch: the trainer's work directory is keyed by the
-stage's inputs and config and kept until the stage completes."""
+`get_model` hook, so the pruned architecture is what trains), optionally distilled from the unpruned model (a KD
+loss on the Detect head's outputs, and/or ultralytics' own feature distillation). Refuses a result whose
+architecture is not the pruned one; saves FP32. A run cut off (kill, Ctrl-C) resumes from its last epoch: the
+trainer's work directory is keyed by the stage's inputs and config and kept until the stage completes."""
 
 from __future__ import annotations
 
@@ -36,12 +36,15 @@ def run(ctx: Context) -> StageRecord:
         work = ctx.run_dir / ".work" / f"finetune-{key[:16]}"
         if (work / "weights" / "last.pt").is_file():
             console.print(f"  resuming the interrupted fine-tune in {work}")
-        extra = {"optimizer": c.optimizer, "close_mosaic": c.close_mosaic, "warmup_epochs": c.warmup_epochs}
+        extra = {"optimizer": c.optimizer, "close_mosaic": c.close_mosaic, "warmup_epochs": c.warmup_epochs,
+                 "nbs": c.nbs}
         if c.lr0 is not None:
             extra["lr0"] = c.lr0
         last = ua.finetune(inputs["model"], inputs["data"] / "data.yaml", work, epochs=c.epochs,
                            imgsz=ctx.recipe.model.imgsz, batch=c.batch, seed=c.seed, workers=c.workers,
-                           device=c.device, distill_from=inputs.get("teacher"), distill_weight=c.distill.weight,
+                           device=c.device, distill_from=inputs.get("teacher"),
+                           feature_weight=c.distill.feature_weight,
+                           head_kd={"head_weight": c.distill.head_weight, "temperature": c.distill.temperature},
                            **extra)
         model = ua.load_detection_model(last)
         if yp.arch_signature(model) != want:

@@ -192,8 +192,9 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
             ck.parent.mkdir(parents=True, exist_ok=True)
             ua.save_checkpoint(pruned, ck)
             last = ua.finetune(ck, inputs["data"] / "data.yaml", work / f"step{i}" / "train", epochs=c.step_epochs,
-                               imgsz=imgsz, batch=f.batch, seed=f.seed, workers=f.workers, device=f.device,
-                               optimizer=f.optimizer, close_mosaic=0, warmup_epochs=min(f.warmup_epochs, 1.0))
+                               imgsz=imgsz, batch=f.batch, nbs=f.nbs, seed=f.seed, workers=f.workers,
+                               device=f.device, optimizer=f.optimizer, close_mosaic=0,
+                               warmup_epochs=min(f.warmup_epochs, 1.0))
             tuned = ua.load_detection_model(last)
             if yp.arch_signature(tuned) != yp.arch_signature(pruned):
                 raise UserError("the step's fine-tuned checkpoint lost the pruned architecture", last)

@@ -1,0 +1,66 @@
+"""Knowledge distillation on the Detect head's outputs, from the unpruned model to the pruned one.
+
+Ultralytics 8.4 ships feature distillation (`DistillationModel`, switched on by the trainer argument
+`distill_model`): a frozen teacher, forward hooks on the neck levels and on Detect, a projector, and a
+score-weighted L2 on neck features (weight `dis`). A pruned student has the teacher's exact head outputs (same
+anchors, classes and DFL bins), so the most direct signal is the outputs themselves. `HeadDistillationModel`
+is ultralytics' own wrapper with one term added to its loss:
+
+- classification: the Bernoulli KL divergence between the teacher's and the student's per-class sigmoid
+  scores at every anchor (BCE with the teacher's probabilities as soft targets, minus the teacher's own
+  entropy, so the term is 0 when the student matches);
+- box: the KL divergence between the teacher's and the student's DFL distributions (4 sides x reg_max bins);
+
+both at temperature T (scaled by T^2), weighted per anchor by the teacher's best class score (background
+anchors, which the teacher is sure are empty, carry little) and normalised by the sum of those weights,
+as ultralytics' detection loss normalises by its target-score sum.
+
+It enters training through the stock trainer's public hook `set_model_attributes` (see
+ultralytics_yolo.KeepArchitectureTrainer); checkpoint, EMA (teacher stripped) and resume handling are
+ultralytics' own, since this is a DistillationModel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from ultralytics.nn.distill_model import DistillationModel
+
+
+def head_kd_loss(student: dict, teacher: dict, reg_max: int, temperature: float = 1.0) -> torch.Tensor:
+    """Score-weighted KL divergence between two Detect heads' raw outputs ({"boxes": (B, 4*reg_max, A),
+    "scores": (B, nc, A)}). 0 when they are equal."""
+    t = float(temperature)
+    ts, ss = teacher["scores"].detach().float() / t, student["scores"].float() / t
+    pt = ts.sigmoid()
+    cls_kl = (F.binary_cross_entropy_with_logits(ss, pt, reduction="none")
+              - F.binary_cross_entropy_with_logits(ts, pt, reduction="none"))  # (B, nc, A)
+    w = pt.max(1).values  # (B, A): how sure the teacher is that an object is there
+    norm = w.sum().clamp(min=1.0)
+    b, _, a = teacher["boxes"].shape
+    tl = (teacher["boxes"].detach().float() / t).view(b, 4, reg_max, a).log_softmax(2)
+    sl = (student["boxes"].float() / t).view(b, 4, reg_max, a).log_softmax(2)
+    box_kl = (tl.exp() * (tl - sl)).sum(2).mean(1)  # (B, A)
+    return (cls_kl.sum(1) * w + box_kl * w).sum() / norm * t * t
+
+
+class HeadDistillationModel(DistillationModel):
+    """ultralytics' DistillationModel plus a KD loss on the Detect head's outputs (`head_weight`); its own
+    feature loss keeps its weight `dis` (a trainer argument; 0 switches it off)."""
+
+    def __init__(self, teacher_model, student_model, head_weight: float = 1.0, temperature: float = 1.0):
+        super().__init__(teacher_model=teacher_model, student_model=student_model)
+        self.head_weight = float(head_weight)
+        self.temperature = float(temperature)
+
+    def loss(self, batch, preds=None):
+        loss, items = super().loss(batch, preds)  # detection loss + ultralytics' feature loss; fills the hooks
+        kd = torch.zeros(1, device=loss.device)
+        if self.training and self.head_weight > 0:
+            n = len(self.feats_idx) - 1  # the Detect level
+            teacher = self.decouple_outputs(self._teacher_feats[n], branch="one2many")
+            student = self.decouple_outputs(self._student_feats[n], branch="one2many")
+            reg_max = self.student_model.model[-1].reg_max
+            kd = head_kd_loss(student, teacher, reg_max, self.temperature).reshape(1) * self.head_weight
+        items["kd_loss"] = kd.detach()
+        return torch.cat([loss, kd * batch["img"].shape[0]]), items
