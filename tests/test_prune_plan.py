@@ -124,8 +124,9 @@ def test_pruned_checkpoint_ultralytics_val_agrees_with_bench(tmp_path, base_ckpt
 
 
 def test_finetune_killed_mid_run_resumes_and_finishes(tmp_path, base_ckpt):
+    """Distilled (the harder resume: ultralytics rebuilds its own DistillationModel, ours re-wraps it)."""
     run = tmp_path / "run"
-    sets = _sets(base_ckpt, finetune__epochs=3)
+    sets = _sets(base_ckpt, finetune__epochs=3, finetune__distill__enabled="true")
     r = _stage(run, "prune", sets)
     assert r.returncode == 0, r.stderr[-2000:]
     exe = Path(sys.executable).parent / "yolo-edge"
@@ -153,6 +154,7 @@ def test_finetune_killed_mid_run_resumes_and_finishes(tmp_path, base_ckpt):
     rec = json.loads((run / "finetune" / "record.json").read_text())
     info = json.loads((run / "finetune" / "model.json").read_text())
     assert [h["epoch"] for h in info["history"]] == [1, 2, 3]
+    assert all(h["train_loss"]["kd_loss"] > 0 for h in info["history"])  # the head KD trained before and after
     assert rec["metrics"]["epochs"] == 3
     pruned = ua.load_detection_model(run / "prune" / "pruned.pt")
     assert yp.arch_signature(ua.load_detection_model(run / "finetune" / "model.pt")) == yp.arch_signature(pruned)

@@ -257,8 +257,9 @@ def training_history(out_dir: str | Path) -> list[dict]:
     with open(Path(out_dir) / "results.csv") as f:
         for row in csv.DictReader(f):
             row = {k.strip(): v for k, v in row.items()}
+            losses = {k.split("/", 1)[1]: float(v) for k, v in row.items() if k.startswith("train/") and v}
             rows.append({"epoch": int(float(row["epoch"])), "map50_95": float(row["metrics/mAP50-95(B)"]),
-                         "map50": float(row["metrics/mAP50(B)"])})
+                         "map50": float(row["metrics/mAP50(B)"]), "train_loss": losses})
     return rows
 
 
