@@ -33,7 +33,11 @@ def variants(ctx: Context) -> list[Variant]:
     """The variants this run has: those whose stages have records."""
     cands = [Variant("base-fp32", "export", "load")]
     if ctx.recipe.prune.enabled:
-        note = "pruned (DepGraph) + fine-tuned" + (" with distillation" if ctx.recipe.finetune.distill.enabled else "")
+        f, pr = ctx.recipe.finetune, ctx.recipe.prune
+        kd = f.distill
+        note = (f"pruned (DepGraph, {pr.mode} mode) + fine-tuned {f.epochs} epochs (stock trainer, nbs {f.nbs})"
+                + (f", distilled from base-fp32 (head KD {kd.head_weight}, feature {kd.feature_weight})"
+                   if kd.enabled else ""))
         cands.append(Variant("pruned-fp32", "export-pruned", "finetune", note=note))
     q = ctx.record("quantize") if ctx.recipe.quantize.enabled else None
     if q is not None:
@@ -110,6 +114,7 @@ def run(ctx: Context) -> StageRecord:
                 "predictions": rel(ctx.stage_dir("bench") / "predictions" / f"{v.name}.json"),
                 "ground_truth": rel(ctx.stage_dir("bench") / "ground_truth.json"),
                 "detections": len(dets),
+                **({"training": info["training"]} if info.get("training") else {}),
             })
         base = next((r for r in rows if r["name"] == "base-fp32"), rows[0] if rows else None)
         for r in rows:
@@ -179,4 +184,9 @@ def render_markdown(rep: dict) -> str:
     for r in rep["variants"]:
         if r.get("note"):
             lines.append(f"- {r['name']}: {r['note']}")
+        t = r.get("training")
+        if t and t.get("check_epochs"):
+            lines.append(f"- {r['name']}: trained {t['epochs']} epochs; {t['check_epochs']} more (the fine-tune "
+                         f"settings) changed its val mAP50-95 by {t['check_gain']:+.4f}: "
+                         f"{'converged' if t['converged'] else 'NOT converged'}")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,7 @@
 """`load` stage: a user's YOLO11 `.pt`, or a `.yaml` architecture built with the dataset's class count,
-re-saved as an FP32 ultralytics checkpoint with its parameter and MAC counts."""
+re-saved as an FP32 ultralytics checkpoint with its parameter and MAC counts. A training record beside the
+weights (`<name>.json`, as `make base` writes it) is read for how the model was trained and whether its
+convergence check passed; bench reports it next to base-fp32."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pipeline.core.stage import Context, StageResult, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.stages import data as data_stage
 
-VERSION = 1
+VERSION = 2
 
 
 def weights_spec(ctx: Context) -> str:
@@ -27,6 +29,8 @@ def run(ctx: Context) -> StageRecord:
     meta = data_stage.meta(ctx)
     config = {"model": ctx.recipe.model.model_dump(), "names": meta["names"]}
     inputs = {} if spec.endswith((".yaml", ".yml")) else {"weights": Path(spec)}
+    if inputs and Path(spec).with_suffix(".json").is_file():
+        inputs["training"] = Path(spec).with_suffix(".json")
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.adapters import ultralytics_yolo as ua
@@ -42,7 +46,23 @@ def run(ctx: Context) -> StageRecord:
         stats = ua.model_stats(model, ctx.recipe.model.imgsz)
         ua.save_checkpoint(model, out / "model.pt")
         info = {**stats, "nc": len(meta["names"]), "names": ua.names_of(model) or meta["names"], "source": spec}
+        if "training" in inputs:
+            info["training"] = training_summary(inputs["training"])
         (out / "model.json").write_text(json.dumps(info, indent=1))
         return StageResult(outputs={"model": "model.pt", "info": "model.json"}, metrics=stats)
 
     return run_stage(ctx, "load", VERSION, config, inputs, fn)
+
+
+def training_summary(path: Path) -> dict | None:
+    """How a shipped base was trained and whether more epochs still raised its mAP (from `make base`'s record)."""
+    try:
+        t = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(t, dict) or "epochs" not in t:
+        return None
+    c = t.get("convergence_check") or {}
+    return {"epochs": t["epochs"], "converged": t.get("converged"),
+            "check_epochs": c.get("epochs"), "check_gain": c.get("gain"),
+            "shipped_map50_95": c.get("shipped_map50_95")}
