@@ -158,3 +158,24 @@ def test_finetune_killed_mid_run_resumes_and_finishes(tmp_path, base_ckpt):
     assert rec["metrics"]["epochs"] == 3
     pruned = ua.load_detection_model(run / "prune" / "pruned.pt")
     assert yp.arch_signature(ua.load_detection_model(run / "finetune" / "model.pt")) == yp.arch_signature(pruned)
+
+
+def test_conv_elasticity_from_two_profiles_scales_each_groups_measured_time():
+    from torch import nn
+
+    def net(a_out, b_in):
+        m = nn.Module()
+        m.a, m.b, m.c = nn.Module(), nn.Module(), nn.Module()
+        m.a.conv, m.b.conv, m.c.conv = nn.Conv2d(16, a_out, 3), nn.Conv2d(b_in, 32, 3), nn.Conv2d(32, 32, 1)
+        return m
+
+    base, pruned = net(16, 16), net(8, 8)  # a: out 16 -> 8, b: in 16 -> 8 (each keeps half its MACs), c untouched
+    t0 = {"/a/conv/Conv": 2.0, "/a/act/Mul": 0.5, "/b/conv/Conv": 1.0, "/c/conv/Conv": 1.0}
+    t1 = {"/a/conv/Conv": 1.0, "/a/act/Mul": 0.25, "/b/conv/Conv": 0.9, "/c/conv/Conv": 1.1}
+    e = pp.conv_elasticity(base, pruned, t0, t1)
+    assert e["a.conv"] == pytest.approx(1.0)  # time fell with MACs
+    assert e["b.conv"] == pytest.approx(0.2)  # mostly fixed overhead
+    assert e["c.conv"] == 1.0  # not pruned: no evidence, linear assumed
+    g = pp.Group("a.conv", 16, out_convs=["a.conv"], in_convs=["b.conv"])
+    assert pp.group_latency([g], t0)["a.conv"] == pytest.approx(3.5)
+    assert pp.group_latency([g], t0, e)["a.conv"] == pytest.approx(2.5 + 0.2)

@@ -5,9 +5,11 @@ A *group* is one Torch-Pruning dependency group (channels that must go together)
 - Sensitivity: each group is pruned alone at one ratio and the model's mAP50-95 is measured on held-out images;
   the drop is that group's sensitivity (a table and a plot are saved).
 - Latency: the unpruned (rewritten) model is exported to ONNX and profiled with ONNX Runtime; the time of every
-  ultralytics Conv (conv + activation) is attributed to the groups that prune its output or input channels, so a
-  group's "buy" is the measured milliseconds that pruning all its channels would remove (a linear estimate; the
-  final candidate itself is then timed against the uniform one, side by side).
+  ultralytics Conv (conv + activation) is attributed to the groups that prune its output or input channels. A
+  second profile, of the uniformly pruned model at the same MACs target, gives each conv's elasticity (the share
+  of its time that really goes when its MACs go: small convs on low-resolution maps are mostly overhead), so a
+  group's "buy" is the measured milliseconds that pruning it removes on this runner. The final candidate itself
+  is then timed against the uniform one, side by side.
 - Weights: `sensitivity` prunes more where the drop is small: w = d̄ / (d + d̄); `latency` prunes more where
   the measured time bought per point of accuracy is large: w = (t / t̄) · d̄ / (d + d̄). A single scale α then
   sets ratio_g = min(cap, α·w_g) and is bisected to the MACs target.
@@ -137,13 +139,39 @@ def _scope_times(node_times: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def group_latency(grps: list[Group], node_times: dict[str, float]) -> dict[str, float]:
-    """Measured ms each group's convs take (out- and in-pruned convs; a conv counted once per group)."""
+def conv_elasticity(base: nn.Module, pruned: nn.Module, base_times: dict[str, float],
+                    pruned_times: dict[str, float]) -> dict[str, float]:
+    """How much of each conv's measured time goes when its MACs go, from two profiles on the target runner (the
+    unpruned model and a uniformly pruned one): e = (1 - t'/t) / (1 - f), f = the conv's kept MAC fraction.
+    1 means time falls in proportion to MACs; a small conv on a low-resolution map is mostly fixed overhead
+    (e near 0), which a linear MACs-to-time estimate would overrate. Convs that kept all channels get 1."""
+    bt, pt = _scope_times(base_times), _scope_times(pruned_times)
+    pconv = dict(pruned.named_modules())
+    out = {}
+    for name, m in base.named_modules():
+        if not isinstance(m, nn.Conv2d) or name not in pconv:
+            continue
+        q = pconv[name]
+        f = (q.in_channels * q.out_channels / q.groups) / (m.in_channels * m.out_channels / m.groups)
+        scope = name.rsplit(".", 1)[0]
+        t, t2 = bt.get(scope), pt.get(scope)
+        if not t or t2 is None or f > 0.95:
+            out[name] = 1.0
+            continue
+        out[name] = float(min(max((1 - t2 / t) / (1 - f), 0.0), 1.5))
+    return out
+
+
+def group_latency(grps: list[Group], node_times: dict[str, float],
+                  elasticity: dict[str, float] | None = None) -> dict[str, float]:
+    """Measured ms each group's convs take (out- and in-pruned convs; a conv counted once per group), each
+    scaled by its measured elasticity when given: the ms that pruning the group would really buy."""
     scope = _scope_times(node_times)
     res = {}
     for g in grps:
         convs = set(g.out_convs) | set(g.in_convs)
-        res[g.root] = float(sum(scope.get(c.rsplit(".", 1)[0], 0.0) for c in convs))
+        res[g.root] = float(sum(scope.get(c.rsplit(".", 1)[0], 0.0) * (elasticity or {}).get(c, 1.0)
+                                for c in convs))
     return res
 
 

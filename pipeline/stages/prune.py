@@ -142,18 +142,21 @@ def _prune_once(ctx: Context, model, spec, grads_fn, evaluator, out: Path):
         pruned, history, info = yp.prune(model, ctx.recipe.model.imgsz, spec, grads_fn=grads_fn, log=log)
         return pruned, history, info, {}
     imgsz = ctx.recipe.model.imgsz
+    threads, runs = ctx.recipe.bench.threads, c.sensitivity.latency_runs
     prepared = yp.prepare(model)
     grps = pp.groups(prepared, imgsz)
     sens = pp.sensitivity(prepared, imgsz, spec, grps, evaluator, c.sensitivity.ratio, log=log)
-    lat = None
+    console.print("  the uniform candidate at the same target (the reference; in latency mode also profiled):")
+    uniform, _, uinfo = yp.prune(model, imgsz, spec, grads_fn=grads_fn, log=log)
+    lat = elasticity = None
     if c.mode == "latency":
-        lat = pp.group_latency(grps, pp.onnx_node_times(prepared, imgsz, ctx.recipe.bench.threads,
-                                                        c.sensitivity.latency_runs))
+        base_times = pp.onnx_node_times(prepared, imgsz, threads, runs)
+        elasticity = pp.conv_elasticity(prepared, uniform, base_times,
+                                        pp.onnx_node_times(uniform, imgsz, threads, runs))
+        lat = pp.group_latency(grps, base_times, elasticity)
     w = pp.weights(c.mode, sens, lat)
     chosen, history, info = yp.prune(model, imgsz, dataclasses.replace(spec, group_weights=w), grads_fn=grads_fn,
                                      log=log)
-    console.print("  the uniform candidate at the same target, for comparison:")
-    uniform, _, uinfo = yp.prune(model, imgsz, spec, grads_fn=grads_fn, log=log)
     ms = pp.measure_latency({"base": prepared, "uniform": uniform, c.mode: chosen}, imgsz, ctx.recipe.bench.threads)
     maps = {"base": sens["base_map50_95"], "uniform": evaluator(uniform), c.mode: evaluator(chosen)}
     compare = {k: {"latency_ms": ms[k], "map50_95_before_finetune": maps[k],
@@ -164,7 +167,10 @@ def _prune_once(ctx: Context, model, spec, grads_fn, evaluator, out: Path):
                             for k, v in compare.items()))
     ratios = info["channel_ratio"]["ratios"] if isinstance(info["channel_ratio"], dict) else None
     pp.save_table_and_plot(sens, lat, ratios, out)
-    return chosen, history, info, {"compare": compare, "latency_ms": ms[c.mode]}
+    plan = {"compare": compare, "latency_ms": ms[c.mode]}
+    if elasticity is not None:
+        plan["conv_elasticity"] = {k: round(v, 3) for k, v in elasticity.items()}
+    return chosen, history, info, plan
 
 
 def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs):
