@@ -48,6 +48,10 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     base, pruned = rep["variants"][:2]
     assert pruned["macs"] <= 0.51 * base["macs"] and pruned["params"] < base["params"]
     assert "engine_p50_speedup" in pruned["vs_base"]
+    shipped = json.loads(base_ckpt.with_suffix(".json").read_text())
+    assert base["training"]["epochs"] == shipped["epochs"]  # the base's training record travels into the report
+    assert base["training"]["converged"] == shipped["converged"]
+    assert "pruned-fp32: pruned (DepGraph, uniform mode) + fine-tuned 1 epochs" in (run / "report.md").read_text()
     assert (run / "report.md").read_text().count("| pruned-fp32 |") == 1
     _check_report(run, *names)
     q = json.loads((run / "quantize" / "record.json").read_text())
@@ -107,3 +111,24 @@ def test_make_help_lists_every_target():
     for t in ("pipeline", "test", "load", "prune", "finetune", "export", "calibrate", "quantize", "engine", "bundle",
               "bench", "report", "status", "base"):
         assert f"make {t} " in r.stdout, t
+
+
+def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settings(tmp_path):
+    """`yolo-edge base`: phases in sequence (each its own epochs and nominal batch), the record beside the
+    checkpoint, and a convergence check trained with the fine-tune section's settings."""
+    out = tmp_path / "b.pt"
+    sets = ["--set", "data.synthetic.train=16", "--set", "data.synthetic.val=8", "--set", "model.imgsz=96",
+            "--set", "base.batch=8", "--set", "base.workers=0",
+            "--set", "base.phases=[{epochs: 1}, {epochs: 1, nbs: 8}]", "--set", "base.check_epochs=1",
+            "--set", "finetune.batch=8", "--set", "finetune.nbs=8"]
+    r = cli("base", "--run-dir", tmp_path / "run", "--out", out, *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["phases"] == [{"epochs": 1, "nbs": 64}, {"epochs": 1, "nbs": 8}] and meta["epochs"] == 2
+    assert [h["phase"] for h in meta["history"]] == [1, 2]
+    c = meta["convergence_check"]
+    assert c["settings"]["nbs"] == 8 and c["epochs"] == 1 and len(c["history"]) == 1
+    assert meta["converged"] == (c["best_map50_95"] - c["shipped_map50_95"] < c["converged_gain"])
+    from pipeline.stages.load import training_summary
+
+    assert training_summary(out.with_suffix(".json"))["check_epochs"] == 1
