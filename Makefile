@@ -6,11 +6,12 @@ CLI := $(VENV)/bin/yolo-edge
 RECIPE ?= models/default.yaml
 ARGS ?=
 PYTEST_ARGS ?=
+NIGHTLY_EPOCHS ?= 60
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv pipeline test test-fast bench status report base data load prune finetune export calibrate \
-        quantize engine bundle lint clean check-report check-trt modelopt-venv profile history
+        quantize engine bundle lint clean check-report check-trt modelopt-venv profile history nightly
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]*):.*## (.*)/\1\t\2/' | \
@@ -36,13 +37,17 @@ test-fast: venv ## the tests that take seconds (no training, no full-pipeline ru
 data load prune finetune export calibrate quantize bundle engine bench: venv ## run one stage of the default recipe
 	$(CLI) stage $@ --recipe $(RECIPE) $(ARGS)
 
+nightly: venv ## the default recipe with a 60-epoch fine-tune (NIGHTLY_EPOCHS; runs/nightly, ~30 min on 2 cores) + history
+	$(CLI) run --recipe $(RECIPE) --run-dir runs/nightly --set finetune.epochs=$(NIGHTLY_EPOCHS) $(ARGS)
+	$(PY) benchmarks/record.py runs/nightly
+
 report: venv ## re-render runs/<run>/report.json + report.md from the last bench
 	$(CLI) report --recipe $(RECIPE) $(ARGS)
 
 status: venv ## list the stages of the default run and their state
 	$(CLI) status --recipe $(RECIPE) $(ARGS)
 
-base: venv ## retrain the shipped base checkpoint (models/base/yolo11n-synth.pt; 60+60+15 epochs + a 15-epoch convergence check, ~2.5 h on 2 cores)
+base: venv ## retrain the shipped base (models/base/yolo11n-synth.pt): 60+60+15 (nbs 64) + 60 (nbs 16) epochs and a 10-epoch convergence check, ~2.5 h on 2 cores
 	$(CLI) base --recipe $(RECIPE) $(ARGS)
 
 check-report: venv ## verify runs/default/report.json with ../shared/tools/check-report (pycocotools alone)

@@ -25,7 +25,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord, sha256_file
 
-VERSION = 2
+VERSION = 3
 
 
 def spec_of(ctx: Context):
