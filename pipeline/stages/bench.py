@@ -184,7 +184,7 @@ def render_markdown(rep: dict) -> str:
     for r in rep["variants"]:
         if r.get("note"):
             lines.append(f"- {r['name']}: {r['note']}")
-        t = r.get("training")
+        t = r.get("training") if r["precision"] == "fp32" else None
         if t and t.get("check_epochs"):
             lines.append(f"- {r['name']}: trained {t['epochs']} epochs; {t['check_epochs']} more (the fine-tune "
                          f"settings) changed its val mAP50-95 by {t['check_gain']:+.4f}: "

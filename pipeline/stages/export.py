@@ -14,7 +14,7 @@ from pipeline.core.stage import Context, StageResult, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.eval.detect import PrePost, letterbox
 
-VERSION = 1
+VERSION = 2
 
 
 def parity_images(ctx: Context, n: int = 2) -> list[Path]:
@@ -49,17 +49,26 @@ def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: 
     onnx.checker.check_model(m, full_check=True)
     torch_model = ua.load_detection_model(weights)
     runner = OnnxRuntimeRunner(dest, threads=2)
-    diffs = []
+    diffs, px = [], []
     for p in images:
         x, _ = letterbox(cv2.imread(str(p)), PrePost(imgsz=imgsz))
         ref = ua.torch_forward(torch_model, x)
         got = runner.infer({runner.input_name: x})[0]
-        diffs.append(float(np.abs(ref - got).max()))
+        d = np.abs(ref - got)
+        px.append(float(d.max()))
+        # (1, 4 + nc, anchors): boxes in pixels, scores in [0, 1]. Boxes are compared in units of the input size,
+        # so the tolerance means the same for both (1e-3 = 0.32 px at 320) and float32 rounding of a coordinate
+        # near 320 px cannot fail an exact export.
+        if d.ndim == 3 and d.shape[1] > 4:
+            d[:, :4] /= imgsz
+        diffs.append(float(d.max()))
     worst = max(diffs)
     if worst > atol:
-        raise UserError(f"ONNX Runtime output differs from PyTorch by {worst:.2e} (> {atol:g})", dest)
+        raise UserError(f"ONNX Runtime output differs from PyTorch by {worst:.2e} (> {atol:g}; boxes in units of "
+                        f"the {imgsz}px input, scores as probabilities)", dest)
     opsets = {o.domain or "ai.onnx": o.version for o in m.opset_import}
-    return {"opset": opsets.get("ai.onnx"), "checker": "passed", "parity_max_abs_diff": worst, "rewrites": rewrites,
+    return {"opset": opsets.get("ai.onnx"), "checker": "passed", "parity_max_abs_diff": worst,
+            "parity_max_abs_diff_px": max(px), "rewrites": rewrites,
             "parity_images": len(images), "inputs": [[d.dim_value for d in i.type.tensor_type.shape.dim]
                                                      for i in m.graph.input]}
 
