@@ -109,7 +109,7 @@ def test_make_help_lists_every_target():
     r = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0
     for t in ("pipeline", "test", "load", "prune", "finetune", "export", "calibrate", "quantize", "engine", "bundle",
-              "bench", "report", "status", "base"):
+              "bench", "report", "status", "base", "nightly"):
         assert f"make {t} " in r.stdout, t
 
 
