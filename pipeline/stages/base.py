@@ -4,8 +4,8 @@ trainer, and ship it as models/base/<name>.pt (FP32) with its training history b
 
 Training is a sequence of stock ultralytics runs (base.phases: the first from the yaml, each later one from the
 previous run's last weights, each with its own epochs and nominal batch). The shipped weights are the last run's
-final epoch. Convergence is shown, not assumed: with base.check_epochs > 0 one further run (not shipped, the last
-phase's settings) continues from the shipped weights, and the base counts as converged when that run's best
+final epoch. Convergence is shown, not assumed: with base.check_epochs > 0 one further run (not shipped, with the
+finetune section's settings) continues from the shipped weights, and the base counts as converged when that run's best
 epoch gains less than base.converged_gain mAP50-95 over the shipped weights."""
 
 from __future__ import annotations
@@ -58,17 +58,16 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
         f = ctx.recipe.finetune
         console.print(f"convergence check: {b.check_epochs} more epochs from the final weights with the fine-tune "
                       f"settings (not shipped)")
-        extra = {"lr0": f.lr0} if f.lr0 is not None else {}
-        ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz,
-                 batch=f.batch, nbs=f.nbs, seed=b.seed, workers=b.workers, device=b.device, patience=0,
-                 optimizer=f.optimizer, close_mosaic=f.close_mosaic, warmup_epochs=f.warmup_epochs, **extra)
+        settings = {"batch": f.batch, "nbs": f.nbs, "optimizer": f.optimizer, "close_mosaic": f.close_mosaic,
+                    "warmup_epochs": f.warmup_epochs, "lr0": f.lr0}
+        ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz, seed=b.seed,
+                 workers=b.workers, device=b.device, patience=0,
+                 **{k: v for k, v in settings.items() if v is not None})
         ch = _history(work / "check", 0, len(history))
         best = max(r["map50_95"] for r in ch)
-        check = {"epochs": b.check_epochs, "settings": {"batch": f.batch, "nbs": f.nbs, "optimizer": f.optimizer,
-                                                        "close_mosaic": f.close_mosaic,
-                                                        "warmup_epochs": f.warmup_epochs, "lr0": f.lr0},
-                 "history": ch, "best_map50_95": best, "final_map50_95": ch[-1]["map50_95"],
-                 "shipped_map50_95": final, "gain": best - final, "converged_gain": b.converged_gain,
+        check = {"epochs": b.check_epochs, "settings": settings, "history": ch, "best_map50_95": best,
+                 "final_map50_95": ch[-1]["map50_95"], "shipped_map50_95": final, "gain": best - final,
+                 "converged_gain": b.converged_gain,
                  "converged": best - final < b.converged_gain}
         console.print(f"  shipped {final:.4f}; best of {b.check_epochs} more epochs {best:.4f} "
                       f"(gain {best - final:+.4f}): {'converged' if check['converged'] else 'NOT converged'}")
