@@ -51,7 +51,10 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     shipped = json.loads(base_ckpt.with_suffix(".json").read_text())
     assert base["training"]["epochs"] == shipped["epochs"]  # the base's training record travels into the report
     assert base["training"]["converged"] == shipped["converged"]
-    assert "pruned-fp32: pruned (DepGraph, uniform mode) + fine-tuned 1 epochs" in (run / "report.md").read_text()
+    assert ("pruned-fp32: pruned (DepGraph, uniform mode, features reconstructed) + fine-tuned 1 epochs"
+            in (run / "report.md").read_text())
+    rec = json.loads((run / "prune" / "plan.json").read_text())["steps"][0]["reconstruct"]
+    assert rec["fit_on_eval_images"] and rec["images"] == 32  # 32 train images: the held-out check's own, said so
     assert (run / "report.md").read_text().count("| pruned-fp32 |") == 1
     _check_report(run, *names)
     q = json.loads((run / "quantize" / "record.json").read_text())

@@ -69,6 +69,9 @@ def test_latency_mode_scans_every_group_and_times_against_uniform(tmp_path, base
     assert len(set(round(v, 3) for v in ratios.values())) > 3, "latency mode should give non-uniform ratios"
     cmp_ = plan["steps"][0]["compare"]
     assert set(cmp_) == {"base", "uniform", "latency"} and all(v["latency_ms"] > 0 for v in cmp_.values())
+    rec = plan["steps"][0]["reconstruct"]  # the chosen candidate refit on the 18 train images the check left
+    assert rec["images"] == 18 and not rec["fit_on_eval_images"] and len(rec["layers"]) >= 80
+    assert rec["map50_95_after"] > rec["map50_95_before"], rec
     pruned = ua.load_detection_model(out / "pruned.pt")
     yp.verify_history(pruned, yp.load_history(out / "history.json"), 320, out / "pruned.pt")
     assert all(c["out"] % 8 == 0 for c in plan["channels"] if c["groups"] == 1 and c["out"] > 16)

@@ -72,6 +72,16 @@ class SensitivityCfg(Strict):
     latency_runs: int = Field(30, ge=1)  # ONNX Runtime profile runs (latency mode)
 
 
+class ReconstructCfg(Strict):
+    """Layer-wise least-squares feature reconstruction right after pruning (pipeline/adapters/reconstruct.py)."""
+
+    enabled: bool = True
+    images: int = Field(64, ge=1)  # held-out train images (never the eval split, never the sensitivity images)
+    positions: int = Field(256, ge=1)  # output positions sampled per image and layer
+    alpha: float = Field(1e-3, gt=0)  # ridge toward the pruned weights, relative to the mean input energy
+    seed: int = 0
+
+
 class PruneCfg(Strict):
     enabled: bool = True
     macs_target: float | None = Field(0.5, gt=0, lt=1, description="fraction of the base MACs to keep")
@@ -89,6 +99,7 @@ class PruneCfg(Strict):
     steps: int = Field(1, ge=1)  # iterative: prune in k steps toward the target, fine-tuning between steps
     step_epochs: int = Field(2, ge=1)  # fine-tune epochs after each step but the last (finetune does the last)
     max_step_drop: float | None = Field(None, gt=0)  # stop early when a step loses more mAP50-95 than this
+    reconstruct: ReconstructCfg = ReconstructCfg()
 
 
 class DistillCfg(Strict):

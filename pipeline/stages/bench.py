@@ -35,7 +35,8 @@ def variants(ctx: Context) -> list[Variant]:
     if ctx.recipe.prune.enabled:
         f, pr = ctx.recipe.finetune, ctx.recipe.prune
         kd = f.distill
-        note = (f"pruned (DepGraph, {pr.mode} mode) + fine-tuned {f.epochs} epochs (stock trainer, nbs {f.nbs})"
+        note = (f"pruned (DepGraph, {pr.mode} mode{', features reconstructed' if pr.reconstruct.enabled else ''})"
+                f" + fine-tuned {f.epochs} epochs (stock trainer, nbs {f.nbs})"
                 + (f", distilled from base-fp32 (head KD {kd.head_weight}, feature {kd.feature_weight})"
                    if kd.enabled else ""))
         cands.append(Variant("pruned-fp32", "export-pruned", "finetune", note=note))

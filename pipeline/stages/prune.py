@@ -10,6 +10,9 @@ pruning the groups that buy the most time per point of accuracy). The non-unifor
 sensitivity.csv/.json/.png and time the chosen candidate against the uniform one at the same MACs target.
 Iterative (prune.steps > 1): k steps toward the target, each followed by a short fine-tune (stock trainer) and
 a held-out mAP check that stops the schedule early when a step loses more than prune.max_step_drop.
+Reconstruction (prune.reconstruct, after every cut): the pruned convs are refit by least squares to the unpruned
+model's features on held-out train images (pipeline/adapters/reconstruct.py); plan.json records each layer's
+error before/after and the held-out mAP50-95 before/after.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord, sha256_file
 
-VERSION = 3
+VERSION = 4
 
 
 def spec_of(ctx: Context):
@@ -64,7 +67,7 @@ def run(ctx: Context) -> StageRecord:
     if c.mode != "uniform" and c.ratio is not None:
         raise UserError(f"prune.mode={c.mode} distributes a MACs target over groups: set prune.macs_target, "
                         f"not prune.ratio", ctx.recipe_path)
-    needs_eval = c.mode != "uniform" or c.steps > 1
+    needs_eval = c.mode != "uniform" or c.steps > 1 or c.reconstruct.enabled
     config = {**c.model_dump(), "imgsz": ctx.recipe.model.imgsz}
     if c.steps > 1:
         config["step_finetune"] = ctx.recipe.finetune.model_dump()
@@ -81,19 +84,29 @@ def run(ctx: Context) -> StageRecord:
         grads_fn = None
         if spec.importance == "taylor":
             grads_fn = ua.taylor_grads_fn(inputs["data"] / "data.yaml", imgsz, c.taylor_batches)
-        evaluator = None
+        evaluator = calib = None
         if needs_eval:
             from pipeline.adapters.prune_plan import Evaluator
             from pipeline.stages.bench import prepost
 
-            imgs, ds = held_out_images(ctx, c.sensitivity.images, c.sensitivity.seed)
-            evaluator = Evaluator(imgs, ds, prepost(ctx))
+            n_eval = c.sensitivity.images
+            imgs, ds = held_out_images(ctx, n_eval + (c.reconstruct.images if c.reconstruct.enabled else 0),
+                                       c.sensitivity.seed)
+            evaluator = Evaluator(imgs[:n_eval], ds, prepost(ctx))
+            if c.reconstruct.enabled:
+                rest, overlap = imgs[n_eval:], False
+                if not rest:  # a train split too small for both: fit on the evaluator's images, and say so
+                    rest, overlap = imgs[:c.reconstruct.images], True
+                    console.print(f"  [yellow]prune.reconstruct: the train split has only {len(imgs)} held-out "
+                                  f"images, all used by the held-out mAP check: the reconstruction fits on them "
+                                  f"too, so its before/after mAP is measured on the images it was fit on[/]")
+                calib = (_calib_tensor(ctx, rest), overlap)
 
         if c.steps == 1:
-            pruned, history, info, plan = _prune_once(ctx, model, spec, grads_fn, evaluator, out)
+            pruned, history, info, plan = _prune_once(ctx, model, spec, grads_fn, evaluator, out, calib)
             steps = [{"step": 1, **_summary(info), **plan}]
         else:
-            pruned, history, info, steps = _iterative(ctx, model, spec, grads_fn, evaluator, out, inputs)
+            pruned, history, info, steps = _iterative(ctx, model, spec, grads_fn, evaluator, out, inputs, calib)
         pruned.names = model.names
         ua.save_checkpoint(pruned, out / "pruned.pt", pruning={"history_file": "history.json", "spec": _jsonable(spec),
                                                                "macs_fraction": info["macs_fraction"]})
@@ -128,11 +141,67 @@ def _jsonable(spec) -> dict:
 def _summary(d: dict) -> dict:
     keep = ("step", "macs_fraction", "params_fraction", "map50_95", "drop", "latency_ms", "stopped", "seconds",
             "target")
-    return {k: d[k] for k in keep if k in d}
+    out = {k: d[k] for k in keep if k in d}
+    if "reconstruct" in d:
+        r = d["reconstruct"]
+        out["reconstruct"] = {k: r[k] for k in ("map50_95_before", "map50_95_after", "mse_before", "mse_after",
+                                                "seconds") if k in r}
+    return out
 
 
-def _prune_once(ctx: Context, model, spec, grads_fn, evaluator, out: Path):
-    """One pruning pass to spec.macs_target (relative to `model`). Returns (pruned, history, info, plan)."""
+def _calib_tensor(ctx: Context, images):
+    """The reconstruction's images: letterboxed as bench preprocesses them, NCHW float32."""
+    import cv2
+    import torch
+
+    from pipeline.eval.detect import letterbox
+    from pipeline.stages.bench import prepost
+
+    if not images:
+        raise UserError("prune.reconstruct needs held-out train images beyond the sensitivity images; the train "
+                        "split has none left (set prune.reconstruct.enabled=false or add train images)",
+                        ctx.recipe.data.source)
+    if len(images) < ctx.recipe.prune.reconstruct.images:
+        console.print(f"  [yellow]prune.reconstruct: only {len(images)} held-out train images (asked for "
+                      f"{ctx.recipe.prune.reconstruct.images})[/]")
+    spec = prepost(ctx)
+    return torch.from_numpy(np.concatenate([letterbox(cv2.imread(str(im.path)), spec)[0] for im in images]))
+
+
+def _reconstruct(ctx: Context, reference, pruned, history, calib, evaluator) -> dict:
+    """Refit the pruned model's convs to the reference's features (in place); returns the record. calib is
+    (images, whether they are the evaluator's own)."""
+    from rich.progress import Progress
+
+    from pipeline.adapters import yolo11_prune as yp
+    from pipeline.adapters.reconstruct import reconstruct
+
+    r = ctx.recipe.prune.reconstruct
+    calib, overlap = calib
+    before = evaluator(pruned)
+    with Progress(transient=True) as prog:
+        task = prog.add_task(f"reconstruct: refitting convs on {len(calib)} images", total=None)
+        stats = reconstruct(yp.prepare(reference), pruned, history, calib, ctx.recipe.model.imgsz,
+                            positions=r.positions, alpha=r.alpha, seed=r.seed,
+                            progress=lambda k, n: prog.update(task, completed=k, total=n))
+    after = evaluator(pruned)
+    console.print(f"  reconstruction: {len(stats['layers'])} convs refit in {stats['seconds']:.0f}s, mean feature "
+                  f"MSE {stats['mse_before']:.4f} -> {stats['mse_after']:.4f}; held-out mAP50-95 "
+                  f"{before:.4f} -> {after:.4f}")
+    return {**stats, "map50_95_before": before, "map50_95_after": after, "fit_on_eval_images": overlap}
+
+
+def _prune_once(ctx: Context, model, spec, grads_fn, evaluator, out: Path, calib=None):
+    """One pruning pass to spec.macs_target (relative to `model`), then the reconstruction when calib images are
+    given. Returns (pruned, history, info, plan)."""
+    pruned, history, info, plan = _cut(ctx, model, spec, grads_fn, evaluator, out)
+    if calib is not None:
+        plan["reconstruct"] = _reconstruct(ctx, model, pruned, history, calib, evaluator)
+        info["seconds"] += plan["reconstruct"]["seconds"]
+    return pruned, history, info, plan
+
+
+def _cut(ctx: Context, model, spec, grads_fn, evaluator, out: Path):
     from pipeline.adapters import prune_plan as pp
     from pipeline.adapters import yolo11_prune as yp
 
@@ -173,7 +242,7 @@ def _prune_once(ctx: Context, model, spec, grads_fn, evaluator, out: Path):
     return chosen, history, info, plan
 
 
-def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs):
+def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs, calib=None):
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.adapters import yolo11_prune as yp
 
@@ -189,7 +258,7 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
         goal = c.macs_target ** (i / c.steps)
         console.print(f"  step {i}/{c.steps}: to {goal:.3f}x the base MACs")
         step_spec = dataclasses.replace(spec, macs_target=min(goal / frac, 0.999))
-        pruned, h, inf, plan = _prune_once(ctx, cur, step_spec, grads_fn, evaluator, out)
+        pruned, h, inf, plan = _prune_once(ctx, cur, step_spec, grads_fn, evaluator, out, calib)
         pruned.names = model.names
         total_s += inf["seconds"]
         rec = {"step": i, "target": goal, **plan}

@@ -1,0 +1,87 @@
+"""Issue #4: layer-wise feature reconstruction after pruning (pipeline/adapters/reconstruct.py), on the shipped
+base model and the default recipe's own val images."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import BASE_CKPT
+
+from pipeline.adapters import ultralytics_yolo as ua
+from pipeline.adapters import yolo11_prune as yp
+from pipeline.adapters.reconstruct import conv_units, kept_channels, reconstruct
+
+IMGSZ = 320
+
+
+def _tensor(images):
+    import cv2
+
+    from pipeline.eval.detect import PrePost, letterbox
+
+    spec = PrePost(imgsz=IMGSZ)
+    return torch.from_numpy(np.concatenate([letterbox(cv2.imread(str(im.path)), spec)[0] for im in images]))
+
+
+@pytest.fixture(scope="module")
+def pruned_half():
+    if not BASE_CKPT.is_file():
+        pytest.skip(f"{BASE_CKPT} is absent: `make base` makes it")
+    base = ua.load_detection_model(BASE_CKPT)
+    pruned, history, info = yp.prune(base, IMGSZ, yp.PruneSpec(macs_target=0.5), log=lambda s: None)
+    return base, pruned, history
+
+
+def test_kept_channels_are_exactly_the_ones_torch_pruning_kept(pruned_half):
+    base, pruned, history = pruned_half
+    ref = yp.prepare(base)
+    kept = kept_channels(ref, history, IMGSZ)
+    ref_units = {n: (c, b) for n, c, b in conv_units(ref)}
+    checked = 0
+    for name, conv, bn in conv_units(pruned):
+        rc, rb = ref_units[name]
+        assert len(kept[name]) == conv.out_channels, name
+        assert torch.all(kept[name][1:] > kept[name][:-1]), name  # in order, no repeats
+        if bn is not None:
+            for a, b in ((bn.weight, rb.weight), (bn.bias, rb.bias), (bn.running_var, rb.running_var)):
+                assert torch.equal(a, b[kept[name]]), name
+            checked += rc.out_channels != conv.out_channels
+    assert checked >= 30  # most convs lost channels
+
+
+def test_reconstruction_brings_the_pruned_model_back_toward_the_base(pruned_half, val_synth):
+    from pipeline.adapters.prune_plan import Evaluator
+    from pipeline.data.formats import load_dataset
+    from pipeline.eval.detect import PrePost
+
+    base, pruned, history = pruned_half
+    ds = load_dataset(val_synth)
+    imgs = ds.split("val")
+    calib, held = _tensor(imgs[:24]), imgs[24:]
+    ref = yp.prepare(base).eval()
+    ev = Evaluator(held, ds, PrePost(imgsz=IMGSZ))
+    x = _tensor(held)
+
+    def head_error(m):
+        with torch.no_grad():
+            a, b = m.eval()(x)[0], ref(x)[0]
+        return (((a[:, :4] - b[:, :4]) / IMGSZ) ** 2).mean().item(), ((a[:, 4:] - b[:, 4:]) ** 2).mean().item()
+
+    model = __import__("copy").deepcopy(pruned)
+    sig = yp.arch_signature(model)
+    box0, cls0 = head_error(model)
+    map0 = ev(model)
+    stats = reconstruct(ref, model, history, calib, IMGSZ, positions=128)
+    box1, cls1 = head_error(model)
+    map1 = ev(model)
+    print(f"held-out head MSE boxes {box0:.3g} -> {box1:.3g}, scores {cls0:.3g} -> {cls1:.3g}; "
+          f"mAP50-95 {map0:.4f} -> {map1:.4f}; {len(stats['layers'])} convs in {stats['seconds']:.0f}s")
+    assert yp.arch_signature(model) == sig  # weights refit, architecture untouched
+    assert len(stats["layers"]) >= 80 and all(s["why"] in ("grouped", "DFL (fixed)") for s in stats["skipped"])
+    assert all(layer["mse_after"] <= layer["mse_before"] * (1 + 1e-9) for layer in stats["layers"])
+    assert stats["mse_after"] < 0.7 * stats["mse_before"]
+    assert box1 < 0.5 * box0 and cls1 < cls0  # on images it was not fit on
+    assert map1 > map0 + 0.1
+    # BN carries the refit convs' own statistics: finite, positive variances
+    for _, _, bn in conv_units(model):
+        if bn is not None:
+            assert torch.isfinite(bn.running_mean).all() and (bn.running_var > 0).all()
