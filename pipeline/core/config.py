@@ -78,7 +78,7 @@ class ReconstructCfg(Strict):
     enabled: bool = True
     images: int = Field(64, ge=1)  # held-out train images (never the eval split, never the sensitivity images)
     positions: int = Field(256, ge=1)  # output positions sampled per image and layer
-    alpha: float = Field(1e-3, gt=0)  # ridge toward the pruned weights, relative to the mean input energy
+    alpha: float = Field(0.1, gt=0)  # ridge toward the pruned weights, relative to the mean input energy
     seed: int = 0
 
 
