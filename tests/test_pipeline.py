@@ -122,12 +122,15 @@ def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settin
     out = tmp_path / "b.pt"
     sets = ["--set", "data.synthetic.train=16", "--set", "data.synthetic.val=8", "--set", "model.imgsz=96",
             "--set", "base.batch=8", "--set", "base.workers=0",
-            "--set", "base.phases=[{epochs: 1}, {epochs: 1, nbs: 8}]", "--set", "base.check_epochs=1",
+            "--set", "base.phases=[{epochs: 1}, {epochs: 1, nbs: 8, close_mosaic: 1, warmup_epochs: 0}]",
+            "--set", "base.check_epochs=1",
             "--set", "finetune.batch=8", "--set", "finetune.nbs=8"]
     r = cli("base", "--run-dir", tmp_path / "run", "--out", out, *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["phases"] == [{"epochs": 1, "nbs": 64}, {"epochs": 1, "nbs": 8}] and meta["epochs"] == 2
+    assert meta["phases"] == [{"epochs": 1, "nbs": 64},
+                              {"epochs": 1, "nbs": 8, "close_mosaic": 1, "warmup_epochs": 0.0}]
+    assert meta["epochs"] == 2
     assert [h["phase"] for h in meta["history"]] == [1, 2]
     c = meta["convergence_check"]
     assert c["settings"]["nbs"] == 8 and c["epochs"] == 1 and len(c["history"]) == 1

@@ -53,6 +53,8 @@ class TrainCfg(TrainSetup):
 class BasePhase(Strict):
     epochs: int = Field(..., ge=1)
     nbs: int | None = Field(None, ge=1)  # this phase's nominal batch (default: base.nbs)
+    close_mosaic: int | None = Field(None, ge=0)  # mosaic off for the last N epochs (ultralytics' default 10)
+    warmup_epochs: float | None = Field(None, ge=0)  # ultralytics' default 3
 
 
 class BaseTrainCfg(TrainSetup):

@@ -37,7 +37,9 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
 
     b = ctx.recipe.base
     phases = [{"epochs": epochs, "nbs": b.nbs}] if epochs else \
-        [{"epochs": p.epochs, "nbs": p.nbs or b.nbs} for p in b.phases]
+        [{"epochs": p.epochs, "nbs": p.nbs or b.nbs,
+          **{k: getattr(p, k) for k in ("close_mosaic", "warmup_epochs") if getattr(p, k) is not None}}
+         for p in b.phases]
     data_yaml = ctx.output("data", "yolo") / "data.yaml"
     work = Path(tempfile.mkdtemp(prefix="base-", dir=ctx.run_dir))
     spec: str | Path = start or ctx.recipe.model.arch
@@ -46,7 +48,8 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
         console.print(f"phase {i}/{len(phases)}: training {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
                       f"{ctx.recipe.model.imgsz}px on {data_yaml}")
         ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
-                 batch=b.batch, nbs=ph["nbs"], seed=b.seed, workers=b.workers, device=b.device, patience=0)
+                 batch=b.batch, seed=b.seed, workers=b.workers, device=b.device, patience=0,
+                 **{k: v for k, v in ph.items() if k != "epochs"})
         history += _history(work / f"phase{i}", i, len(history))
         spec = work / f"phase{i}" / "weights" / "last.pt"
     final = history[-1]["map50_95"]
