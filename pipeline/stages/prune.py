@@ -258,7 +258,16 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
         goal = c.macs_target ** (i / c.steps)
         console.print(f"  step {i}/{c.steps}: to {goal:.3f}x the base MACs")
         step_spec = dataclasses.replace(spec, macs_target=min(goal / frac, 0.999))
-        pruned, h, inf, plan = _prune_once(ctx, cur, step_spec, grads_fn, evaluator, out, calib)
+        if i < c.steps:  # a waypoint: round_to's granularity may not allow ±tolerance there; the last step is exact
+            step_spec = dataclasses.replace(step_spec, tolerance=max(spec.tolerance, 0.1))
+        try:
+            pruned, h, inf, plan = _prune_once(ctx, cur, step_spec, grads_fn, evaluator, out, calib)
+        except UserError as e:
+            if "unreachable" not in e.problem or i == 1:
+                raise
+            raise UserError(f"prune step {i}/{c.steps}: {e.problem}; after step {i - 1} every conv is already a "
+                            f"multiple of round_to={spec.round_to}, too coarse for this step on this model: use "
+                            f"fewer prune.steps or a smaller prune.round_to", ctx.recipe_path) from None
         pruned.names = model.names
         total_s += inf["seconds"]
         rec = {"step": i, "target": goal, **plan}
