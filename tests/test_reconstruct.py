@@ -1,6 +1,8 @@
 """Issue #4: layer-wise feature reconstruction after pruning (pipeline/adapters/reconstruct.py), on the shipped
 base model and the default recipe's own val images."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -66,7 +68,7 @@ def test_reconstruction_brings_the_pruned_model_back_toward_the_base(pruned_half
             a, b = m.eval()(x)[0], ref(x)[0]
         return (((a[:, :4] - b[:, :4]) / IMGSZ) ** 2).mean().item(), ((a[:, 4:] - b[:, 4:]) ** 2).mean().item()
 
-    model = __import__("copy").deepcopy(pruned)
+    model = copy.deepcopy(pruned)
     sig = yp.arch_signature(model)
     box0, cls0 = head_error(model)
     map0 = ev(model)

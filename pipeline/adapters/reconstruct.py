@@ -47,6 +47,8 @@ def _skipped(model: nn.Module, name: str, conv: nn.Conv2d) -> str | None:
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     if type(parent).__name__ in ("DFL", "DFLLastAxis"):
         return "DFL (fixed)"
+    if conv.bias is None and not isinstance(getattr(parent, "bn", None), nn.BatchNorm2d):
+        return "no bias or BN to carry the fitted offset"
     return None
 
 
