@@ -2,6 +2,7 @@
 with ultralytics' own validator, and users' own datasets."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -134,7 +135,27 @@ def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settin
     assert [h["phase"] for h in meta["history"]] == [1, 2]
     c = meta["convergence_check"]
     assert c["settings"]["nbs"] == 8 and c["epochs"] == 1 and len(c["history"]) == 1
-    assert meta["converged"] == (c["best_map50_95"] - c["shipped_map50_95"] < c["converged_gain"])
+    assert c["window"] == 1 and c["check_tail_map50_95"] == c["history"][-1]["map50_95"]
+    assert meta["converged"] == (c["check_tail_map50_95"] - c["shipped_tail_map50_95"] < c["converged_gain"])
     from pipeline.stages.load import training_summary
 
     assert training_summary(out.with_suffix(".json"))["check_epochs"] == 1
+
+
+def test_convergence_compares_tail_means_not_a_best_epoch():
+    """A plateau whose epochs scatter ±0.4 pt is converged although its best epoch beats the shipped final one by more
+    than the threshold; a run that still climbs is not; the shipped side is the last phase's own tail."""
+    from pipeline.stages.base import convergence
+
+    rng = random.Random(0)
+    shipped = [{"phase": 1, "map50_95": 0.5}] * 5 + [{"phase": 2, "map50_95": 0.78 + rng.gauss(0, 0.004)}
+                                                     for _ in range(60)]
+    shipped[-1] = {"phase": 2, "map50_95": 0.775}  # a low final epoch
+    plateau = [{"phase": 0, "map50_95": 0.78 + rng.gauss(0, 0.004)} for _ in range(60)]
+    c = convergence(shipped, plateau, 0.005, 10)
+    assert c["best_gain"] > 0.005 and abs(c["gain"]) < 0.004 and c["converged"] is True
+    climbing = [{"phase": 0, "map50_95": 0.78 + 0.0004 * i} for i in range(60)]
+    c = convergence(shipped, climbing, 0.005, 10)
+    assert c["gain"] > 0.015 and c["converged"] is False
+    short = convergence(shipped[:7], plateau[:3], 0.005, 10)  # phase 2 has 2 epochs, the check 3: window 2
+    assert short["window"] == 2

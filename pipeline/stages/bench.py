@@ -187,7 +187,8 @@ def render_markdown(rep: dict) -> str:
             lines.append(f"- {r['name']}: {r['note']}")
         t = r.get("training") if r["precision"] == "fp32" else None
         if t and t.get("check_epochs"):
+            how = f" (mean of the last {t['check_window']} epochs of each run)" if t.get("check_window") else ""
             lines.append(f"- {r['name']}: trained {t['epochs']} epochs; {t['check_epochs']} more (the fine-tune "
-                         f"settings) changed its val mAP50-95 by {t['check_gain']:+.4f}: "
+                         f"settings) changed its val mAP50-95 by {t['check_gain']:+.4f}{how}: "
                          f"{'converged' if t['converged'] else 'NOT converged'}")
     return "\n".join(lines) + "\n"

@@ -64,5 +64,5 @@ def training_summary(path: Path) -> dict | None:
         return None
     c = t.get("convergence_check") or {}
     return {"epochs": t["epochs"], "converged": t.get("converged"),
-            "check_epochs": c.get("epochs"), "check_gain": c.get("gain"),
+            "check_epochs": c.get("epochs"), "check_gain": c.get("gain"), "check_window": c.get("window"),
             "shipped_map50_95": c.get("shipped_map50_95")}
