@@ -78,13 +78,10 @@ def test_latency_mode_scans_every_group_and_times_against_uniform(tmp_path, base
 
 
 def test_iterative_schedule_records_every_step_and_replays(tmp_path, base_ckpt):
+    import shutil
+
     run = tmp_path / "run"
     sets = _sets(base_ckpt, prune__steps=2, prune__step_epochs=1, prune__sensitivity__images=6)
-    # round_to 16 (the default recipe's) is too coarse for a second step on a pruned YOLO11n: said in one line
-    r = _stage(tmp_path / "run16", "prune", sets + ["--set", "prune.round_to=16"])
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "prune step 2/2:" in r.stderr and "use fewer prune.steps or a smaller prune.round_to" in r.stderr
-    assert not (tmp_path / "run16" / "prune").exists()
     r = _stage(run, "prune", sets + ["--set", "prune.round_to=8"])
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads((run / "prune" / "plan.json").read_text())
@@ -97,10 +94,20 @@ def test_iterative_schedule_records_every_step_and_replays(tmp_path, base_ckpt):
     assert len(yp.as_steps(hist)) == 2
     pruned = ua.load_detection_model(run / "prune" / "pruned.pt")
     yp.verify_history(pruned, hist, 320, run / "prune" / "pruned.pt")
+    # the refusals below reuse this run's data and load stages (the stage cache is by content) and skip the
+    # reconstruction (tested on its own): each is refused before anything is written
+    no_recon = ["--set", "prune.reconstruct.enabled=false"]
+    for name in ("run16", "run2"):
+        for st in ("data", "load"):
+            shutil.copytree(run / st, tmp_path / name / st)
+    # round_to 16 (the default recipe's) is too coarse for a second step on a pruned YOLO11n: said in one line
+    r = _stage(tmp_path / "run16", "prune", sets + no_recon + ["--set", "prune.round_to=16"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "prune step 2/2:" in r.stderr and "use fewer prune.steps or a smaller prune.round_to" in r.stderr
+    assert not (tmp_path / "run16" / "prune").exists()
     # a budget no step can keep: a one-line refusal, nothing written
-    r = _stage(tmp_path / "run2", "prune",
-               _sets(base_ckpt, prune__steps=2, prune__step_epochs=1, prune__sensitivity__images=6,
-                     prune__max_step_drop=1e-9, prune__round_to=8))
+    r = _stage(tmp_path / "run2", "prune", sets + no_recon + ["--set", "prune.max_step_drop=1e-9",
+                                                             "--set", "prune.round_to=8"])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "the first pruning step already lost more than prune.max_step_drop" in r.stderr
     assert not (tmp_path / "run2" / "prune").exists()
