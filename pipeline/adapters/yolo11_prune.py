@@ -23,7 +23,7 @@ from ultralytics.nn.modules.head import Detect
 from ultralytics.nn.tasks import DetectionModel
 
 from pipeline.adapters.yolo11_blocks import C2fSplit, C2PSASplit, DecoupledAttention, rewrite
-from pipeline.core.errors import UserError
+from pipeline.core.errors import UnreachableTarget, UserError
 
 KNOWN = (DetectionModel, Conv, DWConv, Bottleneck, C3k, C3, C2fSplit, C2PSASplit, PSABlock, DecoupledAttention,
          SPPF, Detect, DFL, Concat, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Identity,
@@ -203,9 +203,9 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
         return m, h, frac
 
     def unreachable(frac):
-        return UserError(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%}: the closest is "
-                         f"{frac:.4f} x base MACs (round_to={spec.round_to}, max per-layer ratio "
-                         f"{spec.max_layer_ratio})")
+        return UnreachableTarget(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%}: the closest is "
+                                 f"{frac:.4f} x base MACs (round_to={spec.round_to}, max per-layer ratio "
+                                 f"{spec.max_layer_ratio})")
 
     # Above ~0.7 Torch-Pruning's per-group rounding makes MACs non-monotonic in the ratio (0.9 keeps more than
     # 0.7 on YOLO11n): the search stays below that.
@@ -269,8 +269,8 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     lo, hi = 0.0, cap / wmin
     m, h, frac, rd = attempt(hi)
     if frac > target + tol:
-        raise UserError(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%} with these group "
-                        f"weights: every group at its cap ({cap}) keeps {frac:.4f} x base MACs")
+        raise UnreachableTarget(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%} with these "
+                                f"group weights: every group at its cap ({cap}) keeps {frac:.4f} x base MACs")
     best = (abs(frac - target), m, h, rd)
     for _ in range(18):
         mid = (lo + hi) / 2
@@ -280,8 +280,8 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
         if abs(frac - target) <= tol:
             return m, h, {"scale": mid, "ratios": rd}, trials
         lo, hi = (mid, hi) if frac > target else (lo, mid)
-    raise UserError(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%} with these group weights: "
-                    f"the closest is off by {best[0]:.4f} (round_to={spec.round_to})")
+    raise UnreachableTarget(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%} with these "
+                            f"group weights: the closest is off by {best[0]:.4f} (round_to={spec.round_to})")
 
 
 # --------------------------------------------------------------------------------------------- signatures

@@ -17,3 +17,7 @@ class UserError(Exception):
 
 class StageNotImplemented(UserError):
     pass
+
+
+class UnreachableTarget(UserError):
+    """A MACs/params target the search cannot land within its tolerance."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import UserError
+from pipeline.core.errors import UnreachableTarget, UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord, sha256_file
 
@@ -262,8 +262,8 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
             step_spec = dataclasses.replace(step_spec, tolerance=max(spec.tolerance, 0.1))
         try:
             pruned, h, inf, plan = _prune_once(ctx, cur, step_spec, grads_fn, evaluator, out, calib)
-        except UserError as e:
-            if "unreachable" not in e.problem or i == 1:
+        except UnreachableTarget as e:
+            if i == 1:
                 raise
             raise UserError(f"prune step {i}/{c.steps}: {e.problem}; after step {i - 1} every conv is already a "
                             f"multiple of round_to={spec.round_to}, too coarse for this step on this model: use "
