@@ -47,7 +47,7 @@ report: venv ## re-render runs/<run>/report.json + report.md from the last bench
 status: venv ## list the stages of the default run and their state
 	$(CLI) status --recipe $(RECIPE) $(ARGS)
 
-base: venv ## retrain the shipped base (models/base/yolo11n-synth.pt): 60+60+15 (nbs 64) + 60 (nbs 16) epochs and a 60-epoch convergence check, ~3 h on 2 cores
+base: venv ## retrain the shipped base (models/base/yolo11n-synth.pt): 60+60+15 (nbs 64) + 60 (nbs 16) + 5x60 (fine-tune settings) epochs and a 60-epoch convergence check, ~6 h on 2 cores
 	$(CLI) base --recipe $(RECIPE) $(ARGS)
 
 check-report: venv ## verify runs/default/report.json with ../shared/tools/check-report (pycocotools alone)
