@@ -14,7 +14,7 @@ import torch
 
 from pipeline.adapters import ultralytics_yolo as ua
 from pipeline.adapters import yolo11_prune as yp
-from pipeline.adapters.yolo11_blocks import rewrite
+from pipeline.adapters.yolo11_blocks import fold_into, is_rewritten, rewrite
 from pipeline.core.errors import UserError
 from pipeline.eval.detect import PrePost, letterbox
 
@@ -46,6 +46,41 @@ def test_rewrite_is_exact_on_real_images(name):
     assert counts == {"C2f/C3k2": 8, "C2PSA": 1, "Attention": 1}
     for x in _real_images(320):
         assert np.abs(ua.torch_forward(m, x) - ua.torch_forward(r, x)).max() <= 1e-5
+
+
+def test_fold_back_is_exact_after_the_rewritten_model_changes():
+    """A model trained in rewritten form (sparsity training) folds back into the stock modules exactly."""
+    m = _randomized("yolo11n.yaml")
+    r = yp.prepare(m)
+    torch.manual_seed(1)
+    with torch.no_grad():  # the rewritten model's weights move (as in training): the fold must carry every change
+        for t in list(r.parameters()) + [b for n, b in r.named_buffers() if "running" in n]:
+            t.mul_(1 + 0.2 * torch.rand_like(t))
+    stock = fold_into(ua.build_from_yaml("yolo11n.yaml", nc=8), r).eval()
+    assert not is_rewritten(stock)
+    for x in _real_images(320):
+        assert np.abs(ua.torch_forward(stock, x) - ua.torch_forward(r, x)).max() <= 1e-5
+    pruned, _ = yp.prune_at_ratio(r, 320, yp.PruneSpec(), 0.3)
+    with pytest.raises(ValueError, match="cannot be folded"):
+        fold_into(ua.build_from_yaml("yolo11n.yaml", nc=8), pruned)
+
+
+def test_sparsity_regularizer_pulls_the_weakest_groups_hardest():
+    """Torch-Pruning's group regularizer on the rewritten model: each output channel of a group root gets the
+    gradient reg * gamma * w (shrinking it), gamma from 1 for the group's strongest channel to 16 for its weakest."""
+    m = yp.prepare(_randomized("yolo11n.yaml"))
+    reg = yp.sparsity_regularizer(m, 320, 1e-3)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    reg.regularize(m)
+    stem = m.model[0].conv
+    per_channel = (stem.weight.grad / stem.weight.data).flatten(1)
+    assert torch.allclose(per_channel, per_channel[:, :1].expand_as(per_channel), rtol=1e-4)
+    gamma = per_channel[:, 0] / 1e-3
+    assert gamma.min().item() == pytest.approx(1.0, rel=1e-3) and gamma.max().item() == pytest.approx(16.0, rel=1e-3)
+    norms = stem.weight.data.flatten(1).norm(dim=1)
+    assert gamma[norms.argmax()] < gamma[norms.argmin()]
+    assert m.model[-1].dfl.conv.weight.grad.abs().sum() == 0  # the DFL is in no group
 
 
 def _prune_in_subprocess(name, target, tmp_path):

@@ -178,6 +178,8 @@ class KeepArchitectureTrainer(DetectionTrainer):
     """
 
     head_kd: dict | None = None  # {"head_weight", "temperature"}: distil the head outputs too (yolo11_distill)
+    sparsity: float = 0.0  # group-sparsity regularization strength (a rewritten model; yolo11_prune)
+    _regularizer = None
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         if not isinstance(weights, torch.nn.Module):
@@ -185,6 +187,19 @@ class KeepArchitectureTrainer(DetectionTrainer):
         if hasattr(weights, "student_model"):
             weights = weights.student_model
         return self.set_model_names_for_load(weights)
+
+    def optimizer_step(self):
+        """With `sparsity`, Torch-Pruning's group regularizer adds its gradient before the stock step (which
+        unscales, clips and steps: with AMP the gradients are still scaled here, so the term is scaled alike)."""
+        if self.sparsity:
+            from pipeline.adapters import yolo11_prune as yp
+
+            if self._regularizer is None:
+                self._regularizer = yp.sparsity_regularizer(self.model, self.args.imgsz, self.sparsity)
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+            self._regularizer.reg = self.sparsity * scale
+            self._regularizer.regularize(self.model)
+        super().optimizer_step()
 
     def set_model_attributes(self):
         """The stock attributes; then, when distilling with head KD, the model becomes a HeadDistillationModel
@@ -211,17 +226,19 @@ class KeepArchitectureTrainer(DetectionTrainer):
 
 def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int, batch: int,
              seed: int = 0, workers: int = 2, device: str = "cpu", distill_from: str | Path | None = None,
-             feature_weight: float = 0.0, head_kd: dict | None = None, **kw) -> Path:
+             feature_weight: float = 0.0, head_kd: dict | None = None, sparsity: float = 0.0, **kw) -> Path:
     """Fine-tune the model in `weights` without changing its architecture; resumes from out_dir/weights/last.pt
     when a previous run was cut off. Returns the final epoch's checkpoint (EMA weights, FP16 as ultralytics saves
     them), not ultralytics' best.pt: that one is picked on the val split, which bench scores.
 
     With `distill_from` (the teacher checkpoint) the student is distilled: ultralytics' feature loss at
-    `feature_weight` and, with `head_kd` ({"head_weight", "temperature"}), the head-output loss."""
+    `feature_weight` and, with `head_kd` ({"head_weight", "temperature"}), the head-output loss. With `sparsity`
+    > 0 (a rewritten model: yolo11_prune.prepare) it is sparsity training instead (group-lasso regularization)."""
 
     def trainer(overrides):
         t = KeepArchitectureTrainer(overrides=overrides)
         t.head_kd = head_kd if distill_from else None
+        t.sparsity = sparsity
         return t
 
     out_dir = Path(out_dir).resolve()

@@ -124,6 +124,36 @@ def rewrite(model: nn.Module) -> dict:
     return counts
 
 
+def folded_state_dict(rewritten: nn.Module) -> dict:
+    """The state dict of the stock model that `rewritten` was made from: each split block's cv0/cv1 concatenated
+    back into one cv1 (weights, bias, BN statistics), every other tensor under its own name. The inverse of
+    `rewrite` for a model whose split blocks were not pruned (cv0 and cv1 still c channels each), e.g. one trained
+    in rewritten form (sparsity training)."""
+    sd = rewritten.state_dict()
+    out = {}
+    split = {name for name, m in rewritten.named_modules() if isinstance(m, _SplitFirstConv)}
+    for name in split:
+        m = rewritten.get_submodule(name)
+        if m.cv0.conv.out_channels != m.c or m.cv1.conv.out_channels != m.c:
+            raise ValueError(f"{name}: a pruned split block cannot be folded back into the stock one")
+    for k, v in sd.items():
+        owner, _, rest = k.partition(".cv0.") if ".cv0." in k else (None, None, None)
+        if owner in split:
+            other = sd[f"{owner}.cv1.{rest}"]
+            out[f"{owner}.cv1.{rest}"] = v if rest.endswith("num_batches_tracked") else torch.cat((v, other), 0)
+        elif ".cv1." in k and k.partition(".cv1.")[0] in split:
+            continue  # merged above
+        else:
+            out[k] = v
+    return out
+
+
+def fold_into(stock: nn.Module, rewritten: nn.Module) -> nn.Module:
+    """Load `rewritten`'s weights into `stock` (same architecture before rewriting), strictly. Returns stock."""
+    stock.load_state_dict(folded_state_dict(rewritten), strict=True)
+    return stock
+
+
 def is_rewritten(model: nn.Module) -> bool:
     return any(isinstance(m, (C2fSplit, C2PSASplit)) for m in model.modules())
 

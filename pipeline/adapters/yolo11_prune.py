@@ -141,6 +141,22 @@ def _pruner(model: nn.Module, imgsz: int, spec: PruneSpec, ratio: float, grads_f
     return p
 
 
+def sparsity_regularizer(model: nn.Module, imgsz: int, reg: float, alpha: float = 4):
+    """Torch-Pruning's GroupNormPruner over the dependency groups of a rewritten model (the same protections as
+    `prune`), for sparsity training: its `regularize(model)`, called between backward and the optimizer step, adds
+    a group-wise L2 gradient, `reg` times 1 (most important group) to 2**alpha (least), that drives whole channel
+    groups toward zero, so that the later cut removes channels that no longer carry much."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    p = tp.pruner.GroupNormPruner(
+        model, torch.zeros(1, 3, imgsz, imgsz, device=device), importance=tp.importance.GroupMagnitudeImportance(p=2),
+        reg=reg, alpha=alpha, ignored_layers=protected_layers(model),
+        customized_pruners={DecoupledAttention: AttentionPruner()}, forward_fn=_forward)
+    model.train(was)
+    return p
+
+
 def prune_at_ratio(prepared: DetectionModel, imgsz: int, spec: PruneSpec, ratio: float, grads_fn=None,
                    ratio_dict: dict | None = None):
     """Prune a copy of `prepared` at one channel ratio (per-layer overrides in ratio_dict, by module name).

@@ -55,6 +55,7 @@ class BasePhase(Strict):
     nbs: int | None = Field(None, ge=1)  # this phase's nominal batch (default: base.nbs)
     close_mosaic: int | None = Field(None, ge=0)  # mosaic off for the last N epochs (ultralytics' default 10)
     warmup_epochs: float | None = Field(None, ge=0)  # ultralytics' default 3
+    sparsity: float | None = Field(None, ge=0)  # group-sparsity training (Torch-Pruning's GroupNormPruner reg)
 
 
 class BaseTrainCfg(TrainSetup):
