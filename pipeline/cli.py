@@ -153,6 +153,22 @@ def base(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Pat
     typer.echo(str(train_base(ctx, dest, epochs, start)))
 
 
+@app.command()
+def sparsify(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
+             out: Path | None = typer.Option(None, help="where to write the weights (default: "
+                                                        "prune.sparsity.shipped)")):
+    """Sparsity-train the recipe's model on its data (prune.sparsity.phases) and write the weights with the record
+    that lets runs with the same model, data and settings reuse them (prune.sparsity.shipped)."""
+    from pipeline.stages import sparsity
+
+    ctx = _ctx(recipe, sets, run_dir)
+    _run_stages(ctx, ["data", "load"])
+    dest = Path(out or ctx.recipe.prune.sparsity.shipped or "models/base/sparse.pt")
+    model, data = ctx.output("load", "model"), ctx.output("data", "yolo")
+    sparsity.train(ctx, model, data, dest, sparsity.key_of(ctx, model, data))
+    typer.echo(str(dest))
+
+
 @app.command("check-trt")
 def check_trt(path: Path, dynamic: bool = typer.Option(False, "--dynamic", help="allow dynamic input shapes "
                                                                                 "(you will give a profile)")):

@@ -224,3 +224,37 @@ def test_dfl_last_axis_rewrite_is_exact_and_exports(tmp_path):
     assert info["rewrites"] == ["dfl_last_axis"] and info["parity_max_abs_diff"] <= 1e-3
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if "dfl" in n.name}
     assert "MatMul" in ops and "Conv" not in ops
+
+
+def test_sparsity_training_before_the_cut_is_reused_only_when_its_record_matches(tmp_path):
+    """`yolo-edge sparsify` trains (rewritten model, group regularizer, folded back) and writes weights + record; a
+    run naming them as prune.sparsity.shipped cuts those weights; a run with other settings trains its own."""
+    from conftest import cli
+
+    weights = ua.save_checkpoint(_randomized("yolo11n.yaml"), tmp_path / "base.pt")
+    sets = ["--set", "data.synthetic.train=16", "--set", "data.synthetic.val=8", "--set", "model.imgsz=96",
+            "--set", f"model.weights={weights}", "--set", "prune.mode=uniform",
+            "--set", "prune.reconstruct.enabled=false", "--set", "prune.sparsity.enabled=true",
+            "--set", "prune.sparsity.batch=8", "--set", "prune.sparsity.workers=0",
+            "--set", "prune.sparsity.phases=[{epochs: 1, reg: 0.01}]"]
+    shipped = tmp_path / "sparse.pt"
+    r = cli("sparsify", "--run-dir", tmp_path / "a", "--out", shipped, *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(shipped.with_suffix(".json").read_text())
+    assert rec["epochs"] == 1 and len(rec["history"]) == 1 and rec["history"][0]["reg"] == 0.01
+    assert not is_rewritten(ua.load_detection_model(shipped))
+
+    r = cli("run", "--run-dir", tmp_path / "b", "--stages", "data,load,prune", *sets,
+            "--set", f"prune.sparsity.shipped={shipped}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "matches this run's model, data and settings" in r.stdout + r.stderr
+    plan = json.loads((tmp_path / "b" / "prune" / "plan.json").read_text())
+    assert plan["sparsity"]["source"] == "shipped" and plan["sparsity"]["key"] == rec["key"]
+    assert 0.48 <= plan["macs_fraction"] <= 0.52
+
+    r = cli("run", "--run-dir", tmp_path / "c", "--stages", "data,load,prune", *sets,
+            "--set", f"prune.sparsity.shipped={shipped}", "--set", "prune.sparsity.phases=[{epochs: 1, reg: 0.02}]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "was trained from other inputs or settings" in r.stdout + r.stderr
+    plan = json.loads((tmp_path / "c" / "prune" / "plan.json").read_text())
+    assert plan["sparsity"]["source"] == "trained" and plan["sparsity"]["key"] != rec["key"]

@@ -55,7 +55,6 @@ class BasePhase(Strict):
     nbs: int | None = Field(None, ge=1)  # this phase's nominal batch (default: base.nbs)
     close_mosaic: int | None = Field(None, ge=0)  # mosaic off for the last N epochs (ultralytics' default 10)
     warmup_epochs: float | None = Field(None, ge=0)  # ultralytics' default 3
-    sparsity: float | None = Field(None, ge=0)  # group-sparsity training (Torch-Pruning's GroupNormPruner reg)
 
 
 class BaseTrainCfg(TrainSetup):
@@ -87,6 +86,24 @@ class ReconstructCfg(Strict):
     seed: int = 0
 
 
+class SparsityPhase(Strict):
+    epochs: int = Field(..., ge=1)
+    reg: float = Field(..., gt=0)  # Torch-Pruning GroupNormPruner's reg: 1x (strongest group) .. 16x (weakest)
+
+
+class SparsityCfg(TrainSetup):
+    """Sparsity training before the cut (pipeline/stages/sparsity.py): the model trains on the run's data with
+    Torch-Pruning's group regularizer, phase after phase, so that whole channel groups fade before they are cut.
+    `shipped` weights are reused when their record names the same model, data and settings."""
+
+    enabled: bool = False
+    phases: list[SparsityPhase] = Field(default_factory=lambda: [SparsityPhase(epochs=30, reg=5e-3)], min_length=1)
+    nbs: int = Field(16, ge=1)
+    close_mosaic: int = Field(3, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    shipped: str | None = None
+
+
 class PruneCfg(Strict):
     enabled: bool = True
     macs_target: float | None = Field(0.5, gt=0, lt=1, description="fraction of the base MACs to keep")
@@ -105,6 +122,7 @@ class PruneCfg(Strict):
     step_epochs: int = Field(2, ge=1)  # fine-tune epochs after each step but the last (finetune does the last)
     max_step_drop: float | None = Field(None, gt=0)  # stop early when a step loses more mAP50-95 than this
     reconstruct: ReconstructCfg = ReconstructCfg()
+    sparsity: SparsityCfg = SparsityCfg()
 
 
 class DistillCfg(Strict):

@@ -17,7 +17,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, console, lib_versions
 from pipeline.core.store import atomic_path, sha256_file
 
@@ -50,27 +49,6 @@ def convergence(history: list[dict], check: list[dict], converged_gain: float, w
             "converged_gain": converged_gain, "converged": tail_c - tail_s < converged_gain}
 
 
-def _sparse_phase(spec, data_yaml: Path, out: Path, epochs: int, sparsity: float, ctx: Context, settings: dict) -> Path:
-    """Sparsity training (Torch-Pruning's group regularizer, yolo11_prune.sparsity_regularizer) of trained weights:
-    the model trains in its rewritten form (the form the dependency graph sees), through the stock trainer, and is
-    folded back into the stock modules exactly. Returns the folded checkpoint (FP32)."""
-    from pipeline.adapters import ultralytics_yolo as ua
-    from pipeline.adapters import yolo11_prune as yp
-    from pipeline.adapters.yolo11_blocks import fold_into
-
-    if not str(spec).endswith(".pt"):
-        raise UserError("a sparsity phase continues trained weights: it cannot be the first phase (base.phases)")
-    b = ctx.recipe.base
-    console.print(f"  sparsity training: group regularization {sparsity:g} on the rewritten model")
-    stock = ua.load_detection_model(spec)
-    start = out.parent / f"{out.name}-rewritten.pt"
-    ua.save_checkpoint(yp.prepare(stock), start, train_args=stock.args)
-    last = ua.finetune(start, data_yaml, out, epochs=epochs, imgsz=ctx.recipe.model.imgsz, batch=b.batch, seed=b.seed,
-                       workers=b.workers, device=b.device, sparsity=sparsity, patience=0, **settings)
-    folded = fold_into(stock, ua.load_detection_model(last))
-    return ua.save_checkpoint(folded, out / "weights" / "folded.pt", train_args=stock.args)
-
-
 def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path | None = None) -> Path:
     """Train (all phases, or one phase of `epochs` from `start` weights) and ship to `dest`."""
     from pipeline.adapters import ultralytics_yolo as ua
@@ -78,7 +56,7 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
     b = ctx.recipe.base
     phases = [{"epochs": epochs, "nbs": b.nbs}] if epochs else \
         [{"epochs": p.epochs, "nbs": p.nbs or b.nbs,
-          **{k: getattr(p, k) for k in ("close_mosaic", "warmup_epochs", "sparsity") if getattr(p, k) is not None}}
+          **{k: getattr(p, k) for k in ("close_mosaic", "warmup_epochs") if getattr(p, k) is not None}}
          for p in b.phases]
     data_yaml = ctx.output("data", "yolo") / "data.yaml"
     work = Path(tempfile.mkdtemp(prefix="base-", dir=ctx.run_dir))
@@ -87,14 +65,11 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
     for i, ph in enumerate(phases, 1):
         console.print(f"phase {i}/{len(phases)}: training {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
                       f"{ctx.recipe.model.imgsz}px on {data_yaml}")
-        settings = {k: v for k, v in ph.items() if k not in ("epochs", "sparsity")}
-        if ph.get("sparsity"):
-            spec = _sparse_phase(spec, data_yaml, work / f"phase{i}", ph["epochs"], ph["sparsity"], ctx, settings)
-        else:
-            ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
-                     batch=b.batch, seed=b.seed, workers=b.workers, device=b.device, patience=0, **settings)
-            spec = work / f"phase{i}" / "weights" / "last.pt"
+        ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
+                 batch=b.batch, seed=b.seed, workers=b.workers, device=b.device, patience=0,
+                 **{k: v for k, v in ph.items() if k != "epochs"})
         history += _history(work / f"phase{i}", i, len(history))
+        spec = work / f"phase{i}" / "weights" / "last.pt"
     check = None
     if b.check_epochs:
         # The check trains the shipped weights exactly as the pruned model is fine-tuned (the finetune section:

@@ -13,6 +13,8 @@ a held-out mAP check that stops the schedule early when a step loses more than p
 Reconstruction (prune.reconstruct, after every cut): the pruned convs are refit by least squares to the unpruned
 model's features on held-out train images (pipeline/adapters/reconstruct.py); plan.json records each layer's
 error before/after and the held-out mAP50-95 before/after.
+Sparsity training (prune.sparsity, pipeline/stages/sparsity.py): what is cut is the model after group-sparsity
+training of the loaded one (shipped weights reused when their record matches, else trained here).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pipeline.core.errors import UnreachableTarget, UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord, sha256_file
 
-VERSION = 4
+VERSION = 5
 
 
 def spec_of(ctx: Context):
@@ -68,11 +70,14 @@ def run(ctx: Context) -> StageRecord:
         raise UserError(f"prune.mode={c.mode} distributes a MACs target over groups: set prune.macs_target, "
                         f"not prune.ratio", ctx.recipe_path)
     needs_eval = c.mode != "uniform" or c.steps > 1 or c.reconstruct.enabled
+    if c.sparsity.enabled and c.steps > 1:
+        raise UserError("prune.sparsity trains before a single cut; it does not combine with prune.steps > 1",
+                        ctx.recipe_path)
     config = {**c.model_dump(), "imgsz": ctx.recipe.model.imgsz}
     if c.steps > 1:
         config["step_finetune"] = ctx.recipe.finetune.model_dump()
     inputs = {"model": ctx.output("load", "model")}
-    if needs_eval or c.importance == "taylor":
+    if needs_eval or c.importance == "taylor" or c.sparsity.enabled:
         inputs["data"] = ctx.output("data", "yolo")
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
@@ -81,6 +86,14 @@ def run(ctx: Context) -> StageRecord:
 
         model = ua.load_detection_model(inputs["model"])
         imgsz = ctx.recipe.model.imgsz
+        sparse = None
+        if c.sparsity.enabled:
+            from pipeline.stages import sparsity
+
+            path, srec = sparsity.sparse_weights(ctx, inputs["model"], inputs["data"])
+            model = ua.load_detection_model(path)
+            sparse = {k: srec[k] for k in ("source", "path", "key", "model_digest", "data_digest", "settings",
+                                           "epochs", "final_val_map50_95")}
         grads_fn = None
         if spec.importance == "taylor":
             grads_fn = ua.taylor_grads_fn(inputs["data"] / "data.yaml", imgsz, c.taylor_batches)
@@ -111,7 +124,7 @@ def run(ctx: Context) -> StageRecord:
         ua.save_checkpoint(pruned, out / "pruned.pt", pruning={"history_file": "history.json", "spec": _jsonable(spec),
                                                                "macs_fraction": info["macs_fraction"]})
         yp.save_history(history, out / "history.json")
-        meta = {"spec": _jsonable(spec), "mode": c.mode, "steps": steps, **info}
+        meta = {"spec": _jsonable(spec), "mode": c.mode, "steps": steps, "sparsity": sparse, **info}
         (out / "plan.json").write_text(json.dumps({**meta, "channels": yp.channel_report(pruned)}, indent=1))
         (out / "model.json").write_text(json.dumps({"params": info["params"], "macs": info["macs"]}, indent=1))
         console.print(f"  pruned to {info['macs_fraction']:.3f}x MACs, {info['params_fraction']:.3f}x params "
@@ -126,6 +139,7 @@ def run(ctx: Context) -> StageRecord:
                 outputs[extra.replace(".", "_")] = extra
         metrics = {k: v for k, v in info.items() if k not in ("trials", "channel_ratio")}
         metrics["steps"] = [_summary(s) for s in steps]
+        metrics["sparsity"] = sparse
         return StageResult(outputs=outputs, metrics=metrics, requested=requested, effective=effective)
 
     return run_stage(ctx, "prune", VERSION, config, inputs, fn)
