@@ -38,7 +38,8 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
             "--set", "finetune.batch=8", "--set", "bench.iters=5", "--set", "bench.warmup=1",
             "--set", f"model.weights={base_ckpt}", "--set", "calib.count=16", "--set", "calib.min_count=16",
             "--set", "calib.tuning_images=8", "--set", "quantize.accuracy_aware.max_float=2",
-            "--set", "quantize.accuracy_aware.min_float=2", "--set", "prune.mode=uniform"]  # latency: its own test
+            "--set", "quantize.accuracy_aware.min_float=2", "--set", "prune.mode=uniform",  # latency: its own test
+            "--set", "prune.sparsity.enabled=false"]  # its own test; the shipped sparse weights fit the default data
     r = cli("run", "--run-dir", run, *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((run / "report.json").read_text())
@@ -159,3 +160,21 @@ def test_convergence_compares_tail_means_not_a_best_epoch():
     assert c["gain"] > 0.015 and c["converged"] is False
     short = convergence(shipped[:7], plateau[:3], 0.005, 10)  # phase 2 has 2 epochs, the check 3: window 2
     assert short["window"] == 2
+
+
+def test_shipped_sparse_weights_match_the_default_run(tmp_path, base_ckpt):
+    """`make pipeline` cuts the shipped sparsity-trained weights only if their record names the default run's model,
+    data and settings; this fails when the base, the data or prune.sparsity change without `make sparse`."""
+    from pipeline.core.config import load_recipe
+    from pipeline.core.stage import Context
+    from pipeline.stages import sparsity
+
+    run = tmp_path / "run"
+    r = cli("run", "--run-dir", run, "--stages", "data,load")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ctx = Context(run_dir=run, recipe=load_recipe(ROOT / "models/default.yaml", []),
+                  recipe_path=ROOT / "models/default.yaml")
+    shipped = ROOT / ctx.recipe.prune.sparsity.shipped
+    want = sparsity.key_of(ctx, run / "load" / "model.pt", run / "data" / "yolo")
+    ok, why = sparsity.shipped_matches(shipped, want["key"])
+    assert ok, why

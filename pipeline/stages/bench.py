@@ -35,7 +35,10 @@ def variants(ctx: Context) -> list[Variant]:
     if ctx.recipe.prune.enabled:
         f, pr = ctx.recipe.finetune, ctx.recipe.prune
         kd = f.distill
-        note = (f"pruned (DepGraph, {pr.mode} mode{', features reconstructed' if pr.reconstruct.enabled else ''})"
+        sp = pr.sparsity
+        note = ((f"sparsity-trained {sum(p.epochs for p in sp.phases)} epochs (group regularization), then "
+                 if sp.enabled else "") +
+                f"pruned (DepGraph, {pr.mode} mode{', features reconstructed' if pr.reconstruct.enabled else ''})"
                 f" + fine-tuned {f.epochs} epochs (stock trainer, nbs {f.nbs})"
                 + (f", distilled from base-fp32 (head KD {kd.head_weight}, feature {kd.feature_weight})"
                    if kd.enabled else ""))
