@@ -87,11 +87,15 @@ def build_from_yaml(spec: str | Path, nc: int, names: list[str] | None = None) -
     return model.float().eval()
 
 
-def save_checkpoint(model: torch.nn.Module, dest: str | Path, train_args: dict | None = None, **extra) -> Path:
-    """An ultralytics checkpoint dict in FP32 that plain `YOLO(path)` loads."""
+def save_checkpoint(model: torch.nn.Module, dest: str | Path, train_args: dict | None = None, half: bool = False,
+                    **extra) -> Path:
+    """An ultralytics checkpoint dict in FP32 (FP16 with `half`, as ultralytics stores its own) that plain
+    `YOLO(path)` loads."""
     from copy import deepcopy
 
     m = deepcopy(model).float().cpu().eval()
+    if half:
+        m = m.half()
     if hasattr(m, "criterion"):
         m.criterion = None
     ckpt = {"model": m, "ema": None, "train_args": dict(train_args or getattr(model, "args", {}) or {}),

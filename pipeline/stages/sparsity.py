@@ -62,8 +62,8 @@ def shipped_matches(path: Path, key: str) -> tuple[bool, str]:
 
 
 def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict) -> dict:
-    """Train the sparsity phases from `model_path` and write the folded FP32 checkpoint to `dest` with its record
-    (dest.json). Returns the record."""
+    """Train the sparsity phases from `model_path` and write the folded checkpoint (FP16, lossless) to `dest` with
+    its record (dest.json). Returns the record."""
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.adapters import yolo11_prune as yp
     from pipeline.adapters.yolo11_blocks import fold_into
@@ -89,8 +89,8 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
             console.print(f"  sparsity phase {i}/{len(s.phases)}: done earlier ({folded})")
         stock = ua.load_detection_model(folded)
         history += [{**r, "phase": i, "reg": ph.reg} for r in ua.training_history(work / f"phase{i}")]
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(work / f"phase{len(s.phases)}.pt", tmp)
+    # FP16, as ultralytics stores checkpoints: lossless here, every weight comes from the trainer's FP16 last.pt
+    ua.save_checkpoint(stock, dest, train_args=stock.args, half=True)
     rec = {**want, "history": history, "final_val_map50_95": history[-1]["map50_95"],
            "epochs": sum(p.epochs for p in s.phases), "env": lib_versions()}
     with atomic_path(dest.with_suffix(".json")) as tmp:
