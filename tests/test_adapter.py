@@ -64,3 +64,13 @@ def test_download_attempt_fails_fast_and_loudly(tmp_path, monkeypatch):
     assert time.time() - t < 30
     assert not (tmp_path / "yolo11s.pt").exists()
     assert str(e.value)
+
+
+def test_training_history_keeps_the_rerun_of_an_epoch_whose_checkpoint_was_lost(tmp_path):
+    """Killed after an epoch's results.csv row but before its last.pt: the resumed run trains that epoch again and
+    appends a second row; the history keeps one row per epoch, the later one."""
+    head = "epoch,train/box_loss,metrics/mAP50(B),metrics/mAP50-95(B)\n"
+    (tmp_path / "results.csv").write_text(head + "1,1.5,0.5,0.30\n2,1.4,0.6,0.35\n2,1.3,0.62,0.36\n3,1.2,0.7,0.40\n")
+    h = ua.training_history(tmp_path)
+    assert [r["epoch"] for r in h] == [1, 2, 3]
+    assert h[1]["map50_95"] == 0.36 and h[1]["train_loss"] == {"box_loss": 1.3}

@@ -281,7 +281,10 @@ def training_history(out_dir: str | Path) -> list[dict]:
             losses = {k.split("/", 1)[1]: float(v) for k, v in row.items() if k.startswith("train/") and v}
             rows.append({"epoch": int(float(row["epoch"])), "map50_95": float(row["metrics/mAP50-95(B)"]),
                          "map50": float(row["metrics/mAP50(B)"]), "train_loss": losses})
-    return rows
+    # A run killed between writing an epoch's row and its last.pt resumes from the epoch before and trains that
+    # epoch again, appending a second row for it: the later row is the epoch the weights went on from.
+    by_epoch = {r["epoch"]: r for r in rows}
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def taylor_grads_fn(data_yaml: str | Path, imgsz: int, n_batches: int, batch: int = 8):
