@@ -88,3 +88,16 @@ def test_stage_cache_is_by_content_and_interrupt_keeps_record(tmp_path):
         run_stage(ctx, "s", 2, {"a": 1}, {"x": src}, dies)
     rec = json.loads((ctx.stage_dir("s") / "record.json").read_text())
     assert rec["key"] == r3.key and (ctx.stage_dir("s") / "o.txt").read_text() == "V2"
+
+
+def test_sparsity_phases_are_checked():
+    """A phase must regularize or fade; only the last may fade, and not for longer than it trains."""
+    for phases, msg in [("[{epochs: 5}]", "reg > 0 .*or fade"),
+                        ("[{epochs: 5, fade: 2}, {epochs: 5, reg: 0.01}]", "only the last sparsity phase may fade"),
+                        ("[{epochs: 5, fade: 6}]", "must not exceed")]:
+        with pytest.raises(UserError, match=msg) as e:
+            load_recipe(ROOT / "models/default.yaml", [f"prune.sparsity.phases={phases}"])
+        assert "\n" not in str(e.value)
+    r = load_recipe(ROOT / "models/default.yaml",
+                    ["prune.sparsity.phases=[{epochs: 5, reg: 0.01}, {epochs: 5, fade: 3}]"])
+    assert r.prune.sparsity.phases[-1].fade == 3 and r.prune.sparsity.phases[-1].reg == 0

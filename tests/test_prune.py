@@ -258,3 +258,53 @@ def test_sparsity_training_before_the_cut_is_reused_only_when_its_record_matches
     assert "was trained from other inputs or settings" in r.stdout + r.stderr
     plan = json.loads((tmp_path / "c" / "prune" / "plan.json").read_text())
     assert plan["sparsity"]["source"] == "trained" and plan["sparsity"]["key"] != rec["key"]
+
+
+def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
+    """A schedule that adds a fade phase to a made one trains only the new phase (starting from the made weights);
+    the fade phase plans the cut first and drives exactly those channels to zero, so the prune stage's cut of the
+    result changes no output (measured on images) and lands on the MACs target."""
+    from conftest import cli
+
+    from pipeline.adapters import yolo11_prune as yp
+
+    weights = ua.save_checkpoint(_randomized("yolo11n.yaml"), tmp_path / "base.pt")
+    sets = ["--set", "data.synthetic.train=16", "--set", "data.synthetic.val=8", "--set", "model.imgsz=96",
+            "--set", f"model.weights={weights}", "--set", "prune.mode=uniform",
+            "--set", "prune.reconstruct.images=8", "--set", "prune.sensitivity.images=4",
+            "--set", "prune.sparsity.enabled=true",
+            "--set", "prune.sparsity.batch=8", "--set", "prune.sparsity.workers=0"]
+    first = tmp_path / "first.pt"
+    r = cli("sparsify", "--run-dir", tmp_path / "a", "--out", first, *sets,
+            "--set", "prune.sparsity.phases=[{epochs: 1, reg: 0.01}]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = sets + ["--set", "prune.sparsity.phases=[{epochs: 1, reg: 0.01}, {epochs: 2, fade: 1}]",
+                  "--set", f"prune.sparsity.shipped={first}"]
+    faded = tmp_path / "faded.pt"
+    r = cli("sparsify", "--run-dir", tmp_path / "a", "--out", faded, *two)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sparsity phases 1-1/2: made earlier" in r.stdout + r.stderr
+    rec = json.loads(faded.with_suffix(".json").read_text())
+    first_rec = json.loads(first.with_suffix(".json").read_text())
+    assert rec["epochs"] == 3 and [h["phase"] for h in rec["history"]] == [1, 2, 2]
+    assert rec["history"][0] == first_rec["history"][0] and rec["prefix_from"]["key"] == first_rec["key"]
+    model = ua.load_detection_model(faded)
+    targets = yp.fade_targets(yp.prepare(model), rec["cut"]["history"], 96)
+    bns = dict(yp.prepare(model).named_modules())
+    zero = [float(bns[n].weight.detach()[i].abs().max() + bns[n].bias.detach()[i].abs().max())
+            for n, i in targets.items()]
+    assert targets and max(zero) == 0.0
+    alive = [float(bns[n].weight.abs().max()) for n in targets]
+    assert min(alive) > 0  # only the planned channels, not whole layers
+
+    r = cli("run", "--run-dir", tmp_path / "b", "--stages", "data,load,prune", *two, "--set",
+            f"prune.sparsity.shipped={faded}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads((tmp_path / "b" / "prune" / "plan.json").read_text())
+    step = plan["steps"][0]
+    assert plan["sparsity"]["source"] == "shipped" and step["planned_by_fade_phase"]
+    assert step["cut_exact"] and step["cut_max_abs_diff"] <= 1e-5 * max(step["output_max_abs"], 1.0)
+    assert "skipped" in step["reconstruct"]
+    assert 0.48 <= plan["macs_fraction"] <= 0.52
+    hist = yp.load_history(tmp_path / "b" / "prune" / "history.json")
+    assert hist == rec["cut"]["history"]

@@ -183,7 +183,9 @@ class KeepArchitectureTrainer(DetectionTrainer):
 
     head_kd: dict | None = None  # {"head_weight", "temperature"}: distil the head outputs too (yolo11_distill)
     sparsity: float = 0.0  # group-sparsity regularization strength (a rewritten model; yolo11_prune)
+    fade: dict | None = None  # {"targets": {BN name: channel indices}, "epochs": n}: those channels fade to zero
     _regularizer = None
+    _fade_state = None
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         if not isinstance(weights, torch.nn.Module):
@@ -204,6 +206,33 @@ class KeepArchitectureTrainer(DetectionTrainer):
             self._regularizer.reg = self.sparsity * scale
             self._regularizer.regularize(self.model)
         super().optimizer_step()
+        if self.fade:
+            self._fade_step()
+
+    @torch.no_grad()
+    def _fade_step(self):
+        """Scale the fading BN channels (weight and bias, in the model and its EMA, which is what gets saved) so
+        that they follow s = 1 - progress / fade epochs down to exactly zero, and hold them there after. The
+        optimizer may move them between steps; the factor s_now / s_before is applied to whatever they are."""
+        st = self._fade_state
+        if st is None or st["epoch"] != self.epoch:
+            st = self._fade_state = {"epoch": self.epoch, "batches": 0, "s": (st or {}).get("s")}
+        st["batches"] += self.accumulate
+        progress = self.epoch + min(1.0, st["batches"] / max(len(self.train_loader), 1))
+        s = max(0.0, 1.0 - progress / self.fade["epochs"])
+        if st["s"] is None:  # the first step (or the first after a resume): the weights are where they were left
+            st["s"] = s
+        factor = s / st["s"] if st["s"] > 0 else 0.0
+        st["s"] = s
+        for model in (self.model, self.ema.ema if self.ema else None):
+            if model is None:
+                continue
+            mods = dict(model.named_modules())
+            for name, idxs in self.fade["targets"].items():
+                bn = mods[name]
+                i = torch.as_tensor(idxs, device=bn.weight.device)
+                bn.weight.data[i] *= factor
+                bn.bias.data[i] *= factor
 
     def set_model_attributes(self):
         """The stock attributes; then, when distilling with head KD, the model becomes a HeadDistillationModel
@@ -230,19 +259,22 @@ class KeepArchitectureTrainer(DetectionTrainer):
 
 def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int, batch: int,
              seed: int = 0, workers: int = 2, device: str = "cpu", distill_from: str | Path | None = None,
-             feature_weight: float = 0.0, head_kd: dict | None = None, sparsity: float = 0.0, **kw) -> Path:
+             feature_weight: float = 0.0, head_kd: dict | None = None, sparsity: float = 0.0,
+             fade: dict | None = None, **kw) -> Path:
     """Fine-tune the model in `weights` without changing its architecture; resumes from out_dir/weights/last.pt
     when a previous run was cut off. Returns the final epoch's checkpoint (EMA weights, FP16 as ultralytics saves
     them), not ultralytics' best.pt: that one is picked on the val split, which bench scores.
 
     With `distill_from` (the teacher checkpoint) the student is distilled: ultralytics' feature loss at
     `feature_weight` and, with `head_kd` ({"head_weight", "temperature"}), the head-output loss. With `sparsity`
-    > 0 (a rewritten model: yolo11_prune.prepare) it is sparsity training instead (group-lasso regularization)."""
+    > 0 (a rewritten model: yolo11_prune.prepare) it is sparsity training instead (group-lasso regularization);
+    with `fade` ({"targets": yolo11_prune.fade_targets(...), "epochs": n}) those channels fade to zero over n epochs."""
 
     def trainer(overrides):
         t = KeepArchitectureTrainer(overrides=overrides)
         t.head_kd = head_kd if distill_from else None
         t.sparsity = sparsity
+        t.fade = fade
         return t
 
     out_dir = Path(out_dir).resolve()

@@ -116,8 +116,9 @@ def macs_params(model: nn.Module, imgsz: int) -> tuple[int, int]:
 
 def prepare(model: DetectionModel) -> DetectionModel:
     """A rewritten copy, ready for the dependency graph."""
-    m = copy.deepcopy(model).float().eval()
+    m = copy.deepcopy(model).float()
     rewrite(m)
+    m.eval()  # after the rewrite: the split convs it builds are new modules, in training mode
     check_known(m)
     for p in m.parameters():
         p.requires_grad_(True)
@@ -155,6 +156,45 @@ def sparsity_regularizer(model: nn.Module, imgsz: int, reg: float, alpha: float 
         customized_pruners={DecoupledAttention: AttentionPruner()}, forward_fn=_forward)
     model.train(was)
     return p
+
+
+def fade_targets(prepared: nn.Module, history: list, imgsz: int) -> dict[str, list[int]]:
+    """The BatchNorm channels (module name -> indices) whose outputs a saved one-step pruning history removes, found
+    through the dependency graph of the unpruned rewritten model (every channel a group cuts ends in a BN here, the
+    attention's through its proj BN). With these BNs' weight and bias at zero, the removed channels carry exactly
+    zero (SiLU(0) = 0), so applying the history changes no output (a fade phase trains toward that)."""
+    was = prepared.training
+    prepared.eval()
+    device = next(prepared.parameters()).device
+    dg = tp.DependencyGraph().build_dependency(
+        prepared, torch.zeros(1, 3, imgsz, imgsz, device=device), forward_fn=_forward,
+        customized_pruners={DecoupledAttention: AttentionPruner()})
+    prepared.train(was)
+    by_name = dict(prepared.named_modules())
+    name_of = {id(m): n for n, m in by_name.items()}
+    out: dict[str, set] = {}
+    for root, is_out, idxs in as_steps(history)[0]:
+        if root not in by_name:
+            raise UserError(f"the pruning plan names module '{root}', which this model does not have")
+        module = by_name[root]
+        pruner = dg.get_pruner_of_module(module)
+        group = dg.get_pruning_group(module, pruner.prune_out_channels if is_out else pruner.prune_in_channels,
+                                     list(idxs))
+        for dep, didx in group:
+            layer = dep.target.module
+            if isinstance(layer, nn.BatchNorm2d):
+                bn = layer
+            elif isinstance(layer, DecoupledAttention) and getattr(dep.handler, "__name__", "") == "prune_out_channels":
+                bn = layer.proj.bn  # the attention node's output channels are its proj conv's (AttentionPruner)
+            else:
+                continue
+            out.setdefault(name_of[id(bn)], set()).update(int(i) for i in didx)
+    return {n: sorted(v) for n, v in out.items()}
+
+
+def cut(model: DetectionModel, history: list, imgsz: int) -> DetectionModel:
+    """Apply a saved one-step pruning history to `model` with its weights (the kept channels keep theirs)."""
+    return replay(model, [as_steps(history)[0]], imgsz)
 
 
 def prune_at_ratio(prepared: DetectionModel, imgsz: int, spec: PruneSpec, ratio: float, grads_fn=None,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.core.errors import UserError
 
@@ -88,7 +88,19 @@ class ReconstructCfg(Strict):
 
 class SparsityPhase(Strict):
     epochs: int = Field(..., ge=1)
-    reg: float = Field(..., gt=0)  # Torch-Pruning GroupNormPruner's reg: 1x (strongest group) .. 16x (weakest)
+    reg: float = Field(0.0, ge=0)  # Torch-Pruning GroupNormPruner's reg: 1x (strongest group) .. 16x (weakest)
+    # A fade phase (the last one): the cut is planned first (the prune stage's search, on the weights the phase
+    # starts from); the planned channels then fade linearly to exactly zero over `fade` epochs while the rest
+    # trains, and stay at zero for the phase's remaining epochs. The prune stage cuts exactly that plan.
+    fade: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if self.fade is None and self.reg <= 0:
+            raise ValueError("a sparsity phase needs reg > 0 (group regularization) or fade (a planned cut)")
+        if self.fade is not None and self.fade > self.epochs:
+            raise ValueError(f"fade ({self.fade} epochs) must not exceed the phase's epochs ({self.epochs})")
+        return self
 
 
 class SparsityCfg(TrainSetup):
@@ -102,6 +114,12 @@ class SparsityCfg(TrainSetup):
     close_mosaic: int = Field(3, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     shipped: str | None = None
+
+    @model_validator(mode="after")
+    def _fade_last(self):
+        if any(p.fade for p in self.phases[:-1]):
+            raise ValueError("only the last sparsity phase may fade (it trains toward the cut)")
+        return self
 
 
 class PruneCfg(Strict):

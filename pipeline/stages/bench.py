@@ -36,12 +36,19 @@ def variants(ctx: Context) -> list[Variant]:
         f, pr = ctx.recipe.finetune, ctx.recipe.prune
         kd = f.distill
         sp = pr.sparsity
-        note = ((f"sparsity-trained {sum(p.epochs for p in sp.phases)} epochs (group regularization), then "
-                 if sp.enabled else "") +
-                f"pruned (DepGraph, {pr.mode} mode{', features reconstructed' if pr.reconstruct.enabled else ''})"
-                f" + fine-tuned {f.epochs} epochs (stock trainer, nbs {f.nbs})"
-                + (f", distilled from base-fp32 (head KD {kd.head_weight}, feature {kd.feature_weight})"
-                   if kd.enabled else ""))
+        fade = next((p for p in sp.phases if p.fade), None) if sp.enabled else None
+        note = ""
+        if sp.enabled:
+            note = (f"sparsity-trained {sum(p.epochs for p in sp.phases)} epochs (group regularization"
+                    + (f"; the planned cut's channels faded to zero over {fade.fade} of the last {fade.epochs}"
+                       if fade else "") + "), then ")
+        if fade:
+            note += f"pruned (DepGraph, {pr.mode} mode, the cut the fade trained toward)"
+        else:
+            note += f"pruned (DepGraph, {pr.mode} mode{', features reconstructed' if pr.reconstruct.enabled else ''})"
+        note += f" + fine-tuned {f.epochs} epochs (stock trainer, nbs {f.nbs})"
+        if kd.enabled:
+            note += f", distilled from base-fp32 (head KD {kd.head_weight}, feature {kd.feature_weight})"
         cands.append(Variant("pruned-fp32", "export-pruned", "finetune", note=note))
     q = ctx.record("quantize") if ctx.recipe.quantize.enabled else None
     if q is not None:

@@ -85,7 +85,6 @@ def run(ctx: Context) -> StageRecord:
         from pipeline.adapters import yolo11_prune as yp
 
         model = ua.load_detection_model(inputs["model"])
-        imgsz = ctx.recipe.model.imgsz
         sparse = None
         if c.sparsity.enabled:
             from pipeline.stages import sparsity
@@ -94,28 +93,12 @@ def run(ctx: Context) -> StageRecord:
             model = ua.load_detection_model(path)
             sparse = {k: srec[k] for k in ("source", "path", "key", "model_digest", "data_digest", "settings",
                                            "epochs", "final_val_map50_95")}
-        grads_fn = None
-        if spec.importance == "taylor":
-            grads_fn = ua.taylor_grads_fn(inputs["data"] / "data.yaml", imgsz, c.taylor_batches)
-        evaluator = calib = None
-        if needs_eval:
-            from pipeline.adapters.prune_plan import Evaluator
-            from pipeline.stages.bench import prepost
+        grads_fn, evaluator, calib = _tools(ctx, inputs.get("data"), needs_eval)
 
-            n_eval = c.sensitivity.images
-            imgs, ds = held_out_images(ctx, n_eval + (c.reconstruct.images if c.reconstruct.enabled else 0),
-                                       c.sensitivity.seed)
-            evaluator = Evaluator(imgs[:n_eval], ds, prepost(ctx))
-            if c.reconstruct.enabled:
-                rest, overlap = imgs[n_eval:], False
-                if not rest:  # a train split too small for both: fit on the evaluator's images, and say so
-                    rest, overlap = imgs[:c.reconstruct.images], True
-                    console.print(f"  [yellow]prune.reconstruct: the train split has only {len(imgs)} held-out "
-                                  f"images, all used by the held-out mAP check: the reconstruction fits on them "
-                                  f"too, so its before/after mAP is measured on the images it was fit on[/]")
-                calib = (_calib_tensor(ctx, rest), overlap)
-
-        if c.steps == 1:
+        if sparse is not None and "cut" in srec:  # the fade phase trained toward this plan: apply it
+            pruned, history, info, plan = _planned_cut(ctx, model, srec["cut"], evaluator, calib, out)
+            steps = [{"step": 1, **_summary(info), **plan}]
+        elif c.steps == 1:
             pruned, history, info, plan = _prune_once(ctx, model, spec, grads_fn, evaluator, out, calib)
             steps = [{"step": 1, **_summary(info), **plan}]
         else:
@@ -143,6 +126,92 @@ def run(ctx: Context) -> StageRecord:
         return StageResult(outputs=outputs, metrics=metrics, requested=requested, effective=effective)
 
     return run_stage(ctx, "prune", VERSION, config, inputs, fn)
+
+
+def _tools(ctx: Context, data_dir: Path | None, needs_eval: bool):
+    """(grads_fn for Taylor importance, the held-out mAP evaluator, the reconstruction's images): what a cut needs."""
+    from pipeline.adapters import ultralytics_yolo as ua
+
+    c = ctx.recipe.prune
+    grads_fn = evaluator = calib = None
+    if c.importance == "taylor":
+        grads_fn = ua.taylor_grads_fn(data_dir / "data.yaml", ctx.recipe.model.imgsz, c.taylor_batches)
+    if needs_eval:
+        from pipeline.adapters.prune_plan import Evaluator
+        from pipeline.stages.bench import prepost
+
+        n_eval = c.sensitivity.images
+        imgs, ds = held_out_images(ctx, n_eval + (c.reconstruct.images if c.reconstruct.enabled else 0),
+                                   c.sensitivity.seed)
+        evaluator = Evaluator(imgs[:n_eval], ds, prepost(ctx))
+        if c.reconstruct.enabled:
+            rest, overlap = imgs[n_eval:], False
+            if not rest:  # a train split too small for both: fit on the evaluator's images, and say so
+                rest, overlap = imgs[:c.reconstruct.images], True
+                console.print(f"  [yellow]prune.reconstruct: the train split has only {len(imgs)} held-out "
+                              f"images, all used by the held-out mAP check: the reconstruction fits on them "
+                              f"too, so its before/after mAP is measured on the images it was fit on[/]")
+            calib = (_calib_tensor(ctx, rest), overlap)
+    return grads_fn, evaluator, calib
+
+
+def plan_cut(ctx: Context, model, data_dir: Path, out: Path) -> dict:
+    """Plan the cut of `model` as this stage would (spec, mode, search), without reconstruction: the fade phase
+    of sparsity training trains toward it. Returns {"history", "info", "plan"} (JSON)."""
+    c = ctx.recipe.prune
+    grads_fn, evaluator, _ = _tools(ctx, data_dir, c.mode != "uniform")
+    out.mkdir(parents=True, exist_ok=True)
+    _, history, info, plan = _cut(ctx, model, spec_of(ctx), grads_fn, evaluator, out)
+    info = {k: v for k, v in info.items() if k != "seconds"}
+    cut = {"history": history, "info": info, "plan": plan}
+    if (out / "sensitivity.json").is_file():  # the scan's table and plot are drawn again where the cut is made
+        cut["sensitivity"] = json.loads((out / "sensitivity.json").read_text())
+    return json.loads(json.dumps(cut))
+
+
+def _planned_cut(ctx: Context, model, cut: dict, evaluator, calib, out: Path):
+    """Apply the cut a fade phase trained toward; its removed channels carry zero, so the outputs must not change
+    (checked on real images). The reconstruction is skipped when they do not: there is nothing to refit."""
+    import time
+
+    import torch
+
+    from pipeline.adapters import yolo11_prune as yp
+
+    t0 = time.time()
+    if "sensitivity" in cut:
+        from pipeline.adapters.prune_plan import save_table_and_plot
+
+        sens = cut["sensitivity"]
+        save_table_and_plot(sens, {r["group"]: r["latency_ms"] for r in sens["groups"] if r["latency_ms"] is not None},
+                            {r["group"]: r["ratio"] for r in sens["groups"] if r["ratio"] is not None}, out)
+    imgsz = ctx.recipe.model.imgsz
+    prepared = yp.prepare(model)
+    pruned = yp.cut(model, cut["history"], imgsz)
+    x = calib[0][:8] if calib is not None else torch.rand(2, 3, imgsz, imgsz)
+    with torch.no_grad():
+        a, b = prepared(x), pruned(x)
+    a, b = (a[0] if isinstance(a, tuple) else a), (b[0] if isinstance(b, tuple) else b)
+    diff, scale = float((a - b).abs().max()), float(a.abs().max())
+    exact = diff <= 1e-5 * max(scale, 1.0)  # float32 summation order only (outputs: boxes in pixels, scores)
+    base_macs, base_params = yp.macs_params(prepared, imgsz)
+    macs, params = yp.macs_params(pruned, imgsz)
+    info = {**cut["info"], "base_macs": base_macs, "base_params": base_params, "macs": macs, "params": params,
+            "macs_fraction": macs / base_macs, "params_fraction": params / base_params}
+    plan = {**cut["plan"], "planned_by_fade_phase": True, "cut_max_abs_diff": diff, "output_max_abs": scale,
+            "cut_exact": exact}
+    console.print(f"  the fade phase's planned cut: {info['macs_fraction']:.3f}x MACs, outputs (up to {scale:.3g}) "
+                  f"change by at most {diff:.2e}" + (" (the removed channels carry zero)" if exact else
+                                                     " [yellow](not exact: the weights did not finish fading)[/]"))
+    if evaluator is not None:
+        plan["map50_95_after_cut"] = evaluator(pruned)
+    if calib is not None:
+        if not exact:
+            plan["reconstruct"] = _reconstruct(ctx, model, pruned, cut["history"], calib, evaluator)
+        else:
+            plan["reconstruct"] = {"skipped": f"the cut is exact (max abs diff {diff:.2e}): nothing to refit"}
+    info["seconds"] = time.time() - t0
+    return pruned, cut["history"], info, plan
 
 
 def _jsonable(spec) -> dict:

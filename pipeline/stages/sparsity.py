@@ -10,6 +10,14 @@ It costs epochs of training, more than `make pipeline`'s budget affords on 2 cor
 `shipped` weights (made by `make sparse`): they are used only when their record names the same model weights
 (digest), data (digest) and sparsity settings as this run; anything else trains here, in a work directory kept
 per key so an interrupted run resumes.
+
+The last phase may instead be a fade phase (`fade: n`): the cut is planned first, with the prune stage's own search
+on the weights the phase starts from, and the planned channels then fade to exactly zero over n epochs while the
+rest of the network trains to do without them. The record keeps that plan (Torch-Pruning's history); the prune
+stage applies it, and the cut changes no output. The search settings become part of the key.
+
+Phases are kept per prefix: a schedule that extends another (the same first phases, model, data and settings)
+starts from that schedule's result, shipped or cached, and trains only the new phases.
 """
 
 from __future__ import annotations
@@ -24,11 +32,23 @@ from pipeline.core.store import atomic_path, sha256_json, sha256_tree
 VERSION = 1
 
 
-def settings(ctx: Context) -> dict:
+CUT_KEYS = ("macs_target", "ratio", "tolerance", "importance", "global_pruning", "isomorphic", "round_to",
+            "max_layer_ratio", "taylor_batches", "mode", "sensitivity")
+
+
+def settings(ctx: Context, n: int | None = None) -> dict:
+    """The settings the first n phases (all by default) depend on."""
     s = ctx.recipe.prune.sparsity
-    return {"phases": [p.model_dump() for p in s.phases], "batch": s.batch, "nbs": s.nbs, "seed": s.seed,
-            "close_mosaic": s.close_mosaic, "warmup_epochs": s.warmup_epochs, "imgsz": ctx.recipe.model.imgsz,
-            "version": VERSION}
+    phases = s.phases[:n]
+    out = {"phases": [p.model_dump(exclude_none=True) for p in phases], "batch": s.batch, "nbs": s.nbs,
+           "seed": s.seed, "close_mosaic": s.close_mosaic, "warmup_epochs": s.warmup_epochs,
+           "imgsz": ctx.recipe.model.imgsz, "version": VERSION}
+    if any(p.fade for p in phases):  # the planned cut depends on the prune stage's search settings
+        c = ctx.recipe.prune
+        out["cut"] = {k: (v.model_dump() if hasattr(v, "model_dump") else v)
+                      for k, v in ((k, getattr(c, k)) for k in CUT_KEYS)}
+        out["cut"].update(eval_split=ctx.recipe.bench.split, threads=ctx.recipe.bench.threads)
+    return out
 
 
 def weights_digest(path: Path) -> str:
@@ -45,56 +65,110 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def key_of(ctx: Context, model: Path, data: Path) -> dict:
-    want = {"model_digest": weights_digest(model), "data_digest": sha256_tree(data), "settings": settings(ctx)}
+def _keyed(model_digest: str, data_digest: str, sett: dict) -> dict:
+    want = {"model_digest": model_digest, "data_digest": data_digest, "settings": sett}
     return {**want, "key": sha256_json(want)}
 
 
+def key_of(ctx: Context, model: Path, data: Path, n: int | None = None) -> dict:
+    return _keyed(weights_digest(model), sha256_tree(data), settings(ctx, n))
+
+
+def read_record(path: Path) -> dict | None:
+    meta = Path(path).with_suffix(".json")
+    if not Path(path).is_file() or not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def shipped_matches(path: Path, key: str) -> tuple[bool, str]:
-    meta = path.with_suffix(".json")
-    if not path.is_file() or not meta.is_file():
+    rec = read_record(path)
+    if rec is None:
         return False, f"{path} (or its .json record) is absent"
-    rec = json.loads(meta.read_text())
     if rec.get("key") != key:
         return False, (f"{path} was trained from other inputs or settings (its record's key "
                        f"{str(rec.get('key'))[:12]} is not this run's {key[:12]})")
     return True, ""
 
 
+def _write(model, dest: Path, rec: dict) -> None:
+    from pipeline.adapters import ultralytics_yolo as ua
+
+    # FP16, as ultralytics stores checkpoints: lossless here, every weight comes from the trainer's FP16 last.pt
+    ua.save_checkpoint(model, dest, train_args=getattr(model, "args", None), half=True)
+    with atomic_path(dest.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(rec, indent=1))
+
+
 def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict) -> dict:
     """Train the sparsity phases from `model_path` and write the folded checkpoint (FP16, lossless) to `dest` with
-    its record (dest.json). Returns the record."""
+    its record (dest.json). Returns the record. The longest prefix of phases already made (a phase cached in the
+    work directory, or the shipped weights) is the starting point."""
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.adapters import yolo11_prune as yp
     from pipeline.adapters.yolo11_blocks import fold_into
 
     s = ctx.recipe.prune.sparsity
-    work = ctx.run_dir / ".work" / f"sparsity-{want['key'][:16]}"
+    work = ctx.run_dir / ".work" / "sparsity"
     work.mkdir(parents=True, exist_ok=True)
-    stock = ua.load_detection_model(model_path)
-    history = []
-    for i, ph in enumerate(s.phases, 1):
-        folded = work / f"phase{i}.pt"
-        if not folded.is_file():
-            console.print(f"  sparsity phase {i}/{len(s.phases)}: {ph.epochs} epochs, group regularization "
-                          f"{ph.reg:g}, on the rewritten model")
-            start = work / f"phase{i}-start.pt"
-            ua.save_checkpoint(yp.prepare(stock), start, train_args=stock.args)
-            last = ua.finetune(start, data_dir / "data.yaml", work / f"phase{i}", epochs=ph.epochs,
-                               imgsz=ctx.recipe.model.imgsz, batch=s.batch, seed=s.seed, workers=s.workers,
-                               device=s.device, sparsity=ph.reg, nbs=s.nbs, close_mosaic=s.close_mosaic,
-                               warmup_epochs=s.warmup_epochs, patience=0)
-            ua.save_checkpoint(fold_into(stock, ua.load_detection_model(last)), folded, train_args=stock.args)
+    n = len(s.phases)
+    prefix = [_keyed(want["model_digest"], want["data_digest"], settings(ctx, i)) for i in range(1, n + 1)]
+    done, rec, stock = 0, {"history": []}, ua.load_detection_model(model_path)
+    for i in range(n, 0, -1):  # the longest prefix already made
+        for cand in (work / f"{prefix[i - 1]['key'][:16]}.pt", Path(s.shipped) if s.shipped else None):
+            r = read_record(cand) if cand is not None else None
+            if r is not None and r.get("key") == prefix[i - 1]["key"]:
+                done, rec, stock = i, r, ua.load_detection_model(cand)
+                console.print(f"  sparsity phases 1-{i}/{n}: made earlier ({cand}, its record matches)")
+                if i < n and cand != work / f"{prefix[i - 1]['key'][:16]}.pt":
+                    rec = {**rec, "prefix_from": {"path": str(cand), "key": r["key"], "phases": i,
+                                                  **({"made_by": r["made_by"]} if "made_by" in r else {})}}
+                break
+        if done:
+            break
+    for i in range(done + 1, n + 1):
+        ph = s.phases[i - 1]
+        tag = prefix[i - 1]["key"][:16]
+        start = work / f"{tag}-start.pt"
+        prepared = yp.prepare(stock)
+        fade = None
+        if ph.fade:
+            from pipeline.stages.prune import plan_cut
+
+            console.print(f"  sparsity phase {i}/{n}: planning the cut on the weights it starts from")
+            rec = {**rec, "cut": plan_cut(ctx, stock, data_dir, work / f"{tag}-plan")}
+            fade = {"targets": yp.fade_targets(prepared, rec["cut"]["history"], ctx.recipe.model.imgsz),
+                    "epochs": ph.fade}
+            console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, the planned channels "
+                          f"({sum(len(v) for v in fade['targets'].values())} BN channels) fading to zero over "
+                          f"{ph.fade}" + (f", group regularization {ph.reg:g}" if ph.reg else ""))
         else:
-            console.print(f"  sparsity phase {i}/{len(s.phases)}: done earlier ({folded})")
-        stock = ua.load_detection_model(folded)
-        history += [{**r, "phase": i, "reg": ph.reg} for r in ua.training_history(work / f"phase{i}")]
-    # FP16, as ultralytics stores checkpoints: lossless here, every weight comes from the trainer's FP16 last.pt
-    ua.save_checkpoint(stock, dest, train_args=stock.args, half=True)
-    rec = {**want, "history": history, "final_val_map50_95": history[-1]["map50_95"],
-           "epochs": sum(p.epochs for p in s.phases), "env": lib_versions()}
-    with atomic_path(dest.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(rec, indent=1))
+            console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, group regularization {ph.reg:g}, on the "
+                          f"rewritten model")
+        ua.save_checkpoint(prepared, start, train_args=stock.args)
+        last = ua.finetune(start, data_dir / "data.yaml", work / tag, epochs=ph.epochs,
+                           imgsz=ctx.recipe.model.imgsz, batch=s.batch, seed=s.seed, workers=s.workers,
+                           device=s.device, sparsity=ph.reg, fade=fade, nbs=s.nbs, close_mosaic=s.close_mosaic,
+                           warmup_epochs=s.warmup_epochs, patience=0)
+        trained = ua.load_detection_model(last)
+        if fade:  # exactly zero (the saved EMA followed the fade; FP16 keeps zeros)
+            mods = dict(trained.named_modules())
+            for name, idxs in fade["targets"].items():
+                mods[name].weight.data[idxs] = 0
+                mods[name].bias.data[idxs] = 0
+        stock = fold_into(stock, trained)
+        rows = [{**r, "phase": i, "reg": ph.reg, **({"fade": ph.fade} if ph.fade else {})}
+                for r in ua.training_history(work / tag)]
+        rec = {**rec, **prefix[i - 1], "history": rec["history"] + rows, "final_val_map50_95": rows[-1]["map50_95"],
+               "epochs": sum(p.epochs for p in s.phases[:i]), "env": lib_versions()}
+        rec.pop("made_by", None)
+        if i < n:  # a later phase (or run) starts from here
+            _write(stock, work / f"{tag}.pt", rec)
+        stock = ua.load_detection_model(work / f"{tag}.pt") if i < n else stock
+    _write(stock, dest, rec)
     shutil.rmtree(work, ignore_errors=True)
     return rec
 
@@ -106,15 +180,15 @@ def sparse_weights(ctx: Context, model_path: Path, data_dir: Path) -> tuple[Path
     if s.shipped:
         ok, why = shipped_matches(Path(s.shipped), want["key"])
         if ok:
-            rec = json.loads(Path(s.shipped).with_suffix(".json").read_text())
+            rec = read_record(Path(s.shipped))
             console.print(f"  sparsity training: the shipped {s.shipped} matches this run's model, data and "
                           f"settings ({rec['epochs']} epochs; val mAP50-95 {rec['final_val_map50_95']:.4f}): used")
             return Path(s.shipped), {**rec, "source": "shipped", "path": s.shipped}
         console.print(f"  [yellow]sparsity training: {why}: training here "
                       f"({sum(p.epochs for p in s.phases)} epochs)[/]")
     dest = ctx.run_dir / ".work" / f"sparse-{want['key'][:16]}.pt"
-    if dest.is_file() and shipped_matches(dest, want["key"])[0]:
-        rec = json.loads(dest.with_suffix(".json").read_text())
+    if shipped_matches(dest, want["key"])[0]:
+        rec = read_record(dest)
     else:
         rec = train(ctx, model_path, data_dir, dest, want)
     return dest, {**rec, "source": "trained", "path": str(dest)}
