@@ -294,7 +294,7 @@ def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     zero = [float(bns[n].weight.detach()[i].abs().max() + bns[n].bias.detach()[i].abs().max())
             for n, i in targets.items()]
     assert targets and max(zero) == 0.0
-    alive = [float(bns[n].weight.abs().max()) for n in targets]
+    alive = [float(bns[n].weight.detach().abs().max()) for n in targets]
     assert min(alive) > 0  # only the planned channels, not whole layers
 
     r = cli("run", "--run-dir", tmp_path / "b", "--stages", "data,load,prune", *two, "--set",
