@@ -14,7 +14,9 @@ Reconstruction (prune.reconstruct, after every cut): the pruned convs are refit 
 model's features on held-out train images (pipeline/adapters/reconstruct.py); plan.json records each layer's
 error before/after and the held-out mAP50-95 before/after.
 Sparsity training (prune.sparsity, pipeline/stages/sparsity.py): what is cut is the model after group-sparsity
-training of the loaded one (shipped weights reused when their record matches, else trained here).
+training of the loaded one (shipped weights reused when their record matches, else trained here). When its last
+phase was a fade phase, the cut is the one that phase planned and trained toward (its record holds Torch-Pruning's
+history): applied as it is, checked exact on images, its scan's table and plot drawn again here.
 """
 
 from __future__ import annotations
