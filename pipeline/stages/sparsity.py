@@ -97,6 +97,9 @@ def shipped_matches(path: Path, key: str) -> tuple[bool, str]:
 def _write(model, dest: Path, rec: dict) -> None:
     from pipeline.adapters import ultralytics_yolo as ua
 
+    # The old record goes first: a kill between the two writes leaves weights without a record (not reused), never
+    # new weights under an old record's key.
+    dest.with_suffix(".json").unlink(missing_ok=True)
     # FP16, as ultralytics stores checkpoints: lossless here, every weight comes from the trainer's FP16 last.pt
     ua.save_checkpoint(model, dest, train_args=getattr(model, "args", None), half=True)
     with atomic_path(dest.with_suffix(".json")) as tmp:
