@@ -141,8 +141,12 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
         if ph.fade:
             from pipeline.stages.prune import plan_cut
 
-            console.print(f"  sparsity phase {i}/{n}: planning the cut on the weights it starts from")
-            rec = {**rec, "cut": plan_cut(ctx, stock, data_dir, work / f"{tag}-plan")}
+            planned = work / f"{tag}-plan.json"  # kept: a resumed phase must fade toward the same plan (the
+            if not planned.is_file():             # latency search times the model, so a new one could differ)
+                console.print(f"  sparsity phase {i}/{n}: planning the cut on the weights it starts from")
+                with atomic_path(planned) as tmp:
+                    tmp.write_text(json.dumps(plan_cut(ctx, stock, data_dir, work / f"{tag}-plan")))
+            rec = {**rec, "cut": json.loads(planned.read_text())}
             fade = {"targets": yp.fade_targets(prepared, rec["cut"]["history"], ctx.recipe.model.imgsz),
                     "epochs": ph.fade}
             console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, the planned channels "
@@ -168,9 +172,9 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
         rec = {**rec, **prefix[i - 1], "history": rec["history"] + rows, "final_val_map50_95": rows[-1]["map50_95"],
                "epochs": sum(p.epochs for p in s.phases[:i]), "env": lib_versions()}
         rec.pop("made_by", None)
-        if i < n:  # a later phase (or run) starts from here
+        if i < n:  # a later phase (or run) starts from here, as saved
             _write(stock, work / f"{tag}.pt", rec)
-        stock = ua.load_detection_model(work / f"{tag}.pt") if i < n else stock
+            stock = ua.load_detection_model(work / f"{tag}.pt")
     _write(stock, dest, rec)
     shutil.rmtree(work, ignore_errors=True)
     return rec
