@@ -101,3 +101,20 @@ def test_sparsity_phases_are_checked():
     r = load_recipe(ROOT / "models/default.yaml",
                     ["prune.sparsity.phases=[{epochs: 5, reg: 0.01}, {epochs: 5, fade: 3}]"])
     assert r.prune.sparsity.phases[-1].fade == 3 and r.prune.sparsity.phases[-1].reg == 0
+
+
+def test_a_distilling_sparsity_phase_keys_only_its_own_prefix(tmp_path):
+    """`distill: true` on a phase puts the distillation loss into the key of the prefixes that contain that phase,
+    and only those: records made before the option (no phase distils) keep their keys."""
+    from pipeline.core.stage import Context
+    from pipeline.stages import sparsity
+
+    base = "{epochs: 5, reg: 0.01}, {epochs: 5, reg: 0.02}"
+    ctx = lambda phases: Context(run_dir=tmp_path, recipe_path=ROOT / "models/default.yaml", recipe=load_recipe(
+        ROOT / "models/default.yaml", [f"prune.sparsity.phases=[{phases}]", "prune.sparsity.distill.head_weight=2"]))
+    plain, kd = ctx(f"{base}, {{epochs: 5, fade: 3}}"), ctx(f"{base}, {{epochs: 5, fade: 3, distill: true}}")
+    assert sparsity.settings(plain, 2) == sparsity.settings(kd, 2)  # the shared prefix: same key, reusable
+    assert "distill" not in sparsity.settings(plain) and "distill" not in sparsity.settings(kd, 2)
+    assert sparsity.settings(kd)["distill"] == {"head_weight": 2.0, "feature_weight": 0.0, "temperature": 1.0}
+    assert sparsity.settings(kd)["phases"][-1]["distill"] is True
+    assert sparsity.settings(plain) != sparsity.settings(kd)

@@ -262,8 +262,9 @@ def test_sparsity_training_before_the_cut_is_reused_only_when_its_record_matches
 
 def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     """A schedule that adds a fade phase to a made one trains only the new phase (starting from the made weights);
-    the fade phase plans the cut first and drives exactly those channels to zero, so the prune stage's cut of the
-    result changes no output (measured on images) and lands on the MACs target."""
+    the fade phase plans the cut first and drives exactly those channels to zero (here while distilling from the
+    dense model: the fade reaches the student inside ultralytics' distillation wrapper), so the prune stage's cut of
+    the result changes no output (measured on images) and lands on the MACs target."""
     from conftest import cli
 
     from pipeline.adapters import yolo11_prune as yp
@@ -278,7 +279,7 @@ def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     r = cli("sparsify", "--run-dir", tmp_path / "a", "--out", first, *sets,
             "--set", "prune.sparsity.phases=[{epochs: 1, reg: 0.01}]")
     assert r.returncode == 0, r.stderr[-3000:]
-    two = sets + ["--set", "prune.sparsity.phases=[{epochs: 1, reg: 0.01}, {epochs: 2, fade: 1}]",
+    two = sets + ["--set", "prune.sparsity.phases=[{epochs: 1, reg: 0.01}, {epochs: 2, fade: 1, distill: true}]",
                   "--set", f"prune.sparsity.shipped={first}"]
     faded = tmp_path / "faded.pt"
     r = cli("sparsify", "--run-dir", tmp_path / "a", "--out", faded, *two)
@@ -288,6 +289,7 @@ def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     first_rec = json.loads(first.with_suffix(".json").read_text())
     assert rec["epochs"] == 3 and [h["phase"] for h in rec["history"]] == [1, 2, 2]
     assert rec["history"][0] == first_rec["history"][0] and rec["prefix_from"]["key"] == first_rec["key"]
+    assert rec["history"][-1]["distill"] and rec["history"][-1]["train_loss"]["kd_loss"] > 0  # the fade phase distils
     model = ua.load_detection_model(faded)
     targets = yp.fade_targets(yp.prepare(model), rec["cut"]["history"], 96)
     bns = dict(yp.prepare(model).named_modules())

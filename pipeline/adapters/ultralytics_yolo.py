@@ -200,11 +200,12 @@ class KeepArchitectureTrainer(DetectionTrainer):
         if self.sparsity:
             from pipeline.adapters import yolo11_prune as yp
 
+            student = getattr(self.model, "student_model", self.model)  # distilling: the student, not the teacher
             if self._regularizer is None:
-                self._regularizer = yp.sparsity_regularizer(self.model, self.args.imgsz, self.sparsity)
+                self._regularizer = yp.sparsity_regularizer(student, self.args.imgsz, self.sparsity)
             scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
             self._regularizer.reg = self.sparsity * scale
-            self._regularizer.regularize(self.model)
+            self._regularizer.regularize(student)
         super().optimizer_step()
         if self.fade:
             self._fade_step()
@@ -227,7 +228,7 @@ class KeepArchitectureTrainer(DetectionTrainer):
         for model in (self.model, self.ema.ema if self.ema else None):
             if model is None:
                 continue
-            mods = dict(model.named_modules())
+            mods = dict(getattr(model, "student_model", model).named_modules())  # distilling: the student
             for name, idxs in self.fade["targets"].items():
                 bn = mods[name]
                 i = torch.as_tensor(idxs, device=bn.weight.device)

@@ -86,6 +86,15 @@ class ReconstructCfg(Strict):
     seed: int = 0
 
 
+class DistillCfg(Strict):
+    """Knowledge distillation from the unpruned model during fine-tuning."""
+
+    enabled: bool = False
+    head_weight: float = Field(1.0, ge=0)  # KD on the Detect head's outputs (class scores + DFL distributions)
+    feature_weight: float = Field(0.0, ge=0)  # ultralytics' own neck-feature distillation (its `dis`; it uses 6.0)
+    temperature: float = Field(1.0, gt=0)
+
+
 class SparsityPhase(Strict):
     epochs: int = Field(..., ge=1)
     reg: float = Field(0.0, ge=0)  # Torch-Pruning GroupNormPruner's reg: 1x (strongest group) .. 16x (weakest)
@@ -93,6 +102,8 @@ class SparsityPhase(Strict):
     # starts from); the planned channels then fade linearly to exactly zero over `fade` epochs while the rest
     # trains, and stay at zero for the phase's remaining epochs. The prune stage cuts exactly that plan.
     fade: int | None = Field(None, ge=1)
+    # Distil this phase from the dense model the phases start from (prune.sparsity.distill's loss settings).
+    distill: bool | None = None
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -114,6 +125,9 @@ class SparsityCfg(TrainSetup):
     close_mosaic: int = Field(3, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     shipped: str | None = None
+    # The loss of the phases that distil (`distill: true` in a phase) from the dense model the phases start from;
+    # `enabled` is not read here (the phases say which distil).
+    distill: DistillCfg = DistillCfg(enabled=True)
 
     @model_validator(mode="after")
     def _fade_last(self):
@@ -141,15 +155,6 @@ class PruneCfg(Strict):
     max_step_drop: float | None = Field(None, gt=0)  # stop early when a step loses more mAP50-95 than this
     reconstruct: ReconstructCfg = ReconstructCfg()
     sparsity: SparsityCfg = SparsityCfg()
-
-
-class DistillCfg(Strict):
-    """Knowledge distillation from the unpruned model during fine-tuning."""
-
-    enabled: bool = False
-    head_weight: float = Field(1.0, ge=0)  # KD on the Detect head's outputs (class scores + DFL distributions)
-    feature_weight: float = Field(0.0, ge=0)  # ultralytics' own neck-feature distillation (its `dis`; it uses 6.0)
-    temperature: float = Field(1.0, gt=0)
 
 
 class FinetuneCfg(TrainCfg):

@@ -43,6 +43,8 @@ def settings(ctx: Context, n: int | None = None) -> dict:
     out = {"phases": [p.model_dump(exclude_none=True) for p in phases], "batch": s.batch, "nbs": s.nbs,
            "seed": s.seed, "close_mosaic": s.close_mosaic, "warmup_epochs": s.warmup_epochs,
            "imgsz": ctx.recipe.model.imgsz, "version": VERSION}
+    if any(p.distill for p in phases):  # only then: records made before the option existed keep their keys
+        out["distill"] = s.distill.model_dump(exclude={"enabled"})
     if any(p.fade for p in phases):  # the planned cut depends on the prune stage's search settings
         c = ctx.recipe.prune
         out["cut"] = {k: (v.model_dump() if hasattr(v, "model_dump") else v)
@@ -151,15 +153,19 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
                     "epochs": ph.fade}
             console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, the planned channels "
                           f"({sum(len(v) for v in fade['targets'].values())} BN channels) fading to zero over "
-                          f"{ph.fade}" + (f", group regularization {ph.reg:g}" if ph.reg else ""))
+                          f"{ph.fade}" + (f", group regularization {ph.reg:g}" if ph.reg else "")
+                          + (", distilled from the dense model" if ph.distill else ""))
         else:
             console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, group regularization {ph.reg:g}, on the "
-                          f"rewritten model")
+                          f"rewritten model" + (", distilled from the dense model" if ph.distill else ""))
         ua.save_checkpoint(prepared, start, train_args=stock.args)
         last = ua.finetune(start, data_dir / "data.yaml", work / tag, epochs=ph.epochs,
                            imgsz=ctx.recipe.model.imgsz, batch=s.batch, seed=s.seed, workers=s.workers,
                            device=s.device, sparsity=ph.reg, fade=fade, nbs=s.nbs, close_mosaic=s.close_mosaic,
-                           warmup_epochs=s.warmup_epochs, patience=0)
+                           warmup_epochs=s.warmup_epochs, patience=0,
+                           distill_from=model_path if ph.distill else None,
+                           feature_weight=s.distill.feature_weight,
+                           head_kd={"head_weight": s.distill.head_weight, "temperature": s.distill.temperature})
         trained = ua.load_detection_model(last)
         if fade:  # exactly zero (the saved EMA followed the fade; FP16 keeps zeros)
             mods = dict(trained.named_modules())
@@ -167,7 +173,8 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
                 mods[name].weight.data[idxs] = 0
                 mods[name].bias.data[idxs] = 0
         stock = fold_into(stock, trained)
-        rows = [{**r, "phase": i, "reg": ph.reg, **({"fade": ph.fade} if ph.fade else {})}
+        rows = [{**r, "phase": i, "reg": ph.reg, **({"fade": ph.fade} if ph.fade else {}),
+                 **({"distill": True} if ph.distill else {})}
                 for r in ua.training_history(work / tag)]
         rec = {**rec, **prefix[i - 1], "history": rec["history"] + rows, "final_val_map50_95": rows[-1]["map50_95"],
                "epochs": sum(p.epochs for p in s.phases[:i]), "env": lib_versions()}
