@@ -162,6 +162,9 @@ class FinetuneCfg(TrainCfg):
     optimizer: str = "auto"
     close_mosaic: int = Field(3, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)  # the model is trained already: a short warm-up
+    # Where the bias lr starts its warm-up. Ultralytics' 0.1 suits SGD (its auto optimizer sets 0 for AdamW, but
+    # only for auto): a named AdamW at 0.1 takes steps of ~0.1 on every bias and knocks a trained model down.
+    warmup_bias_lr: float = Field(0.0, ge=0)
     distill: DistillCfg = DistillCfg()
 
 

@@ -79,7 +79,7 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
         console.print(f"convergence check: {b.check_epochs} more epochs from the final weights with the fine-tune "
                       f"settings (not shipped)")
         settings = {"batch": f.batch, "nbs": f.nbs, "optimizer": f.optimizer, "close_mosaic": f.close_mosaic,
-                    "warmup_epochs": f.warmup_epochs, "lr0": f.lr0}
+                    "warmup_epochs": f.warmup_epochs, "warmup_bias_lr": f.warmup_bias_lr, "lr0": f.lr0}
         ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz, seed=b.seed,
                  workers=b.workers, device=b.device, patience=0,
                  **{k: v for k, v in settings.items() if v is not None})

@@ -37,7 +37,7 @@ def run(ctx: Context) -> StageRecord:
         if (work / "weights" / "last.pt").is_file():
             console.print(f"  resuming the interrupted fine-tune in {work}")
         extra = {"optimizer": c.optimizer, "close_mosaic": c.close_mosaic, "warmup_epochs": c.warmup_epochs,
-                 "nbs": c.nbs}
+                 "warmup_bias_lr": c.warmup_bias_lr, "nbs": c.nbs}
         if c.lr0 is not None:
             extra["lr0"] = c.lr0
         last = ua.finetune(inputs["model"], inputs["data"] / "data.yaml", work, epochs=c.epochs,

@@ -363,7 +363,8 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
             last = ua.finetune(ck, inputs["data"] / "data.yaml", work / f"step{i}" / "train", epochs=c.step_epochs,
                                imgsz=imgsz, batch=f.batch, nbs=f.nbs, seed=f.seed, workers=f.workers,
                                device=f.device, optimizer=f.optimizer, close_mosaic=0,
-                               warmup_epochs=min(f.warmup_epochs, 1.0))
+                               warmup_epochs=min(f.warmup_epochs, 1.0), warmup_bias_lr=f.warmup_bias_lr,
+                               **({"lr0": f.lr0} if f.lr0 is not None else {}))
             tuned = ua.load_detection_model(last)
             if yp.arch_signature(tuned) != yp.arch_signature(pruned):
                 raise UserError("the step's fine-tuned checkpoint lost the pruned architecture", last)
