@@ -162,6 +162,35 @@ def test_convergence_compares_tail_means_not_a_best_epoch():
     assert short["window"] == 2
 
 
+def test_a_longer_run_that_raises_the_base_is_reported_as_not_converged(tmp_path):
+    """A base that passed make base's check but was raised by a longer single-schedule run (the record's
+    longer_checks) is reported as not converged, with both runs named."""
+    from pipeline.stages.bench import render_markdown
+    from pipeline.stages.load import training_summary
+
+    rec = {"epochs": 495, "converged": False,
+           "convergence_check": {"epochs": 60, "gain": 0.0025, "window": 10, "converged": True},
+           "longer_checks": [{"epochs": 90, "gain": 0.0211, "window": 10, "where": "GPU"}]}
+    (tmp_path / "b.json").write_text(json.dumps(rec))
+    t = training_summary(tmp_path / "b.json")
+    assert t["converged"] is False and t["check_converged"] is True and t["longer_checks"][0]["epochs"] == 90
+    lat = {"p50": 1.0, "p90": 1.0, "p99": 1.0}
+    rep = {"run": "x", "dataset": {"images": 1, "split": "val", "names": ["a"], "digest": "0" * 12},
+           "prepost": {"imgsz": 32}, "device": {"cpu": "c", "cpus": 1},
+           "variants": [{"name": "base-fp32", "runner": {"runner": "onnxruntime"}, "map50_95": 0.5, "map50": 0.6,
+                         "params": 1, "macs": 1, "model": {"size_bytes": 1}, "fps": 1.0, "precision": "fp32",
+                         "latency_ms": {"end_to_end": lat, "engine": lat}, "training": t}]}
+    line = [x for x in render_markdown(rep).splitlines() if x.startswith("- base-fp32: trained")][0]
+    assert "converged by that check" in line and "90 more epochs (one schedule, GPU) changed it by +0.0211" in line
+    assert line.endswith("NOT converged")
+    rec.pop("longer_checks")
+    rec["converged"] = True
+    (tmp_path / "b.json").write_text(json.dumps(rec))
+    rep["variants"][0]["training"] = training_summary(tmp_path / "b.json")
+    line = [x for x in render_markdown(rep).splitlines() if x.startswith("- base-fp32: trained")][0]
+    assert line.endswith(": converged") and "one schedule" not in line
+
+
 def test_shipped_sparse_weights_match_the_default_run(tmp_path, base_ckpt):
     """`make pipeline` cuts the shipped sparsity-trained weights only if their record names the default run's model,
     data and settings; this fails when the base, the data or prune.sparsity change without `make sparse`."""

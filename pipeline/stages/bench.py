@@ -198,7 +198,12 @@ def render_markdown(rep: dict) -> str:
         t = r.get("training") if r["precision"] == "fp32" else None
         if t and t.get("check_epochs"):
             how = f" (mean of the last {t['check_window']} epochs of each run)" if t.get("check_window") else ""
+            longer = "".join(f"; a run of {x['epochs']} more epochs (one schedule, {x['where']}) changed it by "
+                             f"{x['gain']:+.4f}" for x in t.get("longer_checks") or [])
+            by_check = t.get("check_converged", t["converged"])
             lines.append(f"- {r['name']}: trained {t['epochs']} epochs; {t['check_epochs']} more (the fine-tune "
-                         f"settings) changed its val mAP50-95 by {t['check_gain']:+.4f}{how}: "
-                         f"{'converged' if t['converged'] else 'NOT converged'}")
+                         f"settings) changed its val mAP50-95 by {t['check_gain']:+.4f}{how}"
+                         + (f": converged by that check{longer}: {'converged' if t['converged'] else 'NOT converged'}"
+                            if longer and by_check else
+                            f": {'converged' if t['converged'] else 'NOT converged'}{longer}"))
     return "\n".join(lines) + "\n"

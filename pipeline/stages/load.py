@@ -63,6 +63,10 @@ def training_summary(path: Path) -> dict | None:
     if not isinstance(t, dict) or "epochs" not in t:
         return None
     c = t.get("convergence_check") or {}
+    # Longer runs from the shipped weights (one schedule each, not `make base`'s check): they can show that the check
+    # was too short, and then the base counts as not converged (the record's own `converged` says so).
+    longer = [{k: x.get(k) for k in ("epochs", "gain", "window", "where")} for x in t.get("longer_checks") or []]
     return {"epochs": t["epochs"], "converged": t.get("converged"),
             "check_epochs": c.get("epochs"), "check_gain": c.get("gain"), "check_window": c.get("window"),
-            "shipped_map50_95": c.get("shipped_map50_95")}
+            "check_converged": c.get("converged"), "shipped_map50_95": c.get("shipped_map50_95"),
+            **({"longer_checks": longer} if longer else {})}
