@@ -103,7 +103,7 @@ def test_sparsity_phases_are_checked():
     assert r.prune.sparsity.phases[-1].fade == 3 and r.prune.sparsity.phases[-1].reg == 0
 
 
-def test_a_distilling_sparsity_phase_keys_only_its_own_prefix(tmp_path):
+def test_distillation_and_a_macs_ceiling_key_only_the_sparsity_prefixes_they_change(tmp_path):
     """`distill: true` on a phase puts the distillation loss into the key of the prefixes that contain that phase,
     and only those: records made before the option (no phase distils) keep their keys."""
     from pipeline.core.stage import Context
@@ -118,3 +118,10 @@ def test_a_distilling_sparsity_phase_keys_only_its_own_prefix(tmp_path):
     assert sparsity.settings(kd)["distill"] == {"head_weight": 2.0, "feature_weight": 0.0, "temperature": 1.0}
     assert sparsity.settings(kd)["phases"][-1]["distill"] is True
     assert sparsity.settings(plain) != sparsity.settings(kd)
+    # likewise a MACs ceiling joins the planned cut's settings only when asked for
+    assert "macs_at_most" not in sparsity.settings(plain)["cut"]
+    ceiling = Context(run_dir=tmp_path, recipe_path=ROOT / "models/default.yaml", recipe=load_recipe(
+        ROOT / "models/default.yaml", [f"prune.sparsity.phases=[{base}, {{epochs: 5, fade: 3}}]",
+                                       "prune.macs_at_most=true"]))
+    assert sparsity.settings(ceiling)["cut"]["macs_at_most"] is True
+    assert sparsity.settings(ceiling, 2) == sparsity.settings(plain, 2)

@@ -132,6 +132,17 @@ def test_macs_target_half_within_2pct_multiples_of_8_in_budget(name, tmp_path):
     yp.verify_history(pruned, hist, 320, tmp_path / "pruned.pt")
 
 
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_a_macs_ceiling_lands_at_or_below_the_target(round_to):
+    """prune.macs_at_most: the target is a ceiling ("at most half the MACs"): the search accepts [0.49, 0.50] for
+    0.5, not 0.49-0.51, and says so when it cannot."""
+    m = _randomized("yolo11n.yaml")
+    _, _, info = yp.prune(m, 320, yp.PruneSpec(macs_target=0.5, at_most=True, round_to=round_to))
+    assert 0.49 <= info["macs_fraction"] <= 0.5, info["macs_fraction"]
+    with pytest.raises(UserError, match=r"unreachable within -2%\.\.0"):
+        yp.prune(m, 320, yp.PruneSpec(macs_target=0.02, at_most=True, max_layer_ratio=0.5))
+
+
 def test_history_that_does_not_match_is_refused(tmp_path):
     m = _randomized("yolo11n.yaml")
     p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25))

@@ -96,6 +96,7 @@ class PruneSpec:
     ratio: float | None = None  # channel ratio; or
     macs_target: float | None = None  # fraction of the base MACs to keep (0.5 = 2x fewer)
     tolerance: float = 0.02  # relative, for macs_target
+    at_most: bool = False  # the MACs target is a ceiling: land in [target - tolerance, target], not ± tolerance
     importance: str = "l2"
     global_pruning: bool = False
     isomorphic: bool = False
@@ -242,11 +243,20 @@ def _wide_convs(prepared: nn.Module) -> list[str]:
     return [n for n, m in convs if m.out_channels >= widest // 2]
 
 
+def _band(spec) -> tuple[float, float, str]:
+    """The accepted MACs fractions [low, high] for spec's target, and how to name the band."""
+    target, tol = spec.macs_target, spec.tolerance * spec.macs_target
+    if spec.at_most:
+        return target - tol, target, f"-{spec.tolerance:.0%}..0"
+    return target - tol, target + tol, f"±{spec.tolerance:.0%}"
+
+
 def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     """Bisection over the uniform channel ratio; round_to makes MACs a step function of it, so when a step jumps
     over the tolerance band, a second bisection prunes the widest tier further (finest steps) from the last
     uniform ratio that kept MACs above the target."""
-    target, tol = spec.macs_target, spec.tolerance * spec.macs_target
+    target = spec.macs_target
+    low, high, band = _band(spec)
     trials = []
 
     def attempt(r, rd=None):
@@ -259,7 +269,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
         return m, h, frac
 
     def unreachable(frac):
-        return UnreachableTarget(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%}: the closest is "
+        return UnreachableTarget(f"MACs target {target} is unreachable within {band}: the closest is "
                                  f"{frac:.4f} x base MACs (round_to={spec.round_to}, max per-layer ratio "
                                  f"{spec.max_layer_ratio})")
 
@@ -267,7 +277,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     # 0.7 on YOLO11n): the search stays below that.
     top = min(spec.max_layer_ratio, SEARCH_MAX_RATIO)
     m, h, frac = attempt(top)  # the most this spec can remove
-    if frac > target + tol:
+    if frac > high:
         raise unreachable(frac)
     lo, hi = 0.0, top  # frac(lo) > target > frac(hi)
     best, above = (m, h, frac, top), (0.0, None)
@@ -276,7 +286,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
         m, h, frac = attempt(mid)
         if abs(frac - target) < abs(best[2] - target):
             best = (m, h, frac, mid)
-        if abs(frac - target) <= tol:
+        if low <= frac <= high:
             return m, h, mid, trials
         if frac > target:
             lo, above = mid, (mid, frac)
@@ -292,7 +302,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
         m, h, frac = attempt(r0, {n: wm for n in wide})
         if abs(frac - target) < abs(best[2] - target):
             best = (m, h, frac, r0)
-        if abs(frac - target) <= tol:
+        if low <= frac <= high:
             return m, h, r0, trials
         wlo, whi = (wm, whi) if frac > target else (wlo, wm)
         if whi - wlo < 1e-3:
@@ -307,7 +317,8 @@ def weighted_ratios(weights: dict, alpha: float, cap: float) -> dict:
 
 def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     """Non-uniform ratios ratio_g = min(cap, a * w_g / max w) (global ratio 0), a bisected to the MACs target."""
-    target, tol = spec.macs_target, spec.tolerance * spec.macs_target
+    target = spec.macs_target
+    low, high, band = _band(spec)
     cap = min(spec.max_layer_ratio, SEARCH_MAX_RATIO)
     w = spec.group_weights
     wmin = min(v for v in w.values() if v > 0) / max(w.values())
@@ -324,8 +335,8 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
 
     lo, hi = 0.0, cap / wmin
     m, h, frac, rd = attempt(hi)
-    if frac > target + tol:
-        raise UnreachableTarget(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%} with these "
+    if frac > high:
+        raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these "
                                 f"group weights: every group at its cap ({cap}) keeps {frac:.4f} x base MACs")
     best = (abs(frac - target), m, h, rd)
     for _ in range(18):
@@ -333,10 +344,10 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
         m, h, frac, rd = attempt(mid)
         if abs(frac - target) < best[0]:
             best = (abs(frac - target), m, h, rd)
-        if abs(frac - target) <= tol:
+        if low <= frac <= high:
             return m, h, {"scale": mid, "ratios": rd}, trials
         lo, hi = (mid, hi) if frac > target else (lo, mid)
-    raise UnreachableTarget(f"MACs target {target} is unreachable within ±{spec.tolerance:.0%} with these "
+    raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these "
                             f"group weights: the closest is off by {best[0]:.4f} (round_to={spec.round_to})")
 
 

@@ -141,6 +141,7 @@ class PruneCfg(Strict):
     macs_target: float | None = Field(0.5, gt=0, lt=1, description="fraction of the base MACs to keep")
     ratio: float | None = Field(None, gt=0, lt=1, description="a channel ratio instead of a MACs target")
     tolerance: float = Field(0.02, gt=0, lt=1)
+    macs_at_most: bool = False  # the target is a ceiling: land in [target - tolerance, target] instead of ± tolerance
     importance: Literal["l1", "l2", "taylor", "bn_scale", "lamp"] = "l2"
     global_pruning: bool = False
     isomorphic: bool = False

@@ -42,7 +42,7 @@ def spec_of(ctx: Context):
     if c.ratio is not None:
         return PruneSpec(ratio=c.ratio, importance=c.importance, global_pruning=c.global_pruning,
                          isomorphic=c.isomorphic, round_to=c.round_to, max_layer_ratio=c.max_layer_ratio)
-    return PruneSpec(macs_target=c.macs_target, tolerance=c.tolerance, importance=c.importance,
+    return PruneSpec(macs_target=c.macs_target, tolerance=c.tolerance, at_most=c.macs_at_most, importance=c.importance,
                      global_pruning=c.global_pruning, isomorphic=c.isomorphic, round_to=c.round_to,
                      max_layer_ratio=c.max_layer_ratio)
 

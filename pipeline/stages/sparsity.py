@@ -50,6 +50,8 @@ def settings(ctx: Context, n: int | None = None) -> dict:
         out["cut"] = {k: (v.model_dump() if hasattr(v, "model_dump") else v)
                       for k, v in ((k, getattr(c, k)) for k in CUT_KEYS)}
         out["cut"].update(eval_split=ctx.recipe.bench.split, threads=ctx.recipe.bench.threads)
+        if c.macs_at_most:  # only when on: records made before the option existed keep their keys
+            out["cut"]["macs_at_most"] = True
     return out
 
 
