@@ -132,7 +132,7 @@ def test_macs_target_half_within_2pct_multiples_of_8_in_budget(name, tmp_path):
     yp.verify_history(pruned, hist, 320, tmp_path / "pruned.pt")
 
 
-@pytest.mark.parametrize("round_to", [8, 16])
+@pytest.mark.parametrize("round_to", [16])  # the default recipe's (8 lands too; one value keeps make test short)
 def test_a_macs_ceiling_lands_at_or_below_the_target(round_to):
     """prune.macs_at_most: the target is a ceiling ("at most half the MACs"): the search accepts [0.49, 0.50] for
     0.5, not 0.49-0.51, and says so when it cannot."""
