@@ -86,13 +86,18 @@ class ReconstructCfg(Strict):
     seed: int = 0
 
 
-class DistillCfg(Strict):
-    """Knowledge distillation from the unpruned model during fine-tuning."""
+class DistillLoss(Strict):
+    """The knowledge-distillation loss from the unpruned model."""
 
-    enabled: bool = False
     head_weight: float = Field(1.0, ge=0)  # KD on the Detect head's outputs (class scores + DFL distributions)
     feature_weight: float = Field(0.0, ge=0)  # ultralytics' own neck-feature distillation (its `dis`; it uses 6.0)
     temperature: float = Field(1.0, gt=0)
+
+
+class DistillCfg(DistillLoss):
+    """Knowledge distillation from the unpruned model during fine-tuning."""
+
+    enabled: bool = False
 
 
 class SparsityPhase(Strict):
@@ -125,9 +130,8 @@ class SparsityCfg(TrainSetup):
     close_mosaic: int = Field(3, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     shipped: str | None = None
-    # The loss of the phases that distil (`distill: true` in a phase) from the dense model the phases start from;
-    # `enabled` is not read here (the phases say which distil).
-    distill: DistillCfg = DistillCfg(enabled=True)
+    # The loss of the phases that distil (`distill: true` in a phase) from the dense model the phases start from.
+    distill: DistillLoss = DistillLoss()
 
     @model_validator(mode="after")
     def _fade_last(self):
