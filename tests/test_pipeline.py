@@ -120,7 +120,8 @@ def test_make_help_lists_every_target():
 
 def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settings(tmp_path):
     """`yolo-edge base`: phases in sequence (each its own epochs and nominal batch), the record beside the
-    checkpoint, and a convergence check trained with the fine-tune section's settings."""
+    checkpoint, and a convergence check trained with the fine-tune section's settings; then a phase appended to the
+    recipe, which continues the shipped weights."""
     out = tmp_path / "b.pt"
     sets = ["--set", "data.synthetic.train=16", "--set", "data.synthetic.val=8", "--set", "model.imgsz=96",
             "--set", "base.batch=8", "--set", "base.workers=0",
@@ -141,6 +142,22 @@ def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settin
     from pipeline.stages.load import training_summary
 
     assert training_summary(out.with_suffix(".json"))["check_epochs"] == 1
+    # A phase appended to the recipe continues the shipped weights: phases 1-2 are not trained again (their history
+    # is kept as it was), and the check may take the last phase's settings (auto optimizer) instead.
+    sets[sets.index("base.phases=[{epochs: 1}, {epochs: 1, nbs: 8, close_mosaic: 1, warmup_epochs: 0}]")] = \
+        "base.phases=[{epochs: 1}, {epochs: 1, nbs: 8, close_mosaic: 1, warmup_epochs: 0}, {epochs: 1, nbs: 16}]"
+    r = cli("base", "--run-dir", tmp_path / "run", "--out", out, *sets, "--set", "base.check_settings=last_phase")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "holds phases 1-2 of 3" in log and "phase 1/3" not in log and "phase 3/3" in log
+    meta2 = json.loads(out.with_suffix(".json").read_text())
+    assert meta2["epochs"] == 3 and meta2["history"][:2] == meta["history"]
+    assert [h["phase"] for h in meta2["history"]] == [1, 2, 3]
+    assert meta2["extended_from"]["sha256"] == meta["sha256"] != meta2["sha256"]
+    assert meta2["extended_from"]["convergence_check"] == c
+    c2 = meta2["convergence_check"]
+    assert c2["settings_from"] == "last_phase" and c2["settings"]["nbs"] == 16 and c2["settings"]["optimizer"] == "auto"
+    assert c2["shipped_tail_map50_95"] == meta2["history"][-1]["map50_95"]
 
 
 def test_convergence_compares_tail_means_not_a_best_epoch():

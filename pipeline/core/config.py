@@ -64,6 +64,9 @@ class BaseTrainCfg(TrainSetup):
 
     phases: list[BasePhase] = Field(default_factory=lambda: [BasePhase(epochs=60)], min_length=1)
     check_epochs: int = Field(0, ge=0)  # a further run, not shipped, that shows whether more epochs still help
+    # that run's trainer settings: the finetune section's (how the pruned model is fine-tuned), or the last phase's
+    # (nominal batch, warm-up, mosaic; ultralytics' auto optimizer): one more schedule like the ones that trained it
+    check_settings: Literal["finetune", "last_phase"] = "finetune"
     converged_gain: float = Field(0.005, ge=0)  # converged: that run gains less than this mAP50-95 ...
     converged_window: int = Field(10, ge=1)  # ... mean of its last N epochs vs the shipped run's last N (one epoch's
                                              # val mAP moves ±0.4 pt: a best-of-60 pick would gain from noise alone)

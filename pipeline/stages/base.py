@@ -4,7 +4,8 @@ trainer, and ship it as models/base/<name>.pt (FP32) with its training history b
 
 Training is a sequence of stock ultralytics runs (base.phases: the first from the yaml, each later one from the
 previous run's last weights, each with its own epochs and nominal batch). The shipped weights are the last run's
-final epoch. Convergence is shown, not assumed: with base.check_epochs > 0 one further run (not shipped, with the
+final epoch. Phases appended to the recipe continue the shipped weights: when the record beside them holds the first
+phases (same model, data and setup; the file unchanged), only the new ones are trained. Convergence is shown, not assumed: with base.check_epochs > 0 one further run (not shipped, with the
 finetune section's settings) continues from the shipped weights, and the base counts as converged when the mean val
 mAP50-95 of that run's last base.converged_window epochs is less than base.converged_gain above the mean of the
 shipped run's last as many epochs."""
@@ -49,8 +50,39 @@ def convergence(history: list[dict], check: list[dict], converged_gain: float, w
             "converged_gain": converged_gain, "converged": tail_c - tail_s < converged_gain}
 
 
+def _shipped_prefix(ctx: Context, dest: Path, phases: list[dict]) -> dict | None:
+    """The record beside `dest` when it holds the first phases of `phases` for this recipe's model, data and
+    training setup and `dest` is still the file it describes: `make base` then trains only the phases after them."""
+    try:
+        rec = json.loads(dest.with_suffix(".json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    b = ctx.recipe.base
+    done = rec.get("phases") if isinstance(rec, dict) else None
+    if (not isinstance(done, list) or not done or done != phases[:len(done)] or rec.get("start") is not None
+            or rec.get("arch") != str(ctx.recipe.model.arch) or rec.get("imgsz") != ctx.recipe.model.imgsz
+            or rec.get("batch") != b.batch or rec.get("seed") != b.seed
+            or rec.get("data") != ctx.recipe.data.model_dump() or not dest.is_file()
+            or rec.get("sha256") != sha256_file(dest)):
+        return None
+    return rec
+
+
+def check_settings(ctx: Context, last_phase: dict) -> dict:
+    """The convergence check's trainer settings (base.check_settings)."""
+    b, f = ctx.recipe.base, ctx.recipe.finetune
+    if b.check_settings == "last_phase":
+        return {"batch": b.batch, "nbs": last_phase["nbs"], "optimizer": "auto",
+                "close_mosaic": last_phase.get("close_mosaic"), "warmup_epochs": last_phase.get("warmup_epochs"),
+                "warmup_bias_lr": None, "lr0": None}
+    return {"batch": f.batch, "nbs": f.nbs, "optimizer": f.optimizer, "close_mosaic": f.close_mosaic,
+            "warmup_epochs": f.warmup_epochs, "warmup_bias_lr": f.warmup_bias_lr, "lr0": f.lr0}
+
+
 def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path | None = None) -> Path:
-    """Train (all phases, or one phase of `epochs` from `start` weights) and ship to `dest`."""
+    """Train (all phases, or one phase of `epochs` from `start` weights) and ship to `dest`. When the record beside
+    `dest` already holds the recipe's first phases (same model, data and setup, the file unchanged), only the phases
+    after them are trained, from `dest`'s weights; with none left, only the convergence check runs again."""
     from pipeline.adapters import ultralytics_yolo as ua
 
     b = ctx.recipe.base
@@ -62,7 +94,16 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
     work = Path(tempfile.mkdtemp(prefix="base-", dir=ctx.run_dir))
     spec: str | Path = start or ctx.recipe.model.arch
     history: list[dict] = []
+    prev = None if (epochs or start) else _shipped_prefix(ctx, dest, phases)
+    if prev is not None:
+        spec = work / "shipped.pt"  # `dest` is replaced at the end: train from a copy
+        shutil.copyfile(dest, spec)
+        history = list(prev["history"])
+        console.print(f"{dest} holds phases 1-{len(prev['phases'])} of {len(phases)} ({prev['epochs']} epochs, its "
+                      f"record matches): training {'only the rest' if len(prev['phases']) < len(phases) else 'none'}")
     for i, ph in enumerate(phases, 1):
+        if prev is not None and i <= len(prev["phases"]):
+            continue
         console.print(f"phase {i}/{len(phases)}: training {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
                       f"{ctx.recipe.model.imgsz}px on {data_yaml}")
         ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
@@ -72,19 +113,18 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
         spec = work / f"phase{i}" / "weights" / "last.pt"
     check = None
     if b.check_epochs:
-        # The check trains the shipped weights exactly as the pruned model is fine-tuned (the finetune section:
-        # nominal batch, warm-up, mosaic, optimizer): if that does not raise the base's mAP, what fine-tuning
-        # wins back for the pruned model is not something the base merely lacked.
-        f = ctx.recipe.finetune
-        console.print(f"convergence check: {b.check_epochs} more epochs from the final weights with the fine-tune "
-                      f"settings (not shipped)")
-        settings = {"batch": f.batch, "nbs": f.nbs, "optimizer": f.optimizer, "close_mosaic": f.close_mosaic,
-                    "warmup_epochs": f.warmup_epochs, "warmup_bias_lr": f.warmup_bias_lr, "lr0": f.lr0}
+        # By default the check trains the shipped weights exactly as the pruned model is fine-tuned (the finetune
+        # section: nominal batch, warm-up, mosaic, optimizer): if that does not raise the base's mAP, what
+        # fine-tuning wins back for the pruned model is not something the base merely lacked. `last_phase` trains
+        # one more schedule like the base's own last one instead (a stronger test when that one raised it most).
+        settings = check_settings(ctx, phases[-1])
+        console.print(f"convergence check: {b.check_epochs} more epochs from the final weights with the "
+                      f"{'fine-tune' if b.check_settings == 'finetune' else 'last phase'}'s settings (not shipped)")
         ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz, seed=b.seed,
                  workers=b.workers, device=b.device, patience=0,
                  **{k: v for k, v in settings.items() if v is not None})
         ch = _history(work / "check", 0, len(history))
-        check = {"epochs": b.check_epochs, "settings": settings, "history": ch,
+        check = {"epochs": b.check_epochs, "settings": settings, "settings_from": b.check_settings, "history": ch,
                  **convergence(history, ch, b.converged_gain, b.converged_window)}
         console.print(f"  mean of the last {check['window']} epochs: shipped run {check['shipped_tail_map50_95']:.4f}, "
                       f"{b.check_epochs} more epochs {check['check_tail_map50_95']:.4f} (gain {check['gain']:+.4f}): "
@@ -97,6 +137,9 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
             "data": ctx.recipe.data.model_dump(), "sha256": sha256_file(dest), "history": history,
             "shipped": "final epoch of the last phase (last.pt, EMA weights)", "convergence_check": check,
             "converged": None if check is None else check["converged"], "env": lib_versions()}
+    if prev is not None:
+        # What the record said before: its checks (of the weights then shipped), notes, environment; not its history.
+        meta["extended_from"] = {k: v for k, v in prev.items() if k != "history"}
     with atomic_path(dest.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
     shutil.rmtree(work, ignore_errors=True)
