@@ -5,10 +5,11 @@ trainer, and ship it as models/base/<name>.pt (FP32) with its training history b
 Training is a sequence of stock ultralytics runs (base.phases: the first from the yaml, each later one from the
 previous run's last weights, each with its own epochs and nominal batch). The shipped weights are the last run's
 final epoch. Phases appended to the recipe continue the shipped weights: when the record beside them holds the first
-phases (same model, data and setup; the file unchanged), only the new ones are trained. Convergence is shown, not assumed: with base.check_epochs > 0 one further run (not shipped, with the
-finetune section's settings) continues from the shipped weights, and the base counts as converged when the mean val
-mAP50-95 of that run's last base.converged_window epochs is less than base.converged_gain above the mean of the
-shipped run's last as many epochs."""
+phases (same model, data and setup; the file unchanged), only the new ones are trained. Convergence is shown, not
+assumed: with base.check_epochs > 0 one further run (not shipped; the finetune section's settings, or with
+base.check_settings=last_phase the last phase's) continues from the shipped weights, and the base counts as
+converged when the mean val mAP50-95 of that run's last base.converged_window epochs is less than
+base.converged_gain above the mean of the shipped run's last as many epochs."""
 
 from __future__ import annotations
 
