@@ -205,7 +205,12 @@ def test_a_longer_run_that_raises_the_base_is_reported_as_not_converged(tmp_path
     (tmp_path / "b.json").write_text(json.dumps(rec))
     rep["variants"][0]["training"] = training_summary(tmp_path / "b.json")
     line = [x for x in render_markdown(rep).splitlines() if x.startswith("- base-fp32: trained")][0]
-    assert line.endswith(": converged") and "one schedule" not in line
+    assert line.endswith(": converged") and "one schedule" not in line and "(the fine-tune settings)" in line
+    rec["convergence_check"]["settings_from"] = "last_phase"
+    (tmp_path / "b.json").write_text(json.dumps(rec))
+    rep["variants"][0]["training"] = training_summary(tmp_path / "b.json")
+    line = [x for x in render_markdown(rep).splitlines() if x.startswith("- base-fp32: trained")][0]
+    assert "60 more (one more schedule like its last phase) changed its val mAP50-95 by +0.0025" in line
 
 
 def test_shipped_sparse_weights_match_the_default_run(tmp_path, base_ckpt):

@@ -201,8 +201,10 @@ def render_markdown(rep: dict) -> str:
             longer = "".join(f"; a run of {x['epochs']} more epochs (one schedule, {x['where']}) changed it by "
                              f"{x['gain']:+.4f}" for x in t.get("longer_checks") or [])
             by_check = t.get("check_converged", t["converged"])
-            lines.append(f"- {r['name']}: trained {t['epochs']} epochs; {t['check_epochs']} more (the fine-tune "
-                         f"settings) changed its val mAP50-95 by {t['check_gain']:+.4f}{how}"
+            like = ("one more schedule like its last phase" if t.get("check_settings") == "last_phase" else
+                    "the fine-tune settings")
+            lines.append(f"- {r['name']}: trained {t['epochs']} epochs; {t['check_epochs']} more ({like}) changed "
+                         f"its val mAP50-95 by {t['check_gain']:+.4f}{how}"
                          + (f": converged by that check{longer}: {'converged' if t['converged'] else 'NOT converged'}"
                             if longer and by_check else
                             f": {'converged' if t['converged'] else 'NOT converged'}{longer}"))

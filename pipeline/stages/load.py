@@ -68,5 +68,6 @@ def training_summary(path: Path) -> dict | None:
     longer = [{k: x.get(k) for k in ("epochs", "gain", "window", "where")} for x in t.get("longer_checks") or []]
     return {"epochs": t["epochs"], "converged": t.get("converged"),
             "check_epochs": c.get("epochs"), "check_gain": c.get("gain"), "check_window": c.get("window"),
+            "check_settings": c.get("settings_from", "finetune"),
             "check_converged": c.get("converged"), "shipped_map50_95": c.get("shipped_map50_95"),
             **({"longer_checks": longer} if longer else {})}
