@@ -8,6 +8,8 @@ import sys
 
 from conftest import ROOT, SHARED, cli
 
+from pipeline.core.store import sha256_file
+
 
 def _check_report(run_dir, *need):
     tool = SHARED / "tools" / "check-report"
@@ -158,6 +160,24 @@ def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settin
     c2 = meta2["convergence_check"]
     assert c2["settings_from"] == "last_phase" and c2["settings"]["nbs"] == 16 and c2["settings"]["optimizer"] == "auto"
     assert c2["shipped_tail_map50_95"] == meta2["history"][-1]["map50_95"]
+    # A last_phase check is kept beside the record; appending its schedule makes it phase 4 without training it.
+    kept = tmp_path / "b.check.pt"
+    assert c2["as_phase"] == {"epochs": 1, "nbs": 16} and c2["weights"]["file"] == kept.name
+    assert c2["weights"]["sha256"] == sha256_file(kept)
+    sets[sets.index("base.check_epochs=1")] = "base.check_epochs=0"
+    phases4 = ("base.phases=[{epochs: 1}, {epochs: 1, nbs: 8, close_mosaic: 1, warmup_epochs: 0}, "
+               "{epochs: 1, nbs: 16}, {epochs: 1, nbs: 16}]")
+    sets[sets.index("base.phases=[{epochs: 1}, {epochs: 1, nbs: 8, close_mosaic: 1, warmup_epochs: 0}, "
+                    "{epochs: 1, nbs: 16}]")] = phases4
+    r = cli("base", "--run-dir", tmp_path / "run", "--out", out, *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "phase 4/4 is the schedule of the record's convergence check" in log and "phase 4/4: training" not in log
+    meta3 = json.loads(out.with_suffix(".json").read_text())
+    assert meta3["sha256"] == c2["weights"]["sha256"] == sha256_file(out) and meta3["epochs"] == 4
+    assert meta3["history"] == meta2["history"] + [{**h, "phase": 4} for h in c2["history"]]
+    assert meta3["phase_from_check"]["phase"] == 4 and meta3["convergence_check"] is None
+    assert not kept.exists()  # no check ran on the weights now shipped: nothing of the old one is kept
 
 
 def test_convergence_compares_tail_means_not_a_best_epoch():

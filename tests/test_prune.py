@@ -188,7 +188,12 @@ def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path
     m = ua.build_from_yaml("yolo11n.yaml", nc=8, names=ds.names)
     p, _, info = yp.prune(m, 256, yp.PruneSpec(ratio=0.3))
     ua.save_checkpoint(p, tmp_path / "p.pt")
+    from pipeline.adapters.offline import cpu_threads
+
+    torch.set_num_threads(1)
     best = ua.finetune(tmp_path / "p.pt", y, tmp_path / "ft", epochs=1, imgsz=256, batch=8, workers=0)
+    # ultralytics' select_device set min(8, cores - 1) threads (one on a 2-core box); the trainer computes on all
+    assert torch.get_num_threads() == cpu_threads()
     out = ua.load_detection_model(best)
     assert yp.arch_signature(out) == yp.arch_signature(p)
     assert sum(t.numel() for t in out.parameters()) == info["params"]

@@ -15,6 +15,23 @@ from pathlib import Path
 
 REFUSE_PROXY = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused at once
 _done = False
+# OMP_NUM_THREADS as the user set it, read before ultralytics' import sets it to 1 when unset.
+USER_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")
+
+
+def cpu_threads() -> int:
+    """How many threads CPU training and validation use: OMP_NUM_THREADS when the user set it, else every core this
+    process may run on. Ultralytics' own choice, min(8, cores - 1), leaves one core idle for data-loader workers,
+    but it forces those to 0 on the CPU: on a 2-core box its training ran on one core."""
+    try:
+        if USER_OMP_THREADS and int(USER_OMP_THREADS) > 0:
+            return int(USER_OMP_THREADS)
+    except ValueError:
+        pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def project_root() -> Path:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.adapters.offline import setup_offline
+from pipeline.adapters.offline import cpu_threads, setup_offline
 
 setup_offline()
 
@@ -129,12 +129,23 @@ def torch_forward(model: torch.nn.Module, x) -> torch.Tensor:
     return (y[0] if isinstance(y, (list, tuple)) else y).numpy()
 
 
+def _all_cpu_threads(runner) -> None:
+    """A trainer/validator callback: on the CPU, compute on every core (offline.cpu_threads). Ultralytics'
+    `select_device` sets torch to min(8, cores - 1) threads for CPU work, one core on a 2-core box, although it
+    runs the data loading in the main process there too; its callbacks run after that call."""
+    device = getattr(runner, "device", None)
+    if getattr(device, "type", device) == "cpu":
+        torch.set_num_threads(cpu_threads())
+
+
 def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int,
           batch: int, seed: int = 0, workers: int = 2, device: str = "cpu", **kw) -> Path:
     """Train with the stock trainer; returns the best checkpoint as ultralytics wrote it (FP16 weights, optimizer
     stripped): the load stage turns it into FP32."""
     out_dir = Path(out_dir).resolve()
     y = YOLO(str(model_spec))
+    for event in ("on_train_start", "on_val_start"):  # the final validation selects the device again
+        y.add_callback(event, _all_cpu_threads)
     y.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, workers=workers, device=device,
             project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False, amp=False,
             deterministic=True, verbose=False, **kw)
@@ -149,6 +160,7 @@ def val(weights: str | Path, data_yaml: str | Path, imgsz: int, conf: float = 0.
     tmp = tempfile.mkdtemp(prefix="yolo-edge-val-")
     try:
         m = YOLO(str(weights))
+        m.add_callback("on_val_start", _all_cpu_threads)
         r = m.val(data=str(data_yaml), imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, batch=batch, rect=False,
                   device="cpu", plots=False, verbose=False, project=tmp, name="val", workers=0, half=False)
         return {"map50_95": float(r.box.map), "map50": float(r.box.map50)}
@@ -273,6 +285,8 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
 
     def trainer(overrides):
         t = KeepArchitectureTrainer(overrides=overrides)
+        for event in ("on_train_start", "on_val_start"):  # the final validation selects the device again
+            t.add_callback(event, _all_cpu_threads)
         t.head_kd = head_kd if distill_from else None
         t.sparsity = sparsity
         t.fade = fade

@@ -9,7 +9,9 @@ phases (same model, data and setup; the file unchanged), only the new ones are t
 assumed: with base.check_epochs > 0 one further run (not shipped; the finetune section's settings, or with
 base.check_settings=last_phase the last phase's) continues from the shipped weights, and the base counts as
 converged when the mean val mAP50-95 of that run's last base.converged_window epochs is less than
-base.converged_gain above the mean of the shipped run's last as many epochs."""
+base.converged_gain above the mean of the shipped run's last as many epochs. A check with the last phase's settings
+is kept (its final weights beside the record, `<name>.check.pt`): when it failed, appending that same schedule to
+base.phases takes it as the next phase instead of training it again."""
 
 from __future__ import annotations
 
@@ -69,6 +71,21 @@ def _shipped_prefix(ctx: Context, dest: Path, phases: list[dict]) -> dict | None
     return rec
 
 
+def check_file(dest: Path) -> Path:
+    """Where a failed last_phase check's final weights are kept (beside the shipped checkpoint)."""
+    return dest.with_name(dest.stem + ".check.pt")
+
+
+def check_as_phase(prev: dict, phase: dict, dest: Path) -> bool:
+    """Is `phase`, the first phase after the shipped ones, the schedule the record's failed check already trained,
+    with its weights still beside `dest` as they were?"""
+    c = prev.get("convergence_check") or {}
+    w = c.get("weights") or {}
+    f = check_file(dest)
+    return (bool(c.get("as_phase")) and c["as_phase"] == phase and w.get("file") == f.name and f.is_file()
+            and w.get("sha256") == sha256_file(f))
+
+
 def check_settings(ctx: Context, last_phase: dict) -> dict:
     """The convergence check's trainer settings (base.check_settings)."""
     b, f = ctx.recipe.base, ctx.recipe.finetune
@@ -102,8 +119,17 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
         history = list(prev["history"])
         console.print(f"{dest} holds phases 1-{len(prev['phases'])} of {len(phases)} ({prev['epochs']} epochs, its "
                       f"record matches): training {'only the rest' if len(prev['phases']) < len(phases) else 'none'}")
+    from_check = None
+    if prev is not None and len(phases) > len(prev["phases"]) and check_as_phase(prev, phases[len(prev["phases"])],
+                                                                                 dest):
+        from_check = len(prev["phases"]) + 1  # the record's check trained this phase already: take its weights
+        shutil.copyfile(check_file(dest), work / "check-as-phase.pt")
+        spec = work / "check-as-phase.pt"
+        history += [{**r, "phase": from_check} for r in prev["convergence_check"]["history"]]
+        console.print(f"phase {from_check}/{len(phases)} is the schedule of the record's convergence check: "
+                      f"its weights ({check_file(dest)}) are taken, not trained again")
     for i, ph in enumerate(phases, 1):
-        if prev is not None and i <= len(prev["phases"]):
+        if prev is not None and i <= len(prev["phases"]) or i == from_check:
             continue
         console.print(f"phase {i}/{len(phases)}: training {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
                       f"{ctx.recipe.model.imgsz}px on {data_yaml}")
@@ -120,13 +146,22 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
         # one more schedule like the base's own last one instead (a stronger test when that one raised it most).
         settings = check_settings(ctx, phases[-1])
         console.print(f"convergence check: {b.check_epochs} more epochs from the final weights with the "
-                      f"{'fine-tune' if b.check_settings == 'finetune' else 'last phase'}'s settings (not shipped)")
+                      f"{'fine-tune' if b.check_settings == 'finetune' else 'last phase'}'s settings (not shipped"
+                      f"{'' if b.check_settings == 'finetune' else '; kept as ' + str(check_file(dest))})")
         ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz, seed=b.seed,
                  workers=b.workers, device=b.device, patience=0,
                  **{k: v for k, v in settings.items() if v is not None})
         ch = _history(work / "check", 0, len(history))
         check = {"epochs": b.check_epochs, "settings": settings, "settings_from": b.check_settings, "history": ch,
                  **convergence(history, ch, b.converged_gain, b.converged_window)}
+        if b.check_settings == "last_phase":
+            # One more schedule like the last phase: keep it, so that appending that schedule to base.phases (when
+            # it still raised the base) makes it the next phase without training it again.
+            check["as_phase"] = {"epochs": b.check_epochs,
+                                 **{k: v for k, v in phases[-1].items() if k != "epochs"}}
+            with atomic_path(check_file(dest)) as tmp:
+                shutil.copyfile(work / "check" / "weights" / "last.pt", tmp)
+            check["weights"] = {"file": check_file(dest).name, "sha256": sha256_file(check_file(dest))}
         console.print(f"  mean of the last {check['window']} epochs: shipped run {check['shipped_tail_map50_95']:.4f}, "
                       f"{b.check_epochs} more epochs {check['check_tail_map50_95']:.4f} (gain {check['gain']:+.4f}): "
                       f"{'converged' if check['converged'] else 'NOT converged'}")
@@ -138,6 +173,11 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
             "data": ctx.recipe.data.model_dump(), "sha256": sha256_file(dest), "history": history,
             "shipped": "final epoch of the last phase (last.pt, EMA weights)", "convergence_check": check,
             "converged": None if check is None else check["converged"], "env": lib_versions()}
+    if (check is None or "weights" not in check) and check_file(dest).is_file():
+        check_file(dest).unlink()  # a kept check of weights no longer shipped
+    if from_check is not None:
+        meta["phase_from_check"] = {"phase": from_check, "file": check_file(dest).name,
+                                    "sha256": prev["convergence_check"]["weights"]["sha256"]}
     if prev is not None:
         # What the record said before: its checks (of the weights then shipped), notes, environment; not its history.
         meta["extended_from"] = {k: v for k, v in prev.items() if k != "history"}
