@@ -249,3 +249,24 @@ def test_shipped_sparse_weights_match_the_default_run(tmp_path, base_ckpt):
     want = sparsity.key_of(ctx, run / "load" / "model.pt", run / "data" / "yolo")
     ok, why = sparsity.shipped_matches(shipped, want["key"])
     assert ok, why
+
+
+def test_the_candidate_base_continues_the_shipped_one():
+    """models/base-next.yaml is the default recipe with phases appended to its base: its checkpoint's record holds the
+    default base's phases and history as they are shipped, then the new ones, and still describes the file, so
+    `make base RECIPE=models/base-next.yaml` goes on from it (its check only) instead of training from the yaml."""
+    from pipeline.core.config import load_recipe
+    from pipeline.stages.base import check_as_phase
+
+    default, nxt = (load_recipe(ROOT / f"models/{n}.yaml", []) for n in ("default", "base-next"))
+    assert nxt.base.phases[:len(default.base.phases)] == default.base.phases
+    assert len(nxt.base.phases) > len(default.base.phases) and nxt.prune.macs_at_most
+    shipped = json.loads((ROOT / default.model.weights).with_suffix(".json").read_text())
+    rec = json.loads((ROOT / nxt.model.weights).with_suffix(".json").read_text())
+    assert rec["sha256"] == sha256_file(ROOT / nxt.model.weights)
+    assert rec["phases"][:len(shipped["phases"])] == shipped["phases"]
+    assert len(rec["phases"]) == len(nxt.base.phases) and rec["data"] == nxt.data.model_dump()
+    assert rec["history"][:len(shipped["history"])] == shipped["history"]
+    c = rec.get("convergence_check")
+    if c and c.get("weights"):  # a kept check is the file it names
+        assert check_as_phase(rec, c["as_phase"], ROOT / nxt.model.weights)
