@@ -72,12 +72,12 @@ def _shipped_prefix(ctx: Context, dest: Path, phases: list[dict]) -> dict | None
 
 
 def check_file(dest: Path) -> Path:
-    """Where a failed last_phase check's final weights are kept (beside the shipped checkpoint)."""
+    """Where a last_phase check's final weights are kept (beside the shipped checkpoint)."""
     return dest.with_name(dest.stem + ".check.pt")
 
 
 def check_as_phase(prev: dict, phase: dict, dest: Path) -> bool:
-    """Is `phase`, the first phase after the shipped ones, the schedule the record's failed check already trained,
+    """Is `phase`, the first phase after the shipped ones, the schedule the record's check already trained,
     with its weights still beside `dest` as they were?"""
     c = prev.get("convergence_check") or {}
     w = c.get("weights") or {}
