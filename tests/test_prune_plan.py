@@ -53,7 +53,7 @@ def test_latency_mode_scans_every_group_and_times_against_uniform(tmp_path, base
     run = tmp_path / "run"
     r = _stage(run, "prune",
                _sets(base_ckpt, prune__mode="latency", prune__sensitivity__images=6,
-                     prune__sensitivity__latency_runs=5))
+                     prune__sensitivity__latency_runs=5, prune__round_to=8))
     assert r.returncode == 0, r.stderr[-3000:]
     out = run / "prune"
     sens = json.loads((out / "sensitivity.json").read_text())
