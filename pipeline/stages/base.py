@@ -86,6 +86,21 @@ def check_as_phase(prev: dict, phase: dict, dest: Path) -> bool:
             and w.get("sha256") == sha256_file(f))
 
 
+def trained_on(device: str) -> str:
+    """The processor a run trained on, for the record: numerics (and so the exact mAP path) differ between a CPU
+    and a GPU, and between thread counts."""
+    import torch
+
+    from pipeline.adapters.offline import cpu_threads
+
+    d = str(device).strip().lower()
+    if d != "cpu" and torch.cuda.is_available():
+        first = d.split(",")[0].removeprefix("cuda:")
+        idx = int(first) if first.isdigit() else 0
+        return f"cuda:{idx} {torch.cuda.get_device_name(idx)} (torch {torch.__version__})"
+    return f"cpu, {cpu_threads()} threads (torch {torch.__version__})"
+
+
 def check_settings(ctx: Context, last_phase: dict) -> dict:
     """The convergence check's trainer settings (base.check_settings)."""
     b, f = ctx.recipe.base, ctx.recipe.finetune
@@ -128,9 +143,11 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
         history += [{**r, "phase": from_check} for r in prev["convergence_check"]["history"]]
         console.print(f"phase {from_check}/{len(phases)} is the schedule of the record's convergence check: "
                       f"its weights ({check_file(dest)}) are taken, not trained again")
+    trained = []  # the phases this call trains
     for i, ph in enumerate(phases, 1):
         if prev is not None and i <= len(prev["phases"]) or i == from_check:
             continue
+        trained.append(i)
         console.print(f"phase {i}/{len(phases)}: training {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
                       f"{ctx.recipe.model.imgsz}px on {data_yaml}")
         ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
@@ -152,7 +169,8 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
                  workers=b.workers, device=b.device, patience=0,
                  **{k: v for k, v in settings.items() if v is not None})
         ch = _history(work / "check", 0, len(history))
-        check = {"epochs": b.check_epochs, "settings": settings, "settings_from": b.check_settings, "history": ch,
+        check = {"epochs": b.check_epochs, "settings": settings, "settings_from": b.check_settings,
+                 "trained_on": trained_on(b.device), "history": ch,
                  **convergence(history, ch, b.converged_gain, b.converged_window)}
         if b.check_settings == "last_phase":
             # One more schedule like the last phase: keep it, so that appending that schedule to base.phases (when
@@ -171,6 +189,8 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
             "epochs": sum(p["epochs"] for p in phases), "batch": b.batch, "seed": b.seed,
             "start": str(start) if start else None,
             "data": ctx.recipe.data.model_dump(), "sha256": sha256_file(dest), "history": history,
+            # where this call's phases trained (earlier ones: extended_from; a phase taken from a check: its check's)
+            "trained_on": {"phases": trained, "device": trained_on(b.device)} if trained else None,
             "shipped": "final epoch of the last phase (last.pt, EMA weights)", "convergence_check": check,
             "converged": None if check is None else check["converged"], "env": lib_versions()}
     if (check is None or "weights" not in check) and check_file(dest).is_file():
