@@ -143,6 +143,22 @@ def test_a_macs_ceiling_lands_at_or_below_the_target(round_to):
         yp.prune(m, 320, yp.PruneSpec(macs_target=0.02, at_most=True, max_layer_ratio=0.5))
 
 
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to):
+    """Latency mode's weights can span many decades (a group whose pruning measured ~0 ms): the scale search is
+    geometric, and where a round_to step jumps over the band it prunes the widest tier further. A fresh clone at
+    2def334 failed here: the linear bisection over [0, cap / min w] never got below scales of 1e10."""
+    from pipeline.adapters import prune_plan as pp
+
+    m = _randomized("yolo11n.yaml")
+    roots = [g.root for g in pp.groups(yp.prepare(m), 320)]
+    w = {r: 10.0 ** (-17 * i / (len(roots) - 1)) for i, r in enumerate(roots)}
+    p, _, info = yp.prune(m, 320, yp.PruneSpec(macs_target=0.5, round_to=round_to, group_weights=w), log=lambda s: None)
+    assert abs(info["macs_fraction"] - 0.5) <= 0.02 * 0.5, info["trials"][-3:]
+    assert len(info["trials"]) <= 80
+    assert all(c["out"] % round_to == 0 for c in yp.channel_report(p) if c["groups"] == 1 and c["out"] > 16)
+
+
 def test_history_that_does_not_match_is_refused(tmp_path):
     m = _randomized("yolo11n.yaml")
     p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25))

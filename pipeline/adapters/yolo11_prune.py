@@ -316,7 +316,11 @@ def weighted_ratios(weights: dict, alpha: float, cap: float) -> dict:
 
 
 def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
-    """Non-uniform ratios ratio_g = min(cap, a * w_g / max w) (global ratio 0), a bisected to the MACs target."""
+    """Non-uniform ratios ratio_g = min(cap, a * w_g / max w) (global ratio 0), the scale a bisected to the MACs
+    target. The bisection is geometric: measured weights can span many decades (a group whose pruning bought ~0 ms
+    in latency mode), so a linear one over [0, cap / min w] never reaches the useful scales. round_to makes MACs a
+    step function of the scale, and a step can jump over the tolerance band: then, as in the uniform search, a
+    second bisection prunes the widest tier further (finest steps) on top of the ratios that kept MACs above it."""
     target = spec.macs_target
     low, high, band = _band(spec)
     cap = min(spec.max_layer_ratio, SEARCH_MAX_RATIO)
@@ -324,29 +328,46 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     wmin = min(v for v in w.values() if v > 0) / max(w.values())
     trials = []
 
-    def attempt(a):
-        rd = weighted_ratios(w, a, cap)
+    def attempt(a, rd, wide_ratio=None):
         m, h = prune_at_ratio(prepared, imgsz, spec, 0.0, grads_fn, rd)
         frac = macs_params(m, imgsz)[0] / base_macs
         mean = sum(rd.values()) / max(len(rd), 1)
-        trials.append({"alpha": round(a, 5), "mean_ratio": round(mean, 5), "macs_fraction": round(frac, 5)})
-        log(f"  scale {a:.4f} (mean group ratio {mean:.3f}) -> {frac:.4f} x MACs (target {target})")
-        return m, h, frac, rd
+        trials.append({"alpha": round(a, 8), "mean_ratio": round(mean, 5), "macs_fraction": round(frac, 5),
+                       **({"wide_ratio": round(wide_ratio, 5)} if wide_ratio is not None else {})})
+        log(f"  scale {a:.6g} (mean group ratio {mean:.3f})" +
+            (f", widest tier {wide_ratio:.4f}" if wide_ratio is not None else "") +
+            f" -> {frac:.4f} x MACs (target {target})")
+        return m, h, frac
 
-    lo, hi = 0.0, cap / wmin
-    m, h, frac, rd = attempt(hi)
+    lo, hi = cap * 1e-4, cap / wmin  # at lo every ratio is <= 1e-4 of cap: MACs ~ the base's, above the band
+    m, h, frac = attempt(hi, weighted_ratios(w, hi, cap))
     if frac > high:
         raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these "
                                 f"group weights: every group at its cap ({cap}) keeps {frac:.4f} x base MACs")
-    best = (abs(frac - target), m, h, rd)
-    for _ in range(18):
-        mid = (lo + hi) / 2
-        m, h, frac, rd = attempt(mid)
-        if abs(frac - target) < best[0]:
-            best = (abs(frac - target), m, h, rd)
+    best = (abs(frac - target), hi)
+    for _ in range(60):
+        if hi / lo < 1 + 1e-5:
+            break
+        mid = (lo * hi) ** 0.5
+        rd = weighted_ratios(w, mid, cap)
+        m, h, frac = attempt(mid, rd)
+        best = min(best, (abs(frac - target), mid))
         if low <= frac <= high:
             return m, h, {"scale": mid, "ratios": rd}, trials
         lo, hi = (mid, hi) if frac > target else (lo, mid)
+    above = weighted_ratios(w, lo, cap)  # the last scale that kept MACs above the band
+    wide = _wide_convs(prepared)
+    wlo, whi = 0.0, cap
+    for _ in range(12):
+        wm = (wlo + whi) / 2
+        rd = {**above, **{n: max(above.get(n, 0.0), wm) for n in wide}}
+        m, h, frac = attempt(lo, rd, wm)
+        best = min(best, (abs(frac - target), lo))
+        if low <= frac <= high:
+            return m, h, {"scale": lo, "ratios": rd, "widest_tier": wm}, trials
+        wlo, whi = (wm, whi) if frac > target else (wlo, wm)
+        if whi - wlo < 1e-3:
+            break
     raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these "
                             f"group weights: the closest is off by {best[0]:.4f} (round_to={spec.round_to})")
 
