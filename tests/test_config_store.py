@@ -14,6 +14,14 @@ def test_default_recipe_loads_and_overrides():
     assert r.data.source == "synthetic"
 
 
+def test_a_device_index_reads_as_ultralytics_takes_it():
+    """`--set base.device=0` (how ultralytics users name a GPU) parses as an int: it becomes "0", not a refusal."""
+    r = load_recipe(ROOT / "models/default.yaml", ["base.device=0", "prune.sparsity.device=0", "finetune.device=cuda:0"])
+    assert (r.base.device, r.prune.sparsity.device, r.finetune.device) == ("0", "0", "cuda:0")
+    with pytest.raises(UserError, match="base.device"):
+        load_recipe(ROOT / "models/default.yaml", ["base.device=true"])
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: x\nbench:\n  itres: 5\n")

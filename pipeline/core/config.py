@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import UserError
 
@@ -43,7 +43,12 @@ class TrainSetup(Strict):
     nbs: int = Field(64, ge=1)
     seed: int = 0
     workers: int = Field(2, ge=0)
-    device: str = "cpu"
+    device: str = "cpu"  # as ultralytics takes it: cpu, 0, cuda:0, 0,1
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_index(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # --set x.device=0 reads as an int
 
 
 class TrainCfg(TrainSetup):
