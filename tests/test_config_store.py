@@ -16,7 +16,8 @@ def test_default_recipe_loads_and_overrides():
 
 def test_a_device_index_reads_as_ultralytics_takes_it():
     """`--set base.device=0` (how ultralytics users name a GPU) parses as an int: it becomes "0", not a refusal."""
-    r = load_recipe(ROOT / "models/default.yaml", ["base.device=0", "prune.sparsity.device=0", "finetune.device=cuda:0"])
+    sets = ["base.device=0", "prune.sparsity.device=0", "finetune.device=cuda:0"]
+    r = load_recipe(ROOT / "models/default.yaml", sets)
     assert (r.base.device, r.prune.sparsity.device, r.finetune.device) == ("0", "0", "cuda:0")
     with pytest.raises(UserError, match="base.device"):
         load_recipe(ROOT / "models/default.yaml", ["base.device=true"])
