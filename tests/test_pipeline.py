@@ -137,7 +137,9 @@ def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settin
                               {"epochs": 1, "nbs": 8, "close_mosaic": 1, "warmup_epochs": 0.0}]
     assert meta["epochs"] == 2
     assert [h["phase"] for h in meta["history"]] == [1, 2]
+    assert meta["trained_on"]["phases"] == [1, 2] and meta["trained_on"]["device"].startswith("cpu, ")
     c = meta["convergence_check"]
+    assert c["trained_on"].startswith("cpu, ")
     assert c["settings"]["nbs"] == 8 and c["epochs"] == 1 and len(c["history"]) == 1
     assert c["window"] == 1 and c["check_tail_map50_95"] == c["history"][-1]["map50_95"]
     assert meta["converged"] == (c["check_tail_map50_95"] - c["shipped_tail_map50_95"] < c["converged_gain"])
