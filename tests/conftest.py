@@ -4,11 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 COCO8 = SHARED / "data" / "coco8" / "coco8.yaml"
-BASE_CKPT = ROOT / "models" / "base" / "yolo11n-synth.pt"
+BASE_CKPT = ROOT / yaml.safe_load((ROOT / "models" / "default.yaml").read_text())["model"]["weights"]  # shipped
 
 from pipeline.adapters.offline import setup_offline
 

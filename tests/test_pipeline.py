@@ -253,22 +253,22 @@ def test_shipped_sparse_weights_match_the_default_run(tmp_path, base_ckpt):
     assert ok, why
 
 
-def test_the_candidate_base_continues_the_shipped_one():
-    """models/base-next.yaml is the default recipe with phases appended to its base: its checkpoint's record holds the
-    default base's phases and history as they are shipped, then the new ones, and still describes the file, so
-    `make base RECIPE=models/base-next.yaml` goes on from it (its check only) instead of training from the yaml."""
+def test_the_shipped_base_is_the_default_recipes_converged_base(tmp_path):
+    """The shipped base's record holds every phase of the default recipe's base for its model, data and setup and
+    still describes the file, so `make base` goes on from it (its check only) instead of training from the yaml;
+    it says converged from a check of one more schedule like the last phase, and a kept check is the file it names."""
     from pipeline.core.config import load_recipe
-    from pipeline.stages.base import check_as_phase
+    from pipeline.core.stage import Context
+    from pipeline.stages.base import _shipped_prefix, check_as_phase, recipe_phases
 
-    default, nxt = (load_recipe(ROOT / f"models/{n}.yaml", []) for n in ("default", "base-next"))
-    assert nxt.base.phases[:len(default.base.phases)] == default.base.phases
-    assert len(nxt.base.phases) > len(default.base.phases) and nxt.prune.macs_at_most
-    shipped = json.loads((ROOT / default.model.weights).with_suffix(".json").read_text())
-    rec = json.loads((ROOT / nxt.model.weights).with_suffix(".json").read_text())
-    assert rec["sha256"] == sha256_file(ROOT / nxt.model.weights)
-    assert rec["phases"][:len(shipped["phases"])] == shipped["phases"]
-    assert len(rec["phases"]) == len(nxt.base.phases) and rec["data"] == nxt.data.model_dump()
-    assert rec["history"][:len(shipped["history"])] == shipped["history"]
-    c = rec.get("convergence_check")
-    if c and c.get("weights"):  # a kept check is the file it names
-        assert check_as_phase(rec, c["as_phase"], ROOT / nxt.model.weights)
+    recipe = load_recipe(ROOT / "models/default.yaml", [])
+    ctx = Context(run_dir=tmp_path, recipe=recipe, recipe_path=ROOT / "models/default.yaml")
+    dest = ROOT / recipe.model.weights
+    rec = _shipped_prefix(ctx, dest, recipe_phases(recipe.base))
+    assert rec is not None, f"{dest.with_suffix('.json')} does not describe {dest} as the default recipe trains it"
+    assert len(rec["phases"]) == len(recipe.base.phases) and rec["epochs"] == sum(p.epochs for p in recipe.base.phases)
+    c = rec["convergence_check"]
+    assert rec["converged"] is True and c["converged"] is True and c["gain"] < recipe.base.converged_gain
+    assert c["epochs"] == recipe.base.phases[-1].epochs == recipe.base.check_epochs
+    if c.get("weights"):  # a kept check is the file it names
+        assert check_as_phase(rec, c["as_phase"], dest)

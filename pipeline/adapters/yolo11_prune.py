@@ -251,6 +251,23 @@ def _band(spec) -> tuple[float, float, str]:
     return target - tol, target + tol, f"±{spec.tolerance:.0%}"
 
 
+def _bisect_widest(attempt_wide, wlo: float, whi: float, spec, iters: int):
+    """The second bisection of both searches: the widest tier's ratio in [wlo, whi] (on top of ratios that kept MACs
+    above the band) until MACs land in it. Returns ((model, history, ratio) or None, the closest MACs fraction)."""
+    low, high, _ = _band(spec)
+    closest = float("inf")
+    for _ in range(iters):
+        wm = (wlo + whi) / 2
+        m, h, frac = attempt_wide(wm)
+        closest = min(closest, frac, key=lambda f: abs(f - spec.macs_target))
+        if low <= frac <= high:
+            return (m, h, wm), closest
+        wlo, whi = (wm, whi) if frac > spec.macs_target else (wlo, wm)
+        if whi - wlo < 1e-3:
+            break
+    return None, closest
+
+
 def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     """Bisection over the uniform channel ratio; round_to makes MACs a step function of it, so when a step jumps
     over the tolerance band, a second bisection prunes the widest tier further (finest steps) from the last
@@ -296,18 +313,10 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
             break
     r0 = above[0]
     wide = _wide_convs(prepared)
-    wlo, whi = r0, top
-    for _ in range(10):
-        wm = (wlo + whi) / 2
-        m, h, frac = attempt(r0, {n: wm for n in wide})
-        if abs(frac - target) < abs(best[2] - target):
-            best = (m, h, frac, r0)
-        if low <= frac <= high:
-            return m, h, r0, trials
-        wlo, whi = (wm, whi) if frac > target else (wlo, wm)
-        if whi - wlo < 1e-3:
-            break
-    raise unreachable(best[2])
+    landed, closest = _bisect_widest(lambda wm: attempt(r0, {n: wm for n in wide}), r0, top, spec, 10)
+    if landed:
+        return landed[0], landed[1], r0, trials
+    raise unreachable(min(best[2], closest, key=lambda f: abs(f - target)))
 
 
 def weighted_ratios(weights: dict, alpha: float, cap: float) -> dict:
@@ -357,19 +366,16 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
         lo, hi = (mid, hi) if frac > target else (lo, mid)
     above = weighted_ratios(w, lo, cap)  # the last scale that kept MACs above the band
     wide = _wide_convs(prepared)
-    wlo, whi = 0.0, cap
-    for _ in range(12):
-        wm = (wlo + whi) / 2
-        rd = {**above, **{n: max(above.get(n, 0.0), wm) for n in wide}}
-        m, h, frac = attempt(lo, rd, wm)
-        best = min(best, (abs(frac - target), lo))
-        if low <= frac <= high:
-            return m, h, {"scale": lo, "ratios": rd, "widest_tier": wm}, trials
-        wlo, whi = (wm, whi) if frac > target else (wlo, wm)
-        if whi - wlo < 1e-3:
-            break
-    raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these "
-                            f"group weights: the closest is off by {best[0]:.4f} (round_to={spec.round_to})")
+
+    def widened(wm):
+        return {**above, **{n: max(above.get(n, 0.0), wm) for n in wide}}
+
+    landed, closest = _bisect_widest(lambda wm: attempt(lo, widened(wm), wm), 0.0, cap, spec, 12)
+    if landed:
+        m, h, wm = landed
+        return m, h, {"scale": lo, "ratios": widened(wm), "widest_tier": wm}, trials
+    raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these group weights: the "
+                            f"closest is off by {min(best[0], abs(closest - target)):.4f} (round_to={spec.round_to})")
 
 
 # --------------------------------------------------------------------------------------------- signatures

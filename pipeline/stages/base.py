@@ -71,6 +71,13 @@ def _shipped_prefix(ctx: Context, dest: Path, phases: list[dict]) -> dict | None
     return rec
 
 
+def recipe_phases(b) -> list[dict]:
+    """base.phases as the record writes them (each phase's nbs filled in from base.nbs)."""
+    return [{"epochs": p.epochs, "nbs": p.nbs or b.nbs,
+             **{k: getattr(p, k) for k in ("close_mosaic", "warmup_epochs") if getattr(p, k) is not None}}
+            for p in b.phases]
+
+
 def check_file(dest: Path) -> Path:
     """Where a last_phase check's final weights are kept (beside the shipped checkpoint)."""
     return dest.with_name(dest.stem + ".check.pt")
@@ -119,10 +126,7 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
     from pipeline.adapters import ultralytics_yolo as ua
 
     b = ctx.recipe.base
-    phases = [{"epochs": epochs, "nbs": b.nbs}] if epochs else \
-        [{"epochs": p.epochs, "nbs": p.nbs or b.nbs,
-          **{k: getattr(p, k) for k in ("close_mosaic", "warmup_epochs") if getattr(p, k) is not None}}
-         for p in b.phases]
+    phases = [{"epochs": epochs, "nbs": b.nbs}] if epochs else recipe_phases(b)
     data_yaml = ctx.output("data", "yolo") / "data.yaml"
     work = Path(tempfile.mkdtemp(prefix="base-", dir=ctx.run_dir))
     spec: str | Path = start or ctx.recipe.model.arch
