@@ -119,8 +119,11 @@ def test_distillation_and_a_macs_ceiling_key_only_the_sparsity_prefixes_they_cha
     from pipeline.stages import sparsity
 
     base = "{epochs: 5, reg: 0.01}, {epochs: 5, reg: 0.02}"
-    ctx = lambda phases: Context(run_dir=tmp_path, recipe_path=ROOT / "models/default.yaml", recipe=load_recipe(
-        ROOT / "models/default.yaml", [f"prune.sparsity.phases=[{phases}]", "prune.sparsity.distill.head_weight=2"]))
+    def ctx(phases, ceiling=False):
+        sets = [f"prune.sparsity.phases=[{phases}]", f"prune.macs_at_most={ceiling}",
+                "prune.sparsity.distill.head_weight=2"]
+        return Context(run_dir=tmp_path, recipe_path=ROOT / "models/default.yaml",
+                       recipe=load_recipe(ROOT / "models/default.yaml", sets))
     plain, kd = ctx(f"{base}, {{epochs: 5, fade: 3}}"), ctx(f"{base}, {{epochs: 5, fade: 3, distill: true}}")
     assert sparsity.settings(plain, 2) == sparsity.settings(kd, 2)  # the shared prefix: same key, reusable
     assert "distill" not in sparsity.settings(plain) and "distill" not in sparsity.settings(kd, 2)
@@ -129,8 +132,6 @@ def test_distillation_and_a_macs_ceiling_key_only_the_sparsity_prefixes_they_cha
     assert sparsity.settings(plain) != sparsity.settings(kd)
     # likewise a MACs ceiling joins the planned cut's settings only when asked for
     assert "macs_at_most" not in sparsity.settings(plain)["cut"]
-    ceiling = Context(run_dir=tmp_path, recipe_path=ROOT / "models/default.yaml", recipe=load_recipe(
-        ROOT / "models/default.yaml", [f"prune.sparsity.phases=[{base}, {{epochs: 5, fade: 3}}]",
-                                       "prune.macs_at_most=true"]))
+    ceiling = ctx(f"{base}, {{epochs: 5, fade: 3}}", ceiling=True)
     assert sparsity.settings(ceiling)["cut"]["macs_at_most"] is True
     assert sparsity.settings(ceiling, 2) == sparsity.settings(plain, 2)
