@@ -100,9 +100,13 @@ def test_stage_cache_is_by_content_and_interrupt_keeps_record(tmp_path):
 
 
 def test_sparsity_phases_are_checked():
-    """A phase must regularize or fade; only the last may fade, and not for longer than it trains."""
-    for phases, msg in [("[{epochs: 5}]", "reg > 0 .*or fade"),
+    """A phase must regularize, fade or hold; only the last may fade, and not for longer than it trains; only hold
+    phases follow it, and they follow it."""
+    for phases, msg in [("[{epochs: 5}]", "reg > 0 .*fade .*or hold"),
                         ("[{epochs: 5, fade: 2}, {epochs: 5, reg: 0.01}]", "only the last sparsity phase may fade"),
+                        ("[{epochs: 5, fade: 2}, {epochs: 5, fade: 2}]", "only the last sparsity phase may fade"),
+                        ("[{epochs: 5, reg: 0.01}, {epochs: 5, hold: true}]", "must follow the fade phase"),
+                        ("[{epochs: 5, fade: 2}, {epochs: 5, hold: true, reg: 0.01}]", "neither reg nor fade"),
                         ("[{epochs: 5, fade: 6}]", "must not exceed")]:
         with pytest.raises(UserError, match=msg) as e:
             load_recipe(ROOT / "models/default.yaml", [f"prune.sparsity.phases={phases}"])
@@ -110,6 +114,10 @@ def test_sparsity_phases_are_checked():
     r = load_recipe(ROOT / "models/default.yaml",
                     ["prune.sparsity.phases=[{epochs: 5, reg: 0.01}, {epochs: 5, fade: 3}]"])
     assert r.prune.sparsity.phases[-1].fade == 3 and r.prune.sparsity.phases[-1].reg == 0
+    r = load_recipe(ROOT / "models/default.yaml",
+                    ["prune.sparsity.phases=[{epochs: 5, reg: 0.01}, {epochs: 5, fade: 3},"
+                     " {epochs: 4, hold: true}, {epochs: 4, hold: true}]"])
+    assert [p.hold for p in r.prune.sparsity.phases] == [None, None, True, True]
 
 
 def test_distillation_and_a_macs_ceiling_key_only_the_sparsity_prefixes_they_change(tmp_path):

@@ -71,6 +71,20 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
         assert f"{stage}: cached" in r2.stderr, (stage, r2.stderr[-2000:])
     st = cli("status", "--run-dir", run, *sets)
     assert st.returncode == 0 and "finetune   done" in st.stdout
+    # make heldout: both models scored on a fresh split (another seed), ultralytics' validator
+    h = subprocess.run([sys.executable, str(ROOT / "benchmarks/heldout.py"), "--run", str(run), "--images", "12",
+                        "--seed", "5"], capture_output=True, text=True, timeout=600)
+    assert h.returncode == 0, h.stderr[-3000:]
+    ho = json.loads((run / "heldout.json").read_text())
+    assert ho["split"]["seed"] == 5 and ho["split"]["val"] == 12 and set(ho["scores"]) == {"base-fp32", "pruned-fp32"}
+    assert ho["delta_map50_95_pt"] == round(100 * (ho["scores"]["pruned-fp32"]["map50_95"]
+                                                   - ho["scores"]["base-fp32"]["map50_95"]), 2)
+    assert 0 < ho["scores"]["base-fp32"]["map50_95"] <= 1
+    for args, msg in ((["--run", str(run), "--seed", "0"], "the run's own data seed"),
+                      (["--run", str(tmp_path / "none")], "no base-fp32 checkpoint")):
+        h = subprocess.run([sys.executable, str(ROOT / "benchmarks/heldout.py"), *args], capture_output=True,
+                           text=True, timeout=120)
+        assert h.returncode == 2 and msg in h.stderr and h.stderr.count("\n") == 1 and "Traceback" not in h.stderr
 
 
 def test_bench_map_equals_ultralytics_val(tmp_path, base_ckpt, val_synth):

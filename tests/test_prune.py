@@ -331,8 +331,26 @@ def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     alive = [float(bns[n].weight.detach().abs().max()) for n in targets]
     assert min(alive) > 0  # only the planned channels, not whole layers
 
-    r = cli("run", "--run-dir", tmp_path / "b", "--stages", "data,load,prune", *two, "--set",
-            f"prune.sparsity.shipped={faded}")
+    # a hold phase after it: trains on from the faded weights, the planned channels kept at exactly zero
+    three = sets + ["--set", "prune.sparsity.phases=[{epochs: 1, reg: 0.01}, {epochs: 2, fade: 1, distill: true}, "
+                             "{epochs: 1, hold: true}]", "--set", f"prune.sparsity.shipped={faded}"]
+    held = tmp_path / "held.pt"
+    r = cli("sparsify", "--run-dir", tmp_path / "a", "--out", held, *three)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sparsity phases 1-2/3: made earlier" in r.stdout + r.stderr
+    hrec = json.loads(held.with_suffix(".json").read_text())
+    assert hrec["epochs"] == 4 and [h["phase"] for h in hrec["history"]] == [1, 2, 2, 3] and hrec["history"][-1]["hold"]
+    assert hrec["cut"] == rec["cut"] and hrec["prefix_from"]["key"] == rec["key"] != hrec["key"]
+    bns = dict(yp.prepare(ua.load_detection_model(held)).named_modules())
+    assert max(float(bns[n].weight.detach()[i].abs().max() + bns[n].bias.detach()[i].abs().max())
+               for n, i in targets.items()) == 0.0
+    before = dict(yp.prepare(model).named_parameters())
+    moved = [n for n, p in yp.prepare(ua.load_detection_model(held)).named_parameters()
+             if not torch.equal(p.detach().float(), before[n].detach().float())]
+    assert moved  # it trained
+
+    r = cli("run", "--run-dir", tmp_path / "b", "--stages", "data,load,prune", *three, "--set",
+            f"prune.sparsity.shipped={held}")
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads((tmp_path / "b" / "prune" / "plan.json").read_text())
     step = plan["steps"][0]
@@ -341,4 +359,4 @@ def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     assert "skipped" in step["reconstruct"]
     assert 0.48 <= plan["macs_fraction"] <= 0.52
     hist = yp.load_history(tmp_path / "b" / "prune" / "history.json")
-    assert hist == rec["cut"]["history"]
+    assert hist == rec["cut"]["history"] == hrec["cut"]["history"]

@@ -232,7 +232,7 @@ class KeepArchitectureTrainer(DetectionTrainer):
             st = self._fade_state = {"epoch": self.epoch, "batches": 0, "s": (st or {}).get("s")}
         st["batches"] += self.accumulate
         progress = self.epoch + min(1.0, st["batches"] / max(len(self.train_loader), 1))
-        s = max(0.0, 1.0 - progress / self.fade["epochs"])
+        s = max(0.0, 1.0 - progress / self.fade["epochs"]) if self.fade["epochs"] > 0 else 0.0  # 0: held
         if st["s"] is None:  # the first step (or the first after a resume): the weights are where they were left
             st["s"] = s
         factor = s / st["s"] if st["s"] > 0 else 0.0
@@ -281,7 +281,8 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
     With `distill_from` (the teacher checkpoint) the student is distilled: ultralytics' feature loss at
     `feature_weight` and, with `head_kd` ({"head_weight", "temperature"}), the head-output loss. With `sparsity`
     > 0 (a rewritten model: yolo11_prune.prepare) it is sparsity training instead (group-lasso regularization);
-    with `fade` ({"targets": yolo11_prune.fade_targets(...), "epochs": n}) those channels fade to zero over n epochs."""
+    with `fade` ({"targets": yolo11_prune.fade_targets(...), "epochs": n}) those channels fade to zero over n epochs
+    (n = 0: they are zero, and held there)."""
 
     def trainer(overrides):
         t = KeepArchitectureTrainer(overrides=overrides)
@@ -298,7 +299,9 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
         return last  # finished; the stage around it was cut off after training
     if last.is_file():
         try:
-            overrides = {"resume": str(last), "model": str(last)}
+            # here's data, device, workers and folder: a run begun on another machine (a GPU) goes on on this one
+            overrides = {"resume": str(last), "model": str(last), "data": str(data_yaml), "device": device,
+                         "workers": workers, "save_dir": str(out_dir)}
             trainer(overrides).train()
             (out_dir / "weights" / "done").touch()
             return last

@@ -115,13 +115,20 @@ class SparsityPhase(Strict):
     # starts from); the planned channels then fade linearly to exactly zero over `fade` epochs while the rest
     # trains, and stay at zero for the phase's remaining epochs. The prune stage cuts exactly that plan.
     fade: int | None = Field(None, ge=1)
+    # A hold phase (after the fade phase): the cut's channels stay exactly zero while the rest of the network
+    # trains on, a schedule of its own (a new warm-up and learning-rate decay, as each base phase): the pruned
+    # network gets more training without the cut being made yet.
+    hold: bool | None = None
     # Distil this phase from the dense model the phases start from (prune.sparsity.distill's loss settings).
     distill: bool | None = None
 
     @model_validator(mode="after")
     def _one_kind(self):
-        if self.fade is None and self.reg <= 0:
-            raise ValueError("a sparsity phase needs reg > 0 (group regularization) or fade (a planned cut)")
+        if self.hold and (self.fade is not None or self.reg > 0):
+            raise ValueError("a hold phase keeps the faded cut at zero: it takes neither reg nor fade")
+        if self.fade is None and self.reg <= 0 and not self.hold:
+            raise ValueError("a sparsity phase needs reg > 0 (group regularization), fade (a planned cut) or hold "
+                             "(after the fade phase)")
         if self.fade is not None and self.fade > self.epochs:
             raise ValueError(f"fade ({self.fade} epochs) must not exceed the phase's epochs ({self.epochs})")
         return self
@@ -143,8 +150,12 @@ class SparsityCfg(TrainSetup):
 
     @model_validator(mode="after")
     def _fade_last(self):
-        if any(p.fade for p in self.phases[:-1]):
-            raise ValueError("only the last sparsity phase may fade (it trains toward the cut)")
+        fades = [i for i, p in enumerate(self.phases) if p.fade]
+        if len(fades) > 1 or any(not p.hold for p in self.phases[(fades or [len(self.phases)])[0] + 1:]):
+            raise ValueError("only the last sparsity phase may fade (it trains toward the cut); only hold phases "
+                             "may follow it")
+        if any(p.hold for p in self.phases[:(fades or [len(self.phases)])[0]]):
+            raise ValueError("a hold phase keeps a faded cut at zero: it must follow the fade phase")
         return self
 
 

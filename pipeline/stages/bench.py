@@ -40,8 +40,10 @@ def variants(ctx: Context) -> list[Variant]:
         note = ""
         if sp.enabled:
             note = (f"sparsity-trained {sum(p.epochs for p in sp.phases)} epochs (group regularization"
-                    + (f"; the planned cut's channels faded to zero over {fade.fade} of the last {fade.epochs}"
-                       if fade else "") + "), then ")
+                    + (f"; the planned cut's channels faded to zero over {fade.fade} of {fade.epochs} epochs"
+                       if fade else "")
+                    + (f", then held at zero for {hold} more" if (hold := sum(p.epochs for p in sp.phases if p.hold))
+                       else "") + "), then ")
         if fade:
             note += f"pruned (DepGraph, {pr.mode} mode, the cut the fade trained toward)"
         else:

@@ -14,7 +14,9 @@ per key so an interrupted run resumes.
 The last phase may instead be a fade phase (`fade: n`): the cut is planned first, with the prune stage's own search
 on the weights the phase starts from, and the planned channels then fade to exactly zero over n epochs while the
 rest of the network trains to do without them. The record keeps that plan (Torch-Pruning's history); the prune
-stage applies it, and the cut changes no output. The search settings become part of the key.
+stage applies it, and the cut changes no output. The search settings become part of the key. Hold phases
+(`hold: true`) may follow it: the planned channels stay exactly zero while the rest trains on, each phase a
+schedule of its own, as the base's phases are: more training for the pruned network before the cut.
 
 Phases are kept per prefix: a schedule that extends another (the same first phases, model, data and settings)
 starts from that schedule's result, shipped or cached, and trains only the new phases.
@@ -142,7 +144,13 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
         start = work / f"{tag}-start.pt"
         prepared = yp.prepare(stock)
         fade = None
-        if ph.fade:
+        if ph.hold:  # after the fade phase: the planned channels are zero; they stay there
+            fade = {"targets": yp.fade_targets(prepared, rec["cut"]["history"], ctx.recipe.model.imgsz),
+                    "epochs": 0}
+            console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, the planned cut's "
+                          f"{sum(len(v) for v in fade['targets'].values())} BN channels held at zero"
+                          + (", distilled from the dense model" if ph.distill else ""))
+        elif ph.fade:
             from pipeline.stages.prune import plan_cut
 
             planned = work / f"{tag}-plan.json"  # kept: a resumed phase must fade toward the same plan (the
@@ -176,6 +184,7 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
                 mods[name].bias.data[idxs] = 0
         stock = fold_into(stock, trained)
         rows = [{**r, "phase": i, "reg": ph.reg, **({"fade": ph.fade} if ph.fade else {}),
+                 **({"hold": True} if ph.hold else {}),
                  **({"distill": True} if ph.distill else {})}
                 for r in ua.training_history(work / tag)]
         rec = {**rec, **prefix[i - 1], "history": rec["history"] + rows, "final_val_map50_95": rows[-1]["map50_95"],
