@@ -341,6 +341,7 @@ def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     hrec = json.loads(held.with_suffix(".json").read_text())
     assert hrec["epochs"] == 4 and [h["phase"] for h in hrec["history"]] == [1, 2, 2, 3] and hrec["history"][-1]["hold"]
     assert hrec["cut"] == rec["cut"] and hrec["prefix_from"]["key"] == rec["key"] != hrec["key"]
+    assert set(hrec["trained_on"]) == {"1", "2", "3"} and hrec["trained_on"]["3"].startswith("cpu")  # where it ran
     bns = dict(yp.prepare(ua.load_detection_model(held)).named_modules())
     assert max(float(bns[n].weight.detach()[i].abs().max() + bns[n].bias.detach()[i].abs().max())
                for n, i in targets.items()) == 0.0

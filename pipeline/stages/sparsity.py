@@ -119,6 +119,7 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.adapters import yolo11_prune as yp
     from pipeline.adapters.yolo11_blocks import fold_into
+    from pipeline.stages.base import trained_on
 
     s = ctx.recipe.prune.sparsity
     work = ctx.run_dir / ".work" / "sparsity"
@@ -188,7 +189,8 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
                  **({"distill": True} if ph.distill else {})}
                 for r in ua.training_history(work / tag)]
         rec = {**rec, **prefix[i - 1], "history": rec["history"] + rows, "final_val_map50_95": rows[-1]["map50_95"],
-               "epochs": sum(p.epochs for p in s.phases[:i]), "env": lib_versions()}
+               "epochs": sum(p.epochs for p in s.phases[:i]), "env": lib_versions(),
+               "trained_on": {**rec.get("trained_on", {}), str(i): trained_on(s.device)}}  # numerics differ by device
         rec.pop("made_by", None)
         if i < n:  # a later phase (or run) starts from here, as saved
             _write(stock, work / f"{tag}.pt", rec)
