@@ -299,7 +299,7 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
         return last  # finished; the stage around it was cut off after training
     if last.is_file():
         try:
-            # here's data, device, workers and folder: a run begun on another machine (a GPU) goes on on this one
+            # this machine's data path, device, workers and folder: a run begun on another one (a GPU) goes on here
             overrides = {"resume": str(last), "model": str(last), "data": str(data_yaml), "device": device,
                          "workers": workers, "save_dir": str(out_dir)}
             trainer(overrides).train()

@@ -150,11 +150,11 @@ class SparsityCfg(TrainSetup):
 
     @model_validator(mode="after")
     def _fade_last(self):
-        fades = [i for i, p in enumerate(self.phases) if p.fade]
-        if len(fades) > 1 or any(not p.hold for p in self.phases[(fades or [len(self.phases)])[0] + 1:]):
+        fade = next((i for i, p in enumerate(self.phases) if p.fade), len(self.phases))
+        if any(not p.hold for p in self.phases[fade + 1:]):  # a second fade phase is one of these
             raise ValueError("only the last sparsity phase may fade (it trains toward the cut); only hold phases "
                              "may follow it")
-        if any(p.hold for p in self.phases[:(fades or [len(self.phases)])[0]]):
+        if any(p.hold for p in self.phases[:fade]):
             raise ValueError("a hold phase keeps a faded cut at zero: it must follow the fade phase")
         return self
 
