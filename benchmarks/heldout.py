@@ -32,7 +32,6 @@ def main() -> int:
 
     setup_offline()
     from pipeline.adapters import ultralytics_yolo as ua
-    from pipeline.core.config import load_recipe
     from pipeline.data.formats import load_dataset, write_yolo
     from pipeline.data.synthetic import SynthSpec, generate
 
@@ -47,7 +46,7 @@ def main() -> int:
         return 2
     spec = SynthSpec(**{**{k: v for k, v in spec_run.items() if k != "version"}, "seed": a.seed, "train": 1,
                         "val": a.images})
-    imgsz = load_recipe(ROOT / "models" / "default.yaml", []).model.imgsz
+    imgsz = json.loads((a.run / "load" / "record.json").read_text())["config"]["model"]["imgsz"]  # the run's own
     with tempfile.TemporaryDirectory(prefix="yolo-edge-heldout-") as td:
         coco = generate(Path(td) / "coco", spec)
         data_yaml = write_yolo(load_dataset(coco), Path(td) / "yolo")

@@ -145,26 +145,23 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
         start = work / f"{tag}-start.pt"
         prepared = yp.prepare(stock)
         fade = None
-        if ph.hold:  # after the fade phase: the planned channels are zero; they stay there
-            fade = {"targets": yp.fade_targets(prepared, rec["cut"]["history"], ctx.recipe.model.imgsz),
-                    "epochs": 0}
-            console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, the planned cut's "
-                          f"{sum(len(v) for v in fade['targets'].values())} BN channels held at zero"
-                          + (", distilled from the dense model" if ph.distill else ""))
-        elif ph.fade:
-            from pipeline.stages.prune import plan_cut
-
+        if ph.fade:
             planned = work / f"{tag}-plan.json"  # kept: a resumed phase must fade toward the same plan (the
             if not planned.is_file():             # latency search times the model, so a new one could differ)
+                from pipeline.stages.prune import plan_cut
+
                 console.print(f"  sparsity phase {i}/{n}: planning the cut on the weights it starts from")
                 with atomic_path(planned) as tmp:
                     tmp.write_text(json.dumps(plan_cut(ctx, stock, data_dir, work / f"{tag}-plan")))
             rec = {**rec, "cut": json.loads(planned.read_text())}
+        if ph.fade or ph.hold:  # a hold phase: the planned channels are zero already (0 fade epochs); they stay
             fade = {"targets": yp.fade_targets(prepared, rec["cut"]["history"], ctx.recipe.model.imgsz),
-                    "epochs": ph.fade}
-            console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, the planned channels "
-                          f"({sum(len(v) for v in fade['targets'].values())} BN channels) fading to zero over "
-                          f"{ph.fade}" + (f", group regularization {ph.reg:g}" if ph.reg else "")
+                    "epochs": 0 if ph.hold else ph.fade}
+            bns = sum(len(v) for v in fade["targets"].values())
+            console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, "
+                          + (f"the planned cut's {bns} BN channels held at zero" if ph.hold else
+                             f"the planned channels ({bns} BN channels) fading to zero over {ph.fade}"
+                             + (f", group regularization {ph.reg:g}" if ph.reg else ""))
                           + (", distilled from the dense model" if ph.distill else ""))
         else:
             console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, group regularization {ph.reg:g}, on the "
