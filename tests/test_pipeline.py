@@ -87,21 +87,63 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
         assert h.returncode == 2 and msg in h.stderr and h.stderr.count("\n") == 1 and "Traceback" not in h.stderr
 
 
-def test_bench_map_equals_ultralytics_val(tmp_path, base_ckpt, val_synth):
-    """Our bench (ONNX Runtime, our letterbox + NMS, pycocotools) vs ultralytics' own val() on the same weights and
-    images: within 0.01 mAP50-95."""
+def _reordered_coco(src, dest):
+    """The val images of a synthetic COCO dataset as a user's COCO JSON looks: image ids shuffled and not in file
+    order, category ids non-contiguous, images listed in another order, half of them padded to non-square."""
+    import cv2
+    import numpy as np
+
+    d = json.loads((src / "annotations" / "instances_val.json").read_text())
+    rng = np.random.default_rng(3)
+    new_id = {im["id"]: int(v) for im, v in zip(d["images"], rng.permutation(len(d["images"])) * 13 + 5)}
+    new_cat = {c["id"]: 2 * c["id"] + 3 for c in d["categories"]}
+    (dest / "images" / "val").mkdir(parents=True)
+    for k, im in enumerate(d["images"]):
+        img = cv2.imread(str(src / "images" / "val" / im["file_name"]))
+        if k % 2:  # pad below or to the right with noise: the objects stay where they were
+            pad = rng.integers(0, 255, (80, img.shape[1], 3), dtype=np.uint8) if k % 4 == 1 else \
+                rng.integers(0, 255, (img.shape[0], 80, 3), dtype=np.uint8)
+            img = np.concatenate([img, pad], 0 if k % 4 == 1 else 1)
+        cv2.imwrite(str(dest / "images" / "val" / im["file_name"]), img)
+        im["height"], im["width"] = img.shape[:2]
+    for a in d["annotations"]:
+        a["image_id"], a["category_id"] = new_id[a["image_id"]], new_cat[a["category_id"]]
+    for im in d["images"]:
+        im["id"] = new_id[im["id"]]
+    d["images"] = d["images"][::-1]
+    d["categories"] = [{**c, "id": new_cat[c["id"]]} for c in d["categories"]]
+    (dest / "annotations").mkdir()
+    (dest / "annotations" / "instances_val.json").write_text(json.dumps(d))
+    return dest, d
+
+
+def test_bench_on_coco_json_ids_out_of_file_order_equals_ultralytics_val(tmp_path, base_ckpt, val_synth):
+    """Regression (issue 21): a COCO JSON whose image ids are not in file-name order, with non-contiguous category
+    ids and non-square images. bench (ONNX Runtime, our letterbox + NMS, pycocotools, the data stage's eval set) and
+    ultralytics' own validator on the same checkpoint and images agree within 1 point: bench's own cross-check in
+    the report, and a direct call. Predictions carry the COCO file's own image and category ids."""
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.data.formats import load_dataset, write_yolo
 
+    src, d = _reordered_coco(val_synth, tmp_path / "coco")
     run = tmp_path / "run"
-    r = cli("bench", "--data", val_synth, "--weights", base_ckpt, "--run-dir", run, "--set", "bench.iters=3")
+    r = cli("bench", "--data", src, "--weights", base_ckpt, "--run-dir", run, "--set", "bench.iters=3")
     assert r.returncode == 0, r.stderr[-3000:]
-    ours = json.loads((run / "report.json").read_text())["variants"][0]
-    y = write_yolo(load_dataset(val_synth), tmp_path / "y")
+    rep = json.loads((run / "report.json").read_text())
+    ours = rep["variants"][0]
+    assert ours["map50_95"] > 0.5, "a model that detects little would make parity easy"
+    cc = rep["cross_check"]["variants"]["base-fp32"]
+    assert cc["bench"] == ours["map50_95"] and abs(cc["delta_pt"]) <= 1.0, cc
+    y = write_yolo(load_dataset(src), tmp_path / "y")
+    (tmp_path / "y" / "data.yaml").write_text((tmp_path / "y" / "data.yaml").read_text() + "train: images/val\n")
     ref = ua.val(base_ckpt, y, imgsz=320)
-    assert ours["map50_95"] > 0.01, "a model that detects nothing would make parity trivial"
     assert abs(ours["map50_95"] - ref["map50_95"]) <= 0.01, (ours["map50_95"], ref)
     assert abs(ours["map50"] - ref["map50"]) <= 0.02, (ours["map50"], ref)
+    dets = json.loads((run / ours["predictions"]).read_text())
+    assert {x["image_id"] for x in dets} <= {im["id"] for im in d["images"]}
+    assert {x["category_id"] for x in dets} <= {c["id"] for c in d["categories"]}
+    assert "cross-check, ultralytics" in (run / "report.md").read_text()
+    _check_report(run, "base-fp32")
 
 
 def test_bench_on_users_yolo_dataset_coco8(tmp_path, needs_shared):

@@ -8,6 +8,7 @@ image file names survive the round trip.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,12 @@ class Image:
     height: int
     id: int
     boxes: list[tuple[int, float, float, float, float]] = field(default_factory=list)  # (class idx, x, y, w, h) px
+    # The name the dataset knows the image by: a COCO file's own file_name (it may hold folders), or the path
+    # under its split's image folder for the YOLO layout. Converted copies keep it, folders included.
+    file_name: str = ""
+
+    def __post_init__(self):
+        self.file_name = self.file_name or self.path.name
 
 
 @dataclass
@@ -58,7 +65,7 @@ class Dataset:
     def coco_dict(self, split: str) -> dict:
         images, anns = [], []
         for im in self.split(split):
-            images.append({"id": im.id, "file_name": im.path.name, "width": im.width, "height": im.height})
+            images.append({"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height})
             for c, x, y, w, h in im.boxes:
                 anns.append({"id": len(anns) + 1, "image_id": im.id, "category_id": self.cat_id(c),
                              "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
@@ -83,10 +90,20 @@ def _image_size(path: Path, source: Path) -> tuple[int, int]:
     return img.shape[1], img.shape[0]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _check_box(c: int, x: float, y: float, w: float, h: float, im: Image, nc: int, where: str, source: Path) -> None:
     if not 0 <= c < nc:
         raise UserError(f"{where}: class id {c} is not in 0..{nc - 1} (nc={nc})", source)
-    if not (np.isfinite([x, y, w, h]).all()) or w <= 0 or h <= 0:
+    if not np.isfinite([x, y, w, h]).all():
+        raise UserError(f"{where}: bbox {[x, y, w, h]} holds a non-finite number", source)
+    if w <= 0 or h <= 0:
         raise UserError(f"{where}: degenerate bbox {[x, y, w, h]} (width and height must be > 0)", source)
     if x < -EDGE_TOL_PX or y < -EDGE_TOL_PX or x + w > im.width + EDGE_TOL_PX or y + h > im.height + EDGE_TOL_PX:
         raise UserError(f"{where}: bbox [x={x:g}, y={y:g}, w={w:g}, h={h:g}] lies outside the "
@@ -106,6 +123,16 @@ def read_coco_split(ann_file: Path, images_dir: Path | None = None,
         raise UserError(f"not valid JSON ({e})", ann_file) from None
     if not isinstance(d, dict) or not all(k in d for k in ("images", "annotations", "categories")):
         raise UserError("not a COCO instances file: needs 'images', 'annotations' and 'categories'", ann_file)
+    for k in ("images", "annotations", "categories"):
+        if not isinstance(d[k], list):
+            raise UserError(f"'{k}' must be a list, got {type(d[k]).__name__}", ann_file)
+    for c in d["categories"]:
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+            raise UserError(f"category {str(c)[:80]} needs an integer 'id' and a string 'name'", ann_file)
+    if not d["categories"]:
+        raise UserError("no categories", ann_file)
+    if len({c["id"] for c in d["categories"]}) != len(d["categories"]):
+        raise UserError("duplicate category ids", ann_file)
     cats = sorted(d["categories"], key=lambda c: c["id"])
     if names is None:
         names = [c["name"] for c in cats]
@@ -117,20 +144,39 @@ def read_coco_split(ann_file: Path, images_dir: Path | None = None,
     if images_dir is None:
         images_dir = ann_file.parent
     images: dict[int, Image] = {}
+    names_seen: dict[str, int] = {}
     for rec in d["images"]:
-        iid = rec["id"]
+        if not isinstance(rec, dict) or not _is_int(rec.get("id")) or not isinstance(rec.get("file_name"), str):
+            raise UserError(f"image entry {str(rec)[:80]} needs an integer 'id' and a string 'file_name'", ann_file)
+        iid, fname = rec["id"], rec["file_name"]
         if iid in images:
-            raise UserError(f"duplicate image id {iid} ({rec.get('file_name')})", ann_file)
-        p = Path(images_dir) / rec["file_name"]
+            raise UserError(f"duplicate image id {iid} ({fname})", ann_file)
+        if fname in names_seen:
+            raise UserError(f"images {names_seen[fname]} and {iid} have the same file_name {fname}", ann_file)
+        names_seen[fname] = iid
+        p = Path(images_dir) / fname
         w, h = _image_size(p, ann_file)
-        images[iid] = Image(path=p, width=int(rec.get("width", w)), height=int(rec.get("height", h)), id=iid)
+        if rec.get("width") is not None or rec.get("height") is not None:
+            dw, dh = rec.get("width"), rec.get("height")
+            if (dw, dh) != (w, h):
+                hint = (" (swapped: an EXIF orientation tag rotates the image; bake the rotation into the file)"
+                        if (dw, dh) == (h, w) else "")
+                raise UserError(f"image {iid} ({fname}) says {dw}x{dh} but the file decodes to {w}x{h}{hint}",
+                                ann_file)
+        images[iid] = Image(path=p, width=w, height=h, id=iid, file_name=fname)
     for a in d["annotations"]:
+        if not isinstance(a, dict):
+            raise UserError(f"annotation {str(a)[:80]} is not an object", ann_file)
         if a.get("iscrowd", 0):
             continue
-        if a["image_id"] not in images:
-            raise UserError(f"annotation {a.get('id')} points at unknown image id {a['image_id']}", ann_file)
-        if a["category_id"] not in cid_to_idx:
-            raise UserError(f"annotation {a.get('id')} points at unknown category id {a['category_id']}", ann_file)
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(v) for v in bbox)):
+            raise UserError(f"annotation {a.get('id')}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}", ann_file)
+        if a.get("image_id") not in images:
+            raise UserError(f"annotation {a.get('id')} points at unknown image id {a.get('image_id')}", ann_file)
+        if a.get("category_id") not in cid_to_idx:
+            raise UserError(f"annotation {a.get('id')} points at unknown category id {a.get('category_id')}",
+                            ann_file)
         im = images[a["image_id"]]
         x, y, w, h = (float(v) for v in a["bbox"])
         c = cid_to_idx[a["category_id"]]
@@ -219,9 +265,11 @@ def read_yolo(data_yaml: Path) -> Dataset:
         if not d.get(split):
             continue
         imgs = []
-        for i, p in enumerate(_list_images(d[split], root, data_yaml)):
+        paths = _list_images(d[split], root, data_yaml)
+        top = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else root
+        for i, p in enumerate(paths):
             w, h = _image_size(p, data_yaml)
-            im = Image(path=p, width=w, height=h, id=i + 1)
+            im = Image(path=p, width=w, height=h, id=i + 1, file_name=p.relative_to(top).as_posix())
             lp = label_path(p)
             if lp.is_file():
                 for ln_no, ln in enumerate(lp.read_text().splitlines(), 1):
@@ -235,6 +283,8 @@ def read_yolo(data_yaml: Path) -> Dataset:
                         c, cx, cy, bw, bh = int(float(parts[0])), *(float(v) for v in parts[1:])
                     except ValueError:
                         raise UserError(f"{where}: not numbers: {ln.strip()}", data_yaml) from None
+                    if not all(math.isfinite(float(v)) for v in parts):
+                        raise UserError(f"{where}: non-finite number in '{ln.strip()}'", data_yaml)
                     if not 0 <= c < len(names):
                         raise UserError(f"{where}: class id {c} >= nc={len(names)}" if c >= 0 else
                                         f"{where}: negative class id {c}", data_yaml)
@@ -268,6 +318,19 @@ def _link(target: Path, link: Path) -> None:
     os.symlink(os.path.relpath(Path(target).resolve(), link.parent.resolve()), link)
 
 
+def _place(split_dir: Path, im: Image, ds: Dataset) -> Path:
+    """Where a converted copy puts an image: its file_name under the split folder, sub-folders kept."""
+    rel = Path(im.file_name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise UserError(f"image file_name {im.file_name!r} must be a relative path inside the image folder",
+                        ds.source)
+    dest = split_dir / rel
+    if dest.exists() or dest.is_symlink():
+        raise UserError(f"two images named {im.file_name} in one split", ds.source)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
 def write_coco(ds: Dataset, dest: Path) -> Path:
     """COCO layout: annotations/instances_<split>.json + images/<split>/ (symlinks to the originals)."""
     with atomic_dir(dest) as tmp:
@@ -275,7 +338,7 @@ def write_coco(ds: Dataset, dest: Path) -> Path:
         for split in ds.splits:
             (tmp / "images" / split).mkdir(parents=True)
             for im in ds.splits[split]:
-                _link(im.path, tmp / "images" / split / im.path.name)
+                _link(im.path, _place(tmp / "images" / split, im, ds))
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(ds.coco_dict(split)))
     return Path(dest)
 
@@ -289,16 +352,20 @@ def write_yolo(ds: Dataset, dest: Path) -> Path:
         for split, imgs in ds.splits.items():
             (tmp / "images" / split).mkdir(parents=True)
             (tmp / "labels" / split).mkdir(parents=True)
-            seen = set()
+            stems = set()
             for im in imgs:
-                name = im.path.name
-                if name in seen:
-                    raise UserError(f"two images named {name} in split {split}", ds.source)
-                seen.add(name)
-                _link(im.path, tmp / "images" / split / name)
+                place = _place(tmp / "images" / split, im, ds)
+                stem = place.with_suffix("").relative_to(tmp / "images" / split).as_posix()
+                if stem in stems:  # a.jpg and a.png would share labels/a.txt
+                    raise UserError(f"two images named {stem}.* in split {split}: their labels would collide",
+                                    ds.source)
+                stems.add(stem)
+                _link(im.path, place)
                 lines = [f"{c} {(x + w / 2) / im.width:.10f} {(y + h / 2) / im.height:.10f} "
                          f"{w / im.width:.10f} {h / im.height:.10f}" for c, x, y, w, h in im.boxes]
-                (tmp / "labels" / split / (Path(name).stem + ".txt")).write_text("\n".join(lines) + "\n" * bool(lines))
+                lab = tmp / "labels" / split / (stem + ".txt")
+                lab.parent.mkdir(parents=True, exist_ok=True)
+                lab.write_text("\n".join(lines) + "\n" * bool(lines))
             meta[split] = f"images/{split}"
         (tmp / "data.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
     return Path(dest) / "data.yaml"

@@ -12,11 +12,57 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.stage import Context, StageResult, lib_versions, run_stage
+from pipeline.core.errors import UserError
+from pipeline.core.stage import Context, StageResult, console, lib_versions, run_stage
 from pipeline.core.store import StageRecord, atomic_path, sha256_file, write_json
 from pipeline.eval.detect import PrePost
 
-VERSION = 1
+VERSION = 2  # 2: reads the data stage's eval set; ultralytics' validator cross-check
+
+# The fp32 variants a second implementation scores too (ultralytics' validator on the checkpoint they were
+# exported from): the stage whose 'model' output that checkpoint is.
+CROSS_CHECKED = {"base-fp32": "load", "pruned-fp32": "finetune"}
+CROSS_CHECK_MAX_PT = 2.0  # bench and ultralytics disagree by more than this: the run fails
+
+
+def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path) -> dict:
+    """Score the fp32 checkpoints with ultralytics' own validator (its letterbox, NMS and mAP code) on the same
+    split of the data stage's YOLO copy; the two numbers go side by side into the report. They differ a little by
+    construction (ultralytics interpolates precision its own way: ~0.3 pt on the default data); more than
+    CROSS_CHECK_MAX_PT means one of the two scores the wrong thing, and the run stops."""
+    from pipeline.adapters import ultralytics_yolo as ua
+
+    cfg = ctx.recipe.bench
+    res = {"evaluator": f"ultralytics {lib_versions().get('ultralytics')} DetectionValidator (rect=False, batch 1, "
+                        f"conf {cfg.conf}, iou {cfg.iou}, max_det {cfg.max_det})", "max_delta_pt": CROSS_CHECK_MAX_PT,
+           "variants": {}}
+    import yaml
+
+    # the split alone, as both of ultralytics' required keys (a user's single COCO JSON has no train split)
+    src = yaml.safe_load((inputs["data"] / "data.yaml").read_text())
+    data_yaml = out / "cross_check_data.yaml"
+    data_yaml.write_text(yaml.safe_dump({"path": str(Path(inputs["data"]).resolve()), "train": f"images/{cfg.split}",
+                                         "val": f"images/{cfg.split}", "names": src["names"]}, sort_keys=False))
+    for r in rows:
+        if r["name"] not in CROSS_CHECKED:
+            continue
+        console.print(f"[dim]bench: {r['name']}: ultralytics' validator on the same {cfg.split} split ...[/dim]")
+        u = ua.val(inputs[f"{r['name']}.pt"], data_yaml, ctx.recipe.model.imgsz, conf=cfg.conf, iou=cfg.iou,
+                   max_det=cfg.max_det)
+        d = 100 * (r["map50_95"] - u["map50_95"])
+        res["variants"][r["name"]] = {"bench": r["map50_95"], "ultralytics": u["map50_95"],
+                                      "bench_map50": r["map50"], "ultralytics_map50": u["map50"],
+                                      "delta_pt": round(d, 3)}
+        r["ultralytics_map50_95"] = u["map50_95"]
+    bad = {k: v for k, v in res["variants"].items() if abs(v["delta_pt"]) > CROSS_CHECK_MAX_PT}
+    data_yaml.unlink()
+    (out / "cross_check.json").write_text(json.dumps(res, indent=1))
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise UserError(f"bench and ultralytics' validator disagree on {k}: mAP50-95 {v['bench']:.4f} vs "
+                        f"{v['ultralytics']:.4f} ({v['delta_pt']:+.2f} pt, more than {CROSS_CHECK_MAX_PT}): one of "
+                        f"them scores the wrong images or boxes; nothing was published", inputs["eval"])
+    return res
 
 
 @dataclass(frozen=True)
@@ -88,22 +134,27 @@ def run(ctx: Context) -> StageRecord:
     vs = variants(ctx)
     cfg = ctx.recipe.bench
     spec = prepost(ctx)
-    inputs = {"ground_truth": ctx.output("data", "ground_truth"), "data": ctx.output("data", "yolo")}
+    inputs = {"eval": ctx.output("data", "eval"), "data": ctx.output("data", "yolo")}
     for v in vs:
         inputs[f"{v.name}.onnx"] = ctx.output(v.model_stage, v.output)
         inputs[f"{v.name}.info"] = ctx.output(v.stats_stage, "info")
+    for name, stage in CROSS_CHECKED.items():
+        if any(v.name == name for v in vs):
+            inputs[f"{name}.pt"] = ctx.output(stage, "model")
     config = {**cfg.model_dump(), "prepost": spec.as_dict(), "variants": [v.__dict__ for v in vs]}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.backends.base import get_runner
-        from pipeline.eval.bench import EvalImage, accuracy, latency
-        from pipeline.stages.data import dataset
+        from pipeline.data.evalset import EvalSet
+        from pipeline.eval.bench import accuracy, latency
 
-        ds = dataset(ctx)
-        gt = json.loads(inputs["ground_truth"].read_text())
-        shutil.copyfile(inputs["ground_truth"], out / "ground_truth.json")
-        images = [EvalImage(str(im.path), im.id) for im in ds.split(cfg.split)]
-        cat_ids = [ds.cat_id(i) for i in range(ds.nc)]
+        es = EvalSet.load(inputs["eval"])  # images re-hashed, ground truth checked against them
+        if es.split != cfg.split:
+            raise UserError(f"the eval set holds the '{es.split}' split, bench.split is '{cfg.split}': re-run the "
+                            f"data stage", inputs["eval"])
+        gt = es.ground_truth
+        shutil.copyfile(inputs["eval"] / "ground_truth.json", out / "ground_truth.json")
+        images, cat_ids, names = es.images, es.category_ids, es.names
         (out / "predictions").mkdir()
         rows = []
         for v in vs:
@@ -120,7 +171,7 @@ def run(ctx: Context) -> StageRecord:
                           "size_bytes": onnx_path.stat().st_size},
                 "runner": runner.describe(),
                 "map50_95": acc["map50_95"], "map50": acc["map50"],
-                "per_class_ap50_95": {ds.names[cat_ids.index(k)]: a for k, a in acc["per_class_ap50_95"].items()},
+                "per_class_ap50_95": {names[cat_ids.index(k)]: a for k, a in acc["per_class_ap50_95"].items()},
                 "latency_ms": {"engine": lat["engine"], "end_to_end": lat["end_to_end"]},
                 "fps": lat["fps"], "timing": {k: lat[k] for k in ("batch", "warmup", "iters", "wall_s")},
                 "params": info["params"], "macs": info["macs"],
@@ -129,6 +180,7 @@ def run(ctx: Context) -> StageRecord:
                 "detections": len(dets),
                 **({"training": info["training"]} if info.get("training") else {}),
             })
+        cross = cross_check(ctx, rows, inputs, out)
         base = next((r for r in rows if r["name"] == "base-fp32"), rows[0] if rows else None)
         for r in rows:
             if base is None:
@@ -141,13 +193,14 @@ def run(ctx: Context) -> StageRecord:
                             "e2e_p50_speedup": base["latency_ms"]["end_to_end"]["p50"]
                             / r["latency_ms"]["end_to_end"]["p50"]}
         report = {"schema": "yolo-edge/report/1", "run": ctx.run_dir.name, "recipe": ctx.recipe.model_dump(),
-                  "dataset": {"split": cfg.split, "images": len(images), "digest": ds.digest(cfg.split),
-                              "names": ds.names},
+                  "dataset": {"split": cfg.split, "images": len(images), "digest": es.digest, "names": names},
+                  "cross_check": cross,
                   "device": device_info(), "env": lib_versions(), "prepost": spec.as_dict(), "variants": rows}
         (out / "report.json").write_text(json.dumps(report, indent=1))
         (out / "report.md").write_text(render_markdown(report))
         return StageResult(outputs={"report": "report.json", "report_md": "report.md",
-                                    "predictions": "predictions", "ground_truth": "ground_truth.json"},
+                                    "cross_check": "cross_check.json", "predictions": "predictions",
+                                    "ground_truth": "ground_truth.json"},
                            metrics={r["name"]: {"map50_95": r["map50_95"], "e2e_p50_ms":
                                                 r["latency_ms"]["end_to_end"]["p50"]} for r in rows})
 
@@ -188,6 +241,11 @@ def render_markdown(rep: dict) -> str:
     lines += ["", "Latency: batch 1, ONNX Runtime CPU unless the runner says otherwise; engine = inference on a ready "
               "tensor, e2e = letterbox + inference + NMS on a decoded frame. mAP: pycocotools on the predictions and "
               "ground truth named in report.json."]
+    cc = (rep.get("cross_check") or {}).get("variants") or {}
+    if cc:
+        lines.append("- cross-check, " + rep["cross_check"]["evaluator"] + " on the same split: " + "; ".join(
+            f"{k} {v['ultralytics']:.4f} vs bench {v['bench']:.4f} ({v['delta_pt']:+.2f} pt)" for k, v in cc.items())
+            + f" (the run fails beyond ±{rep['cross_check']['max_delta_pt']:g} pt)")
     for r in rep["variants"]:
         vb = r.get("vs_base", {})
         if r["precision"] == "fp32" and vb.get("macs_ratio", 1) < 0.99:

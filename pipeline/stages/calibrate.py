@@ -39,11 +39,11 @@ def _list_file_images(path: Path) -> list[Path]:
 
 def select(ctx: Context):
     """(calibration images, tuning images as dataset Images) — validated, before anything is written."""
-    from pipeline.stages.data import dataset
+    from pipeline.stages.data import dataset, eval_set
 
     c = ctx.recipe.calib
     ds = dataset(ctx)
-    eval_hashes = {sha256_file(im.path): im.path for im in ds.split(ctx.recipe.bench.split)}
+    eval_hashes = eval_set(ctx, verify=False).hashes()  # the images bench scores, by content
     train = ds.split("train") if "train" in ds.splits else []
     rng = np.random.default_rng(c.seed)
     order = rng.permutation(len(train)) if train else np.array([], int)

@@ -1,6 +1,8 @@
 """`data` stage: the built-in synthetic dataset, or a user's COCO / YOLO dataset, validated and laid out both
-ways: yolo/data.yaml for the ultralytics trainer and validator, coco/ with the ground-truth JSON pycocotools
-scores against."""
+ways: yolo/data.yaml for the ultralytics trainer and validator, coco/ as COCO JSON; and the one evaluation set
+(eval/: the bench split's images with their digests and the dataset's own ids, and its ground truth) that bench,
+calibration and the deploy bundle read. The converted YOLO copy numbers images in file order; the eval set keeps
+the source's ids, so predictions can never be paired with another image's ground truth."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from pathlib import Path
 
 from pipeline.core.stage import Context, StageResult, run_stage
 from pipeline.core.store import StageRecord
+from pipeline.data.evalset import EvalSet, write_eval_set
 from pipeline.data.formats import Dataset, load_dataset, write_coco, write_yolo
 from pipeline.data.synthetic import SynthSpec, generate
 
-VERSION = 1
+VERSION = 2  # 2: the eval set (the source's image ids, not the YOLO copy's file order)
 
 
 def _user_dataset(ctx: Context) -> Dataset:
@@ -36,20 +39,28 @@ def run(ctx: Context) -> StageRecord:
         write_yolo(d, out / "yolo")
         write_coco(d, out / "coco")
         split = ctx.recipe.bench.split
-        (out / f"ground_truth_{split}.json").write_text(json.dumps(d.coco_dict(split)))
+        (out / "eval").mkdir()
+        write_eval_set(d, split, out / "eval", lambda im: out / "yolo" / "images" / split / im.file_name)
+        EvalSet.load(out / "eval")  # read back as every consumer will: digests, ids, sizes
         meta = {"names": d.names, "category_ids": [d.cat_id(i) for i in range(d.nc)],
                 "splits": {s: len(v) for s, v in d.splits.items()},
                 "boxes": {s: sum(len(i.boxes) for i in v) for s, v in d.splits.items()}}
         (out / "dataset.json").write_text(json.dumps(meta, indent=1))
-        return StageResult(outputs={"yolo": "yolo", "coco": "coco", "ground_truth": f"ground_truth_{split}.json",
-                                    "meta": "dataset.json"}, metrics=meta)
+        return StageResult(outputs={"yolo": "yolo", "coco": "coco", "eval": "eval", "meta": "dataset.json"},
+                           metrics=meta)
 
     return run_stage(ctx, "data", VERSION, config, {}, fn)
 
 
 def dataset(ctx: Context) -> Dataset:
-    """The run's dataset, read back from the data stage's YOLO layout."""
+    """The run's dataset, read back from the data stage's YOLO layout (for training-side uses: its image ids follow
+    file order; anything scored against ground truth reads `eval_set`)."""
     return load_dataset(ctx.output("data", "yolo") / "data.yaml")
+
+
+def eval_set(ctx: Context, verify: bool = True) -> EvalSet:
+    """The run's evaluation set: images, their digests and the dataset's own ids, with their ground truth."""
+    return EvalSet.load(ctx.output("data", "eval"), verify=verify)
 
 
 def meta(ctx: Context) -> dict:

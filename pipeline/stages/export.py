@@ -18,9 +18,9 @@ VERSION = 2
 
 
 def parity_images(ctx: Context, n: int = 2) -> list[Path]:
-    from pipeline.stages.data import dataset
+    from pipeline.stages.data import eval_set
 
-    return [im.path for im in dataset(ctx).split(ctx.recipe.bench.split)[:n]]
+    return [Path(im.path) for im in eval_set(ctx, verify=False).images[:n]]
 
 
 def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: bool, images: list[Path],

@@ -49,13 +49,13 @@ def spec_of(ctx: Context):
 
 def held_out_images(ctx: Context, n: int, seed: int):
     """A seeded sample of train images that are not in the eval split (checked by content hash)."""
-    from pipeline.stages.data import dataset
+    from pipeline.stages.data import dataset, eval_set
 
     ds = dataset(ctx)
     if "train" not in ds.splits or not ds.split("train"):
         raise UserError("prune.mode/steps need train images to measure accuracy on; the dataset has none",
                         ctx.recipe.data.source)
-    eval_hashes = {sha256_file(im.path) for im in ds.split(ctx.recipe.bench.split)}
+    eval_hashes = set(eval_set(ctx, verify=False).hashes())  # the images bench scores, by content
     train = ds.split("train")
     order = np.random.default_rng(seed).permutation(len(train))
     picked = [train[i] for i in order if sha256_file(train[i].path) not in eval_hashes][:n]
