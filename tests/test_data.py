@@ -90,6 +90,11 @@ def test_yolo_validation_errors_name_the_file(tmp_path, synth_small):
     y = _yolo_ds(tmp_path / "c", synth_small, label_line="1 0.5 0.5 0.0 0.1")
     with pytest.raises(UserError, match="degenerate"):
         load_dataset(y)
+    for k, line in enumerate(["1 nan 0.5 0.1 0.1", "1 0.5 0.5 inf 0.1", "1 0.5 0.5 0.1 -nan"]):
+        y = _yolo_ds(tmp_path / f"n{k}", synth_small, label_line=line)
+        with pytest.raises(UserError, match="non-finite number") as e:
+            load_dataset(y)
+        assert "val_00000.txt:1" in str(e.value)
     y = _yolo_ds(tmp_path / "d", synth_small, image_bytes=b"not a jpeg")
     with pytest.raises(UserError, match="does not decode: .*val_00000.jpg"):
         load_dataset(y)
@@ -120,9 +125,35 @@ def test_coco_validation_errors(tmp_path, synth_small):
     def degenerate(d):
         d["annotations"][0]["bbox"] = [10.0, 10.0, 0.0, 10.0]
 
+    def nan_box(d):
+        d["annotations"][0]["bbox"] = [10.0, float("nan"), 5.0, 10.0]  # json writes NaN, Python's reader takes it
+
+    def str_box(d):
+        d["annotations"][0]["bbox"] = ["10", 10, 5, 10]
+
+    def short_box(d):
+        d["annotations"][0]["bbox"] = [10, 10, 5]
+
+    def wrong_size(d):
+        d["images"][0]["width"] = 640
+
+    def no_file_name(d):
+        del d["images"][0]["file_name"]
+
+    def same_file(d):
+        d["images"][1]["file_name"] = d["images"][0]["file_name"]
+
+    def cats_not_list(d):
+        d["categories"] = {"1": "circle"}
+
     for i, (fn, msg) in enumerate([(unknown_image, "unknown image id 999"), (unknown_cat, "unknown category id 77"),
                                    (dup, "duplicate image id"), (outside, "outside the 320x320 image"),
-                                   (degenerate, "degenerate bbox")]):
+                                   (degenerate, "degenerate bbox"), (nan_box, "non-finite number"),
+                                   (str_box, "bbox must be 4 numbers"), (short_box, "bbox must be 4 numbers"),
+                                   (wrong_size, "says 640x320 but the file decodes to 320x320"),
+                                   (no_file_name, "needs an integer 'id' and a string 'file_name'"),
+                                   (same_file, "have the same file_name"),
+                                   (cats_not_list, "'categories' must be a list")]):
         root = _coco_copy(tmp_path / str(i), synth_small, fn)
         with pytest.raises(UserError, match=msg) as e:
             load_dataset(root)
@@ -133,3 +164,29 @@ def test_empty_split(tmp_path, synth_small):
     root = _coco_copy(tmp_path, synth_small, lambda d: (d.update(images=[], annotations=[])))
     with pytest.raises(UserError, match="'val' split is empty"):
         load_dataset(root).split("val")
+
+
+def test_nested_folders_and_duplicate_base_names_survive_both_layouts(tmp_path, synth_small):
+    """A COCO file_name with folders (two images share a base name) keeps its folders in the YOLO copy and back."""
+    def nest(d):
+        d["images"][0]["file_name"] = "a/" + d["images"][0]["file_name"]
+        d["images"][1]["file_name"] = "b/" + d["images"][0]["file_name"].split("/")[-1]
+
+    root = _coco_copy(tmp_path / "c", synth_small, lambda d: None)
+    d = json.loads((root / "annotations/instances_val.json").read_text())
+    src0, src1 = d["images"][0]["file_name"], d["images"][1]["file_name"]
+    nest(d)
+    for sub in ("a", "b"):
+        (root / "images/val" / sub).mkdir()
+    shutil.move(root / "images/val" / src0, root / "images/val/a" / src0)
+    shutil.move(root / "images/val" / src1, root / "images/val/b" / src0)
+    (root / "annotations/instances_val.json").write_text(json.dumps(d))
+    ds = load_dataset(root)
+    names = [im.file_name for im in ds.split("val")]
+    assert names[:2] == [f"a/{src0}", f"b/{src0}"]
+    y = load_dataset(write_yolo(ds, tmp_path / "y"))
+    assert sorted(im.file_name for im in y.split("val")) == sorted(names)
+    back = json.loads((write_coco(y, tmp_path / "back") / "annotations/instances_val.json").read_text())
+    assert sorted(i["file_name"] for i in back["images"]) == sorted(names)
+    boxes = lambda dd: sorted(len(im.boxes) for im in dd.split("val"))
+    assert boxes(y) == boxes(ds)
