@@ -190,3 +190,23 @@ def test_nested_folders_and_duplicate_base_names_survive_both_layouts(tmp_path, 
     assert sorted(i["file_name"] for i in back["images"]) == sorted(names)
     boxes = lambda dd: sorted(len(im.boxes) for im in dd.split("val"))
     assert boxes(y) == boxes(ds)
+
+
+@pytest.mark.parametrize("key,value,msg", [("names", {"a": "x"}, "'names' keys must be class indices"),
+                                           ("val", 5, "a split must name a folder"),
+                                           ("path", 5, "'path' must be a folder"),
+                                           ("coco_category_ids", [1], "'coco_category_ids' must list 8")])
+def test_yolo_yaml_that_parses_but_is_wrong(tmp_path, synth_small, key, value, msg):
+    y = _yolo_ds(tmp_path, synth_small)
+    d = yaml.safe_load(y.read_text())
+    d[key] = value
+    y.write_text(yaml.safe_dump(d))
+    with pytest.raises(UserError, match=msg) as e:
+        load_dataset(y)
+    assert str(y) in str(e.value)
+
+
+@pytest.mark.parametrize("line,msg", [("inf 0.5 0.5 0.1 0.1", "non-finite"), ("1.5 0.5 0.5 0.1 0.1", "not an integer")])
+def test_yolo_class_id_must_be_a_finite_integer(tmp_path, synth_small, line, msg):
+    with pytest.raises(UserError, match=msg):
+        load_dataset(_yolo_ds(tmp_path, synth_small, label_line=line))

@@ -158,6 +158,9 @@ def read_coco_split(ann_file: Path, images_dir: Path | None = None,
         w, h = _image_size(p, ann_file)
         if rec.get("width") is not None or rec.get("height") is not None:
             dw, dh = rec.get("width"), rec.get("height")
+            if not (_is_int(dw) and _is_int(dh)):
+                raise UserError(f"image {iid} ({fname}): width and height must be integers, got {dw!r} x {dh!r}",
+                                ann_file)
             if (dw, dh) != (w, h):
                 hint = (" (swapped: an EXIF orientation tag rotates the image; bake the rotation into the file)"
                         if (dw, dh) == (h, w) else "")
@@ -167,6 +170,9 @@ def read_coco_split(ann_file: Path, images_dir: Path | None = None,
     for a in d["annotations"]:
         if not isinstance(a, dict):
             raise UserError(f"annotation {str(a)[:80]} is not an object", ann_file)
+        if not _is_int(a.get("image_id")) or not _is_int(a.get("category_id")):
+            raise UserError(f"annotation {a.get('id')}: image_id and category_id must be integers, got "
+                            f"{a.get('image_id')!r} and {a.get('category_id')!r}", ann_file)
         if a.get("iscrowd", 0):
             continue
         bbox = a.get("bbox")
@@ -216,6 +222,8 @@ def read_coco(root: Path) -> Dataset:
 def _yolo_names(d: dict, src: Path) -> list[str]:
     names = d.get("names")
     if isinstance(names, dict):
+        if not all(_is_int(k) or (isinstance(k, str) and k.isdigit()) for k in names):
+            raise UserError(f"'names' keys must be class indices 0..{len(names) - 1}, got {list(names)[:5]}", src)
         keys = sorted(int(k) for k in names)
         if keys != list(range(len(keys))):
             raise UserError(f"'names' keys must be 0..{len(keys) - 1}", src)
@@ -228,16 +236,25 @@ def _yolo_names(d: dict, src: Path) -> list[str]:
 def _list_images(entry, root: Path, src: Path) -> list[Path]:
     paths = []
     for e in entry if isinstance(entry, list) else [entry]:
+        if not isinstance(e, str):
+            raise UserError(f"a split must name a folder, an image list file or a list of them, got {e!r}", src)
         p = Path(e)
         p = p if p.is_absolute() else root / p
         if p.is_dir():
             paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMG_EXTS)
         elif p.is_file() and p.suffix == ".txt":
             paths += [Path(ln.strip()) if Path(ln.strip()).is_absolute() else (p.parent / ln.strip())
-                      for ln in p.read_text().splitlines() if ln.strip()]
+                      for ln in _text(p, src).splitlines() if ln.strip()]
         else:
             raise UserError(f"data path not found: {p}", src)
     return paths
+
+
+def _text(path: Path, where: Path) -> str:
+    try:
+        return Path(path).read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file", where) from None
 
 
 def label_path(img: Path) -> Path:
@@ -251,13 +268,15 @@ def read_yolo(data_yaml: Path) -> Dataset:
     if not data_yaml.is_file():
         raise UserError("data yaml not found", data_yaml)
     try:
-        d = yaml.safe_load(data_yaml.read_text())
+        d = yaml.safe_load(_text(data_yaml, data_yaml))
     except yaml.YAMLError as e:
         raise UserError(f"not valid YAML ({str(e).splitlines()[0]})", data_yaml) from None
     if not isinstance(d, dict):
         raise UserError("data yaml is not a mapping", data_yaml)
     names = _yolo_names(d, data_yaml)
     root = data_yaml.parent
+    if d.get("path") is not None and not isinstance(d.get("path"), str):
+        raise UserError(f"'path' must be a folder, got {d.get('path')!r}", data_yaml)
     if d.get("path"):
         root = Path(d["path"]) if Path(d["path"]).is_absolute() else data_yaml.parent / d["path"]
     splits = {}
@@ -272,7 +291,7 @@ def read_yolo(data_yaml: Path) -> Dataset:
             im = Image(path=p, width=w, height=h, id=i + 1, file_name=p.relative_to(top).as_posix())
             lp = label_path(p)
             if lp.is_file():
-                for ln_no, ln in enumerate(lp.read_text().splitlines(), 1):
+                for ln_no, ln in enumerate(_text(lp, data_yaml).splitlines(), 1):
                     parts = ln.split()
                     if not parts:
                         continue
@@ -280,11 +299,14 @@ def read_yolo(data_yaml: Path) -> Dataset:
                     if len(parts) != 5:
                         raise UserError(f"{where}: expected 'class cx cy w h', got {len(parts)} fields", data_yaml)
                     try:
-                        c, cx, cy, bw, bh = int(float(parts[0])), *(float(v) for v in parts[1:])
+                        vals = [float(v) for v in parts]
                     except ValueError:
                         raise UserError(f"{where}: not numbers: {ln.strip()}", data_yaml) from None
-                    if not all(math.isfinite(float(v)) for v in parts):
+                    if not all(math.isfinite(v) for v in vals):
                         raise UserError(f"{where}: non-finite number in '{ln.strip()}'", data_yaml)
+                    if not vals[0].is_integer():
+                        raise UserError(f"{where}: class id {parts[0]} is not an integer", data_yaml)
+                    c, cx, cy, bw, bh = int(vals[0]), *vals[1:]
                     if not 0 <= c < len(names):
                         raise UserError(f"{where}: class id {c} >= nc={len(names)}" if c >= 0 else
                                         f"{where}: negative class id {c}", data_yaml)
@@ -298,6 +320,10 @@ def read_yolo(data_yaml: Path) -> Dataset:
             imgs.append(im)
         splits["train" if split == "train" else split] = imgs
     cids = d.get("coco_category_ids")
+    if cids is not None and not (isinstance(cids, list) and len(cids) == len(names) and all(_is_int(c) for c in cids)
+                                 and len(set(cids)) == len(cids)):
+        raise UserError(f"'coco_category_ids' must list {len(names)} distinct integers (one per name), got "
+                        f"{str(cids)[:80]}", data_yaml)
     return Dataset(names=names, splits=splits, source=data_yaml, category_ids=list(cids) if cids else None)
 
 
