@@ -111,8 +111,10 @@ def test_empty_val_split(tmp_path, synth_small):
 
 
 def test_unimplemented_stage_says_so(tmp_path):
+    r = cli("stage", "bundle", "--run-dir", tmp_path / "run")
+    _assert_clean_error(r, "stage 'bundle' is not implemented yet")
     r = cli("stage", "engine", "--run-dir", tmp_path / "run")
-    _assert_clean_error(r, "stage 'engine' is not implemented yet")
+    _assert_clean_error(r, "stage 'export' has not produced", "make export")
     r = cli("stage", "quantize", "--run-dir", tmp_path / "run")
     _assert_clean_error(r, "stage 'calibrate' has not produced", "make calibrate")
 
@@ -127,3 +129,95 @@ def test_prune_mode_settings_that_cannot_work_are_refused(tmp_path, sets, msg):
     r = cli("stage", "prune", "--run-dir", tmp_path / "run", *args)
     _assert_clean_error(r, "", msg)
     assert not (tmp_path / "run" / "prune").exists()
+
+
+# ---- files that parse but are not what their role needs (issue 21, item 6) ----------------------------------------
+
+def _family_yaml(name="yolo11.yaml"):
+    """One of ultralytics' shipped model configs, found without importing ultralytics."""
+    import importlib.util
+    from pathlib import Path
+
+    return next((Path(importlib.util.find_spec("ultralytics").origin).parent / "cfg" / "models").rglob(name))
+
+
+@pytest.mark.parametrize("name,body,msg", [
+    ("data.yaml", {"train": "images/train", "val": "images/val", "names": {0: "a"}}, "a dataset yaml"),
+    ("recipe.yaml", None, "a yolo-edge recipe"),
+    ("empty.yaml", "", "empty file"),
+    ("list.yaml", [1, 2], "holds a YAML list"),
+    ("unknown-module.yaml", "FooConv", "ultralytics cannot build a model from this config (KeyError: 'FooConv')"),
+    ("yolo11n-seg.yaml", "shipped", "head ends in Segment, not Detect"),
+])
+def test_weights_yaml_that_is_not_a_detection_model_config(tmp_path, synth_small, name, body, msg):
+    w = tmp_path / name
+    if body is None:
+        w.write_text((ROOT / "models/default.yaml").read_text())
+    elif body == "FooConv":
+        cfg = yaml.safe_load(_family_yaml().read_text())
+        cfg["backbone"][1][2] = "FooConv"
+        w.write_text(yaml.safe_dump(cfg))
+    elif body == "shipped":
+        w = name  # by name, as ultralytics ships it (yolo11-seg.yaml at scale n)
+    else:
+        w.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
+    r, run = _bench(tmp_path, synth_small, w)
+    _assert_clean_error(r, str(w), msg)
+    assert not run.exists()
+
+
+def test_weights_checkpoint_that_is_not_a_detection_model(tmp_path, synth_small):
+    import contextlib
+    import io
+
+    import torch
+    from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        seg = SegmentationModel("yolo11n-seg.yaml", nc=8, verbose=False)
+        det = DetectionModel("yolo11n.yaml", nc=8, verbose=False)
+    torch.save({"model": seg, "ema": None, "train_args": {}}, tmp_path / "seg.pt")
+    with torch.no_grad():
+        det.model[0].conv.weight[0, 0, 0, 0] = float("nan")
+    torch.save({"model": det, "ema": None, "train_args": {}}, tmp_path / "nan.pt")
+    torch.save(torch.nn.Linear(3, 4).state_dict(), tmp_path / "state_dict.pt")
+    for f, msg in (("seg.pt", "holds a SegmentationModel whose head is Segment"),
+                   ("nan.pt", "non-finite weights (NaN or inf in model.0.conv.weight)"),
+                   ("state_dict.pt", "not a YOLO detection checkpoint (holds OrderedDict")):
+        r, run = _bench(tmp_path, synth_small, tmp_path / f)
+        _assert_clean_error(r, f, msg)
+        assert not run.exists()
+
+
+def test_base_start_that_is_not_a_model(tmp_path, synth_small):
+    bad = tmp_path / "data.yaml"
+    bad.write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": ["a"]}))
+    r = cli("base", "--set", f"data.source={synth_small}", "--run-dir", tmp_path / "run", "--epochs", "1",
+            "--start", bad, "--out", tmp_path / "out.pt")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: a dataset yaml"), r.stderr[-500:]
+    assert not list((tmp_path / "run").glob("base-*")) and not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("content,msg", [(b"not an image at all", "does not decode as an image"),
+                                         (None, "names no images")])
+def test_calib_list_naming_a_file_that_is_not_an_image(tmp_path, synth_small, content, msg):
+    lst = tmp_path / "calib.txt"
+    if content is None:
+        lst.write_text("# only a comment\n")
+    else:
+        (tmp_path / "fake.jpg").write_bytes(content)
+        good = sorted((synth_small / "images/train").glob("*.jpg"))[0]
+        lst.write_text(f"{good}\nfake.jpg\n")
+    run = tmp_path / "run"
+    r = cli("run", "--stages", "data,calibrate", "--run-dir", run, "--set", f"data.source={synth_small}",
+            "--set", f"calib.source={lst}", "--set", "calib.force=true")
+    _assert_clean_error(r, str(lst), msg)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"names: [a]\n"])
+def test_check_trt_on_a_file_that_is_not_onnx(tmp_path, content):
+    f = tmp_path / "model.onnx"
+    f.write_bytes(content)
+    _assert_clean_error(cli("check-trt", f), str(f), "not an ONNX model")

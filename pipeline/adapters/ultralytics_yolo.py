@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.adapters.log_filter import collapsed_repeats, silenced
 from pipeline.adapters.offline import cpu_threads, setup_offline
 
 setup_offline()
 
 import torch
 import ultralytics
+import yaml
 from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import LOGGER
@@ -27,19 +30,56 @@ ULTRALYTICS_VERSION = ultralytics.__version__
 CFG_DIR = Path(ultralytics.__file__).parent / "cfg" / "models"
 
 
+DETECT_HEADS = ("Detect", "v10Detect")  # the last layer of a detection model's config (Segment, Pose... are not)
+MODEL_YAML = "a YOLO detection model config (backbone: and head: lists, the head ending in Detect)"
+
+
 def resolve_yaml(spec: str | Path) -> Path:
-    """A local yaml, or one of ultralytics' shipped architectures by name (yolo11n.yaml ... yolo11x.yaml)."""
+    """A local yaml, or one of ultralytics' shipped architectures by name (yolo11n.yaml ... yolo11x.yaml); refused
+    by name when it is not a detection model config (a dataset yaml, a recipe, an empty file, a list...)."""
     p = Path(spec)
     if p.is_file():
+        _check_model_yaml(p, spec)
         return p
     hits = sorted(CFG_DIR.rglob(p.name))
     if not hits:
-        # scale letter in the name (yolo11s.yaml) -> the family file yolo11.yaml with that scale
-        stem = p.stem
-        if stem[-1:] in "nsmlx" and sorted(CFG_DIR.rglob(stem[:-1] + p.suffix)):
+        # scale letter in the name (yolo11s.yaml, yolo11n-seg.yaml) -> the family file (yolo11.yaml, yolo11-seg.yaml)
+        # with that scale, as ultralytics' yaml_model_load resolves it
+        family_name = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", p.stem) + p.suffix
+        family = sorted(CFG_DIR.rglob(family_name)) if family_name != p.name else []
+        if family:
+            _check_model_yaml(family[0], spec)
             return p  # ultralytics resolves the scale itself from the name
         raise UserError("model architecture yaml not found (neither a file nor one ultralytics ships)", spec)
+    _check_model_yaml(hits[0], spec)
     return hits[0]
+
+
+def _check_model_yaml(path: Path, shown: str | Path) -> None:
+    """What ultralytics needs of a model yaml before it builds one; else a one-line error naming `shown`."""
+    try:
+        d = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"not a text file: expected {MODEL_YAML}", shown) from None
+    except yaml.YAMLError as e:
+        raise UserError(f"not valid YAML ({str(e).splitlines()[0]})", shown) from None
+    if d is None:
+        raise UserError(f"empty file: expected {MODEL_YAML}", shown)
+    if not isinstance(d, dict):
+        raise UserError(f"holds a YAML {type(d).__name__}, not {MODEL_YAML}", shown)
+    if not (isinstance(d.get("backbone"), list) and isinstance(d.get("head"), list) and d["head"]):
+        keys = set(d)
+        if isinstance(d.get("model"), dict) or {"prune", "finetune", "quantize", "calib", "bench"} & keys:
+            what = "a yolo-edge recipe (--recipe), not a model"
+        elif {"train", "val", "test", "names", "path"} & keys:
+            what = "a dataset yaml (--data), not a model"
+        else:
+            what = "no backbone: and head: lists"
+        raise UserError(f"{what}: expected a YOLO .pt checkpoint or {MODEL_YAML}", shown)
+    last = d["head"][-1]
+    module = last[2] if isinstance(last, list) and len(last) >= 3 else None
+    if module not in DETECT_HEADS:
+        raise UserError(f"the model config's head ends in {module!s}, not Detect: expected {MODEL_YAML}", shown)
 
 
 def load_detection_model(path: str | Path) -> DetectionModel:
@@ -57,10 +97,34 @@ def load_detection_model(path: str | Path) -> DetectionModel:
     if not isinstance(model, DetectionModel):
         got = type(model).__name__ if model is not None else type(ckpt).__name__
         raise UserError(f"not a YOLO detection checkpoint (holds {got}, expected an ultralytics DetectionModel)", path)
+    layers = getattr(model, "model", None)
+    head = layers[-1] if isinstance(layers, torch.nn.Sequential) and len(layers) else None
+    if type(model) is not DetectionModel or type(head).__name__ not in DETECT_HEADS:
+        # SegmentationModel, PoseModel, OBBModel, RTDETRDetectionModel... are DetectionModels with another head
+        raise UserError(f"not a YOLO detection checkpoint (holds a {type(model).__name__} whose head is "
+                        f"{type(head).__name__}, expected an ultralytics DetectionModel with a Detect head)", path)
     model = model.float().eval()
+    bad = next((k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+               None)
+    if bad is not None:
+        raise UserError(f"the checkpoint holds non-finite weights (NaN or inf in {bad}): a training that diverged?",
+                        path)
     if not hasattr(model, "args") or not isinstance(model.args, dict):
         model.args = dict(ckpt.get("train_args") or {})
     return model
+
+
+def check_model_spec(spec: str | Path) -> None:
+    """A model the user names (a .pt checkpoint, a model .yaml): refused by name unless it is a detection model that
+    ultralytics loads or builds. A config of the user's own is built once to be sure (quietly: the stage that builds
+    it again logs what ultralytics has to say)."""
+    if str(spec).endswith((".yaml", ".yml")):
+        resolve_yaml(spec)
+        if Path(spec).is_file():
+            with silenced(LOGGER):
+                build_from_yaml(spec, nc=1)
+    else:
+        load_detection_model(spec)
 
 
 def check_pruned_checkpoint(path: str | Path, imgsz: int) -> None:
@@ -72,7 +136,10 @@ def check_pruned_checkpoint(path: str | Path, imgsz: int) -> None:
     meta = ckpt.get("pruning") if isinstance(ckpt, dict) else None
     if not meta:
         return
-    hist = path.parent / meta.get("history_file", "history.json")
+    name = meta.get("history_file", "history.json") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name:
+        raise UserError(f"the checkpoint's 'pruning' entry ({str(meta)[:60]}) does not name its history file", path)
+    hist = path.parent / name
     if not hist.is_file():
         raise UserError(f"pruned checkpoint without its pruning history ({hist.name} is not beside it)", path)
     yp.verify_history(load_detection_model(path), yp.load_history(hist), imgsz, path)
@@ -80,8 +147,16 @@ def check_pruned_checkpoint(path: str | Path, imgsz: int) -> None:
 
 def build_from_yaml(spec: str | Path, nc: int, names: list[str] | None = None) -> DetectionModel:
     cfg = resolve_yaml(spec)
-    with contextlib.redirect_stdout(io.StringIO()):
-        model = DetectionModel(str(cfg) if Path(cfg).is_file() else str(spec), nc=nc, verbose=False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = DetectionModel(str(cfg) if Path(cfg).is_file() else str(spec), nc=nc, verbose=False)
+    except Exception as e:
+        if not Path(spec).is_file():  # one ultralytics ships: not the user's input
+            raise
+        # the user's own config: a module ultralytics does not know, arguments that do not fit...
+        why = (str(e).splitlines() or [""])[0][:120]
+        raise UserError(f"ultralytics cannot build a model from this config ({type(e).__name__}: {why})",
+                        spec) from None
     model.names = dict(enumerate(names or [str(i) for i in range(nc)]))
     model.args = {}
     return model.float().eval()
@@ -142,13 +217,15 @@ def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
           batch: int, seed: int = 0, workers: int = 2, device: str = "cpu", **kw) -> Path:
     """Train with the stock trainer; returns the best checkpoint as ultralytics wrote it (FP16 weights, optimizer
     stripped): the load stage turns it into FP32."""
+    check_model_spec(model_spec)
     out_dir = Path(out_dir).resolve()
     y = YOLO(str(model_spec))
     for event in ("on_train_start", "on_val_start"):  # the final validation selects the device again
         y.add_callback(event, _all_cpu_threads)
-    y.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, workers=workers, device=device,
-            project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False, amp=False,
-            deterministic=True, verbose=False, **kw)
+    with collapsed_repeats(LOGGER):
+        y.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, workers=workers,
+                device=device, project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False, amp=False,
+                deterministic=True, verbose=False, **kw)
     best = out_dir / "weights" / "best.pt"
     load_detection_model(best)  # refuse a result that is not a detection checkpoint
     return best
@@ -302,7 +379,8 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
             # this machine's data path, device, workers and folder: a run begun on another one (a GPU) goes on here
             overrides = {"resume": str(last), "model": str(last), "data": str(data_yaml), "device": device,
                          "workers": workers, "save_dir": str(out_dir)}
-            trainer(overrides).train()
+            with collapsed_repeats(LOGGER):  # a resume: ~200 frozen-layer notices, one line
+                trainer(overrides).train()
             (out_dir / "weights" / "done").touch()
             return last
         except AssertionError:  # ultralytics: nothing left to resume
@@ -316,7 +394,8 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
                      plots=False, amp=False, deterministic=True, verbose=False, **kw)
     if distill_from:
         overrides.update(distill_model=str(distill_from), dis=feature_weight)
-    trainer(overrides).train()
+    with collapsed_repeats(LOGGER):  # distilling: a "Freezing layer" notice per teacher parameter, one line
+        trainer(overrides).train()
     (out_dir / "weights" / "done").touch()
     return last
 

@@ -414,7 +414,7 @@ def base_from_pruned(pruned: DetectionModel) -> DetectionModel:
 def verify_history(pruned: DetectionModel, history: list, imgsz: int, where: str | Path) -> None:
     try:
         rebuilt = replay(base_from_pruned(pruned), history, imgsz)
-    except (KeyError, IndexError, RuntimeError, ValueError) as e:
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:  # a malformed history
         raise UserError(f"pruning history does not replay on the base model ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]})", where) from None
     a, b = arch_signature(rebuilt), arch_signature(pruned)
@@ -439,5 +439,5 @@ def load_history(path: Path) -> list:
     try:
         d = json.loads(Path(path).read_text())
         return d["steps"] if "steps" in d else d["history"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError: not JSON, or not text
         raise UserError("not a pruning history file", path) from None

@@ -126,6 +126,7 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
     from pipeline.adapters import ultralytics_yolo as ua
 
     b = ctx.recipe.base
+    ua.check_model_spec(start or ctx.recipe.model.arch)  # before anything is made: one line naming a bad file
     phases = [{"epochs": epochs, "nbs": b.nbs}] if epochs else recipe_phases(b)
     data_yaml = ctx.output("data", "yolo") / "data.yaml"
     work = Path(tempfile.mkdtemp(prefix="base-", dir=ctx.run_dir))

@@ -24,16 +24,27 @@ VERSION = 2
 
 
 def _list_file_images(path: Path) -> list[Path]:
+    """The images a calibration list names (one path a line, relative to the list; # comments), each checked to be
+    an image that decodes (the CLI's preflight calls this before any stage writes anything)."""
     if not path.is_file():
         raise UserError("calibration image list not found", path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UserError("not a calibration image list (a text file of image paths, one a line)", path) from None
     out = []
-    for ln in path.read_text().splitlines():
+    for ln in text.splitlines():
         ln = ln.strip()
         if ln and not ln.startswith("#"):
             p = Path(ln) if Path(ln).is_absolute() else path.parent / ln
             if not p.is_file():
                 raise UserError(f"calibration image missing: {p}", path)
+            data = np.fromfile(str(p), dtype=np.uint8)
+            if not data.size or cv2.imdecode(data, cv2.IMREAD_COLOR) is None:
+                raise UserError(f"calibration image does not decode as an image: {p}", path)
             out.append(p)
+    if not out:
+        raise UserError("the calibration image list names no images", path)
     return out
 
 
@@ -48,6 +59,9 @@ def select(ctx: Context):
     rng = np.random.default_rng(c.seed)
     order = rng.permutation(len(train)) if train else np.array([], int)
     if c.source == "train":
+        if not train:
+            raise UserError("calib.source is 'train' but the dataset has no train images: name a list of calibration "
+                            "images (calib.source: calib/<list>.txt) or add a train split", ctx.recipe.data.source)
         calib = [train[i].path for i in order[: c.count]]
         rest = [train[i] for i in order[c.count:]]
     else:

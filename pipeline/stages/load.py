@@ -58,14 +58,17 @@ def training_summary(path: Path) -> dict | None:
     """How a shipped base was trained and whether more epochs still raised its mAP (from `make base`'s record)."""
     try:
         t = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # not JSON, or not text: a file of the same name that is not such a record
         return None
     if not isinstance(t, dict) or "epochs" not in t:
         return None
-    c = t.get("convergence_check") or {}
+    c = t.get("convergence_check")
+    c = c if isinstance(c, dict) else {}
     # Longer runs from the shipped weights (one schedule each, not `make base`'s check): they can show that the check
     # was too short, and then the base counts as not converged (the record's own `converged` says so).
-    longer = [{k: x.get(k) for k in ("epochs", "gain", "window", "where")} for x in t.get("longer_checks") or []]
+    checks = t.get("longer_checks")
+    longer = [{k: x.get(k) for k in ("epochs", "gain", "window", "where")}
+              for x in (checks if isinstance(checks, list) else []) if isinstance(x, dict)]
     return {"epochs": t["epochs"], "converged": t.get("converged"),
             "check_epochs": c.get("epochs"), "check_gain": c.get("gain"), "check_window": c.get("window"),
             "check_settings": c.get("settings_from", "finetune"),
