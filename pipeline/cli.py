@@ -16,8 +16,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ALL_STAGES = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "bundle", "engine", "bench"]
 STATUS_ROWS = ["data", "load", "prune", "finetune", "export", "export-pruned", "calibrate", "quantize", "bundle",
                "engine", "bench"]
-IMPLEMENTED = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "bench"]
-PLANNED = {"bundle": "the deploy-bundle issue", "engine": "the device-engine issue (runs on the Jetson)"}
+IMPLEMENTED = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "engine", "bench"]
+PLANNED = {"bundle": "the deploy-bundle issue"}
+# `run` with no --stages: the engine stage only where TensorRT is importable (found, not imported: import is slow);
+# elsewhere it would write its ONNX files and stop with exit 2, so `make engine` / --stages runs it on purpose.
+_HAS_TRT = __import__("importlib.util").util.find_spec("tensorrt") is not None
+DEFAULT_RUN = [s for s in IMPLEMENTED if s != "engine" or _HAS_TRT]
 DEFAULT_RECIPE = Path("models/default.yaml")
 
 RecipeOpt = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="recipe yaml (models/*.yaml)")
@@ -34,10 +38,10 @@ def _ctx(recipe: Path, sets: list[str] | None, run_dir: Path | None, force: bool
 
 
 def _run_stages(ctx, stages: list[str]) -> None:
-    from pipeline.stages import bench, calibrate, data, export, finetune, load, prune, quantize
+    from pipeline.stages import bench, calibrate, data, engine, export, finetune, load, prune, quantize
 
     fns = {"data": data.run, "load": load.run, "prune": prune.run, "finetune": finetune.run, "export": export.run_all,
-           "calibrate": calibrate.run, "quantize": quantize.run, "bench": bench.run}
+           "calibrate": calibrate.run, "quantize": quantize.run, "engine": engine.run, "bench": bench.run}
     if not ctx.recipe.prune.enabled:
         stages = [s for s in stages if s not in ("prune", "finetune")]
     if not ctx.recipe.quantize.enabled:
@@ -59,23 +63,22 @@ def _preflight(ctx, stages: list[str]) -> None:
 
         load_dataset(ctx.recipe.data.source).split(ctx.recipe.bench.split)
     if "load" in stages:
+        from pipeline.adapters.ultralytics_yolo import check_model_spec, check_pruned_checkpoint
         from pipeline.stages.load import weights_spec
 
         spec = weights_spec(ctx)
+        check_model_spec(spec)  # a .pt that loads as a detection model, or a detection model config that builds
         if not spec.endswith((".yaml", ".yml")):
-            from pipeline.adapters.ultralytics_yolo import check_pruned_checkpoint, load_detection_model
-
-            load_detection_model(spec)
             check_pruned_checkpoint(spec, ctx.recipe.model.imgsz)
-        else:
-            from pipeline.adapters.ultralytics_yolo import resolve_yaml
+    if "calibrate" in stages and ctx.recipe.calib.source != "train":
+        from pipeline.stages.calibrate import _list_file_images
 
-            resolve_yaml(spec)
+        _list_file_images(Path(ctx.recipe.calib.source))  # a list of images that decode
 
 
 @app.command()
 def run(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
-        stages: str = typer.Option(",".join(IMPLEMENTED), help="comma-separated stages, in pipeline order"),
+        stages: str = typer.Option(",".join(DEFAULT_RUN), help="comma-separated stages, in pipeline order"),
         force: bool = typer.Option(False, "--force", help="re-run stages even when cached")):
     """Run the pipeline (or some stages of it) for a recipe; cached stages are skipped."""
     ctx = _ctx(recipe, sets, run_dir, force)
@@ -104,6 +107,24 @@ def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO di
     ctx = _ctx(recipe, extra + list(sets or []), name, force)
     _run_stages(ctx, ["data", "load", "export", "bench"])
     typer.echo((ctx.run_dir / "report.md").read_text())
+
+
+@app.command()
+def init(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO directory or COCO instances JSON"),
+         weights: str = typer.Option(..., "--weights", help="YOLO11 .pt checkpoint (or .yaml architecture)"),
+         device: str = typer.Option("cpu", "--device", help="where training runs: cpu, 0, cuda:0 (as ultralytics)"),
+         out: Path | None = typer.Option(None, "--out", help="recipe to write (default models/<data>-<weights>.yaml)"),
+         sparsity: bool = typer.Option(False, "--sparsity", help="sparsity training before the cut (hundreds of "
+                                                                 "epochs)"),
+         imgsz: int | None = typer.Option(None, "--imgsz", help="input size (default: the checkpoint's; 640 for a "
+                                                                 "yaml)"),
+         force: bool = typer.Option(False, "--force", help="overwrite an existing recipe")):
+    """Write a short recipe for your data and checkpoint (the recommended settings, the fine-tune sized to the data)
+    and print what `yolo-edge run` will do with it, stage by stage, with rough times here."""
+    from pipeline.init_recipe import init as write_recipe
+
+    _, plan = write_recipe(data, weights, out=out, device=device, sparsity=sparsity, imgsz=imgsz, force=force)
+    typer.echo(plan)
 
 
 @app.command()
@@ -169,10 +190,31 @@ def sparsify(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir:
     typer.echo(str(dest))
 
 
+@app.command("engine")
+def engine_cmd(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
+               print_trtexec: bool = typer.Option(False, "--print-trtexec", help="print the equivalent trtexec "
+                                                  "command lines (strongly typed) instead of building"),
+               workspace_mib: int = typer.Option(2048, help="TensorRT workspace pool (MiB)"),
+               dla_core: int = typer.Option(-1, help="DLA core (-1: GPU only); layers DLA cannot run fall back to GPU"),
+               opt_level: int = typer.Option(3, help="TensorRT builder optimization level (0-5)"),
+               force: bool = typer.Option(False, "--force")):
+    """Strongly typed FP16/INT8 ONNX (checked here), then the TensorRT engines where TensorRT is (the device)."""
+    from pipeline.stages import engine
+
+    ctx = _ctx(recipe, sets, run_dir, force)
+    if print_trtexec:
+        engine.strongly_typed(ctx)
+        for line in engine.trtexec_lines(ctx, workspace_mib, dla_core, opt_level):
+            typer.echo(line)
+        return
+    engine.run(ctx, workspace_mib, dla_core, opt_level)
+
+
 @app.command("check-trt")
 def check_trt(path: Path, dynamic: bool = typer.Option(False, "--dynamic", help="allow dynamic input shapes "
                                                                                 "(you will give a profile)")):
-    """Check an INT8 Q/DQ ONNX (ours or any tool's) against TensorRT's explicit-quantization rules."""
+    """Check an INT8 Q/DQ or FP16 ONNX (ours or any tool's) against TensorRT's explicit-quantization and
+    strong-typing rules."""
     from pipeline.quant.trt_check import check_file
 
     v = check_file(path, dynamic_ok=dynamic)
@@ -180,7 +222,7 @@ def check_trt(path: Path, dynamic: bool = typer.Option(False, "--dynamic", help=
         for x in v[:20]:
             typer.echo(f"  {x}", err=True)
         raise UserError(f"TensorRT would refuse it: {len(v)} violation(s), first: {v[0]}", path)
-    typer.echo(f"{path}: passes TensorRT's explicit-quantization rules")
+    typer.echo(f"{path}: passes TensorRT's explicit-quantization and strong-typing rules")
 
 
 @app.command("check-data")

@@ -10,6 +10,17 @@ and 11 developer guide, "Explicit Quantization"; onnx-tensorrt operator support)
   1 for ConvTranspose), per-tensor scales for activations;
 - Q/DQ come from the standard ONNX domain, opset >= 13 (per-channel Q/DQ), at most the opset TensorRT 10 parses;
 - input shapes are static unless an optimization profile is supplied.
+
+Strongly typed networks (TensorRT 10's NetworkDefinitionCreationFlag.STRONGLY_TYPED, the only mode TensorRT 11 has:
+every tensor keeps the type the ONNX gives it, no builder precision flag, TensorRT inserts no casts):
+- the file must type-check strictly (onnx.shape_inference strict mode): an op reading FP16 and FP32 in the same
+  type parameter (an Add of an FP16 and an FP32 tensor) is refused, TensorRT does no implicit promotion;
+- Q/DQ scales are FP32: TensorRT's operator reference lists the Dequantize scale as float32 (8.6 "Dequantize":
+  T2 float32, output float16 or float32); FP16 scales need ONNX opset 19 (QuantizeLinear-19 admits float16) and a
+  TensorRT newer than JetPack 6's 10.3 to be sure of, so ours keep FP32 scales with Casts around Q/DQ;
+- no DOUBLE tensors (onnx-tensorrt: "limited support for DOUBLE, TensorRT will attempt to cast down", a silent
+  type change a strongly typed file must not rely on);
+- FP16 weights are finite (an FP32 weight beyond ±65504 becomes inf in FP16).
 """
 
 from __future__ import annotations
@@ -36,8 +47,44 @@ class Violation:
         return f"node '{self.node}': {self.rule}"
 
 
-def check(model: onnx.ModelProto, dynamic_ok: bool = False) -> list[Violation]:
+def check_types(model: onnx.ModelProto) -> list[Violation]:
+    """The strong-typing rules (module docstring); an FP32 file passes them trivially."""
+    from onnx import TensorProto
+
     v: list[Violation] = []
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as e:  # InferenceError: the first type clash, naming the node
+        v.append(Violation("<model>", f"does not type-check strictly ({' '.join(str(e).split())[:200]}): a strongly "
+                                      f"typed network inserts no casts"))
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in QDQ and len(n.input) > 1 and n.input[1] in inits:
+            if inits[n.input[1]].data_type != TensorProto.FLOAT:
+                v.append(Violation(n.name, f"{n.op_type} scale of type "
+                                           f"{TensorProto.DataType.Name(inits[n.input[1]].data_type)}: keep Q/DQ "
+                                           f"scales FP32 (TensorRT's Dequantize scale is float32) and Cast around"))
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.DOUBLE:
+            v.append(Violation(t.name, "DOUBLE tensor: TensorRT casts it down silently; write FP32 or FP16"))
+        elif t.data_type == TensorProto.FLOAT16 and not np.all(np.isfinite(numpy_helper.to_array(t))):
+            v.append(Violation(t.name, "FP16 weight with inf/NaN (an FP32 value beyond FP16's ±65504?)"))
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
+            v.append(Violation(vi.name, "DOUBLE graph input/output: TensorRT has no DOUBLE I/O"))
+    return v
+
+
+def has_fp16(model: onnx.ModelProto) -> bool:
+    from onnx import TensorProto
+
+    return any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in n.attribute)
+        for n in model.graph.node)
+
+
+def check(model: onnx.ModelProto, dynamic_ok: bool = False) -> list[Violation]:
+    v: list[Violation] = check_types(model)
     opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}.get("ai.onnx", 0)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         v.append(Violation("<model>", f"opset {opset} outside what TensorRT 10/11 parse for Q/DQ "
@@ -94,8 +141,9 @@ def check(model: onnx.ModelProto, dynamic_ok: bool = False) -> list[Violation]:
                         v.append(Violation(n.name, f"per-channel scale on axis {ax} (size {scale.size}) of the "
                                                    f"{c.op_type} weight; TensorRT needs the output-channel axis "
                                                    f"{want}"))
-    if n_qdq == 0:
-        v.append(Violation("<model>", "no QuantizeLinear/DequantizeLinear nodes: not an explicitly quantized model"))
+    if n_qdq == 0 and not has_fp16(model):
+        v.append(Violation("<model>", "no QuantizeLinear/DequantizeLinear nodes (and no FP16 tensors): not an "
+                                      "explicitly quantized or strongly typed reduced-precision model"))
     return v
 
 
@@ -107,6 +155,8 @@ def check_file(path: str | Path, dynamic_ok: bool = False) -> list[Violation]:
         model = onnx.load(str(path))
     except Exception as e:  # onnx raises DecodeError and friends
         raise UserError(f"not an ONNX model ({type(e).__name__})", path) from None
+    if not model.ir_version or not model.graph.node:  # protobuf reads an empty file (and some others) as a model
+        raise UserError("not an ONNX model (no IR version or no graph nodes)", path)
     return check(model, dynamic_ok)
 
 

@@ -1,0 +1,231 @@
+"""`engine` stage: strongly typed ONNX per variant, checked here; the TensorRT build where TensorRT is.
+
+Dev-box half (a content-addressed record, like export and quantize):
+- `<model>_fp16.onnx` for the base and the pruned FP32 exports (pipeline.quant.fp16: FP16 where the ONNX schema
+  allows it, FP32 I/O, the head decode FP32);
+- `<model>_int8.onnx`: the quantize stage's Q/DQ file (pruned_int8, else base_int8) with its float parts FP16;
+- each checked by trt_check (explicit quantization + strong typing rules) and against the FP32 ONNX on ONNX
+  Runtime. ONNX Runtime's CPU has no FP16 kernel for most of these ops (the record names them; it inserts FP32
+  casts around them), so the gate is the same graph with its weights and activations rounded to FP16, in FP32
+  (fp16.convert(emulate=True)); the real file's ORT numbers are recorded beside.
+
+Device half: with tensorrt importable, every variant is built (strongly typed, Polygraphy) into a plan cache keyed by
+(ONNX sha256, build spec, TensorRT, device, SM, L4T). Without it the stage stops with one line after the record is
+written, so the ONNX files are kept: exit 2 for that reason only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pipeline.core.errors import UserError
+from pipeline.core.stage import Context, StageResult, console, run_stage
+from pipeline.core.store import StageRecord
+
+VERSION = 1
+# Tolerances (measured on the shipped base at 320 px, 4 synthetic images: FP16 emulated 0.035 px / 2.6e-3, the real
+# file through ORT 0.007 px / 1.5e-3; INT8+FP16 score-weighted error 1.26x (emulated) and 0.98x (ORT) the INT8's).
+FP16_BOX_PX = 0.25  # box coordinates, on anchors that score > LIVE in FP32 (those that can become detections)
+FP16_SCORE = 1e-2  # class scores (probabilities), every anchor
+LIVE = 0.25
+INT8_FP16_RATIO = 1.5  # INT8+FP16 output error vs FP32 may be at most this times the INT8 (FP32 float parts) one
+
+
+def _outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    return [s.run(None, {name: xi[None]})[0] for xi in x]
+
+
+def ort_cpu_missing_fp16(model: onnx.ModelProto) -> list[str]:
+    """Op types of `model`'s FP16 nodes for which ONNX Runtime's CPU provider registers no float16 kernel."""
+    from onnx import TensorProto
+    from onnxruntime.capi import _pybind_state as C
+
+    have = {d.op_name for d in C.get_all_opkernel_def() if d.provider == "CPUExecutionProvider"
+            and any("tensor(float16)" in v for v in d.type_constraints.values())}
+    m = onnx.shape_inference.infer_shapes(model)
+    half = {v.name for v in m.graph.value_info if v.type.tensor_type.elem_type == TensorProto.FLOAT16}
+    half |= {t.name for t in m.graph.initializer if t.data_type == TensorProto.FLOAT16}
+    ops = {n.op_type for n in m.graph.node if n.op_type != "Cast" and any(i in half for i in n.input)}
+    return sorted(ops - have)
+
+
+def _diff(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    box = score = 0.0
+    for a, b in zip(ref, got):
+        a, b = a[0], b[0]  # (4 + nc, anchors)
+        d = np.abs(a - b)
+        live = a[4:].max(0) > LIVE
+        if live.any():
+            box = max(box, float(d[:4][:, live].max()))
+        score = max(score, float(d[4:].max()))
+    return {"box_px_live": box, "score": score}
+
+
+def _weighted_error(ref: list[np.ndarray], got: list[np.ndarray], imgsz: int) -> float:
+    """pipeline.quant.ort_qdq.output_error's measure, on outputs already computed."""
+    tot = 0.0
+    for f, q in zip(ref, got):
+        f, q = f[0], q[0]
+        w = f[4:].max(0)
+        w = np.where(w > 0.01, w, 0.0)
+        e = ((q[:4] - f[:4]) ** 2).sum(0) / imgsz**2 + ((q[4:] - f[4:]) ** 2).sum(0)
+        tot += float((w * e).sum() / (w.sum() + 1e-12))
+    return tot / len(ref)
+
+
+def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray, imgsz: int, work: Path,
+                 exclude: list[str] | tuple = ("detect-decode",)) -> dict:
+    """Write one strongly typed variant (kind 'fp16': from an FP32 ONNX; 'int8': from a Q/DQ ONNX) and check it:
+    trt_check, then ORT parity against `fp32_ref` on images `x` (N, 3, H, W). Returns its metrics; raises UserError
+    when it breaks a TensorRT rule or the tolerance."""
+    from pipeline.quant import fp16, trt_check
+    from pipeline.quant.ort_qdq import head_decode_nodes
+
+    keep = head_decode_nodes(onnx.load(str(src)), list(exclude))
+    rep = fp16.convert_file(src, dest, keep)
+    emu = work / f"{dest.stem}.emulated.onnx"
+    fp16.convert_file(src, emu, keep, emulate=True)
+    v = trt_check.check_file(dest)
+    if v:
+        raise UserError(f"the strongly typed {kind} model breaks TensorRT's rules: {v[0]}", dest)
+    ref = _outputs(fp32_ref, x)
+    real, emulated = _outputs(dest, x), _outputs(emu, x)
+    info = {"kind": kind, "source": src.name, **rep.as_dict(), "trt_check": "passed",
+            "ort_cpu_missing_fp16": ort_cpu_missing_fp16(onnx.load(str(dest))), "parity_images": len(x)}
+    if kind == "fp16":
+        d_emu, d_real = _diff(ref, emulated), _diff(ref, real)
+        info.update({"parity_emulated": d_emu, "parity_ort": d_real,
+                     "tolerance": {"box_px_live": FP16_BOX_PX, "score": FP16_SCORE, "live_score": LIVE}})
+        worst = max(d_emu, d_real, key=lambda d: d["box_px_live"] / FP16_BOX_PX + d["score"] / FP16_SCORE)
+        if worst["box_px_live"] > FP16_BOX_PX or worst["score"] > FP16_SCORE:
+            raise UserError(f"FP16 output differs from FP32 by {worst['box_px_live']:.3f} px (boxes of anchors scoring "
+                            f"> {LIVE}) / {worst['score']:.2e} (scores); tolerance {FP16_BOX_PX} px / {FP16_SCORE}",
+                            dest)
+    else:
+        base = _weighted_error(ref, _outputs(src, x), imgsz)
+        e_emu, e_real = _weighted_error(ref, emulated, imgsz), _weighted_error(ref, real, imgsz)
+        info.update({"int8_error": base, "int8_fp16_error_emulated": e_emu, "int8_fp16_error_ort": e_real,
+                     "tolerance": {"ratio_to_int8_error": INT8_FP16_RATIO}})
+        if max(e_emu, e_real) > INT8_FP16_RATIO * base + 1e-6:
+            raise UserError(f"INT8 with FP16 around it is {max(e_emu, e_real) / max(base, 1e-12):.2f}x the FP32-around "
+                            f"INT8 error vs FP32 (> {INT8_FP16_RATIO}x)", dest)
+    return info
+
+
+def variant_sources(ctx: Context) -> dict[str, tuple[str, str, str]]:
+    """{variant: (kind, (stage, output) of its source, (stage, output) of its FP32 reference)} for what this run
+    has."""
+    out = {"base_fp16": ("fp16", ("export", "onnx"), ("export", "onnx"))}
+    pruned = ctx.record("export-pruned") is not None and ctx.recipe.prune.enabled
+    if pruned:
+        out["pruned_fp16"] = ("fp16", ("export-pruned", "onnx"), ("export-pruned", "onnx"))
+    q = ctx.record("quantize")
+    if q is not None and ctx.recipe.quantize.enabled:
+        if pruned and "pruned_int8" in q.outputs:
+            out["pruned_int8"] = ("int8", ("quantize", "pruned_int8"), ("export-pruned", "onnx"))
+        elif "base_int8" in q.outputs:
+            out["base_int8"] = ("int8", ("quantize", "base_int8"), ("export", "onnx"))
+    return out
+
+
+def parity_inputs(ctx: Context, n: int = 4) -> np.ndarray:
+    import cv2
+
+    from pipeline.eval.detect import PrePost, letterbox
+    from pipeline.stages.export import parity_images
+
+    pp = PrePost(imgsz=ctx.recipe.model.imgsz)
+    return np.concatenate([letterbox(cv2.imread(str(p)), pp)[0] for p in parity_images(ctx, n)])
+
+
+def strongly_typed(ctx: Context, parity_n: int = 4) -> StageRecord:
+    """The dev-box half: the strongly typed ONNX files and their parity, as the `engine` record."""
+    srcs = variant_sources(ctx)
+    inputs = {}
+    for name, (_, src, ref) in srcs.items():
+        inputs[f"{name}.src"] = ctx.output(*src)
+        inputs[f"{name}.ref"] = ctx.output(*ref)
+    config = {"variants": sorted(srcs), "exclude": list(ctx.recipe.quantize.exclude), "parity_images": parity_n,
+              "imgsz": ctx.recipe.model.imgsz, "tolerance": [FP16_BOX_PX, FP16_SCORE, LIVE, INT8_FP16_RATIO]}
+
+    def fn(ctx: Context, out: Path, inputs) -> StageResult:
+        import shutil
+
+        x = parity_inputs(ctx, parity_n)
+        work = out / ".work"
+        work.mkdir()
+        outputs, metrics, effective = {}, {}, {}
+        for name, (kind, _, _) in srcs.items():
+            info = make_variant(kind, inputs[f"{name}.src"], out / f"{name}.onnx", inputs[f"{name}.ref"], x,
+                                ctx.recipe.model.imgsz, work, ctx.recipe.quantize.exclude)
+            outputs[name] = f"{name}.onnx"
+            metrics[name] = info
+            effective[name] = {"precision": "fp16" if kind == "fp16" else "int8-qdq+fp16", "io": "fp32",
+                               "fp32_nodes": info["fp32_float_nodes"], "strongly_typed": True}
+            console.print(f"  {name}: {info['fp16_nodes']} FP16 nodes, {info['fp32_float_nodes']} FP32 float nodes; "
+                          + (f"parity {info['parity_emulated']['box_px_live']:.3f} px / "
+                             f"{info['parity_emulated']['score']:.1e}" if kind == "fp16" else
+                             f"error {info['int8_fp16_error_emulated']:.2e} vs INT8 {info['int8_error']:.2e}"))
+        shutil.rmtree(work)
+        (out / "strongly_typed.json").write_text(json.dumps(metrics, indent=1))
+        return StageResult(outputs=outputs, metrics=metrics,
+                           requested={n: ("fp16" if k == "fp16" else "int8") for n, (k, _, _) in srcs.items()},
+                           effective=effective)
+
+    return run_stage(ctx, "engine", VERSION, config, inputs, fn)
+
+
+def variants(ctx: Context) -> dict[str, dict]:
+    """For bench (later): {variant: {"onnx": path, "parity": metrics}} of the strongly typed files this run has."""
+    rec = ctx.record("engine")
+    if rec is None:
+        return {}
+    return {n: {"onnx": ctx.output("engine", n), "parity": rec.metrics.get(n, {})} for n in rec.outputs}
+
+
+def build_spec(precision: str, workspace_mib: int = 2048, dla_core: int = -1, opt_level: int = 3):
+    from pipeline.backends.tensorrt import BuildSpec
+
+    return BuildSpec(precision=precision, workspace_mib=workspace_mib, dla_core=dla_core,
+                     builder_optimization_level=opt_level)
+
+
+def trtexec_lines(ctx: Context, workspace_mib: int = 2048, dla_core: int = -1, opt_level: int = 3) -> list[str]:
+    from pipeline.backends.tensorrt import trtexec_command
+
+    rec = ctx.record("engine")
+    if rec is None:
+        raise UserError("stage 'engine' has not produced its ONNX files yet: run `yolo-edge stage engine` first")
+    plans = ctx.run_dir / "engines"
+    out = []
+    for name in rec.outputs:
+        spec = build_spec("fp16" if name.endswith("fp16") else "int8", workspace_mib, dla_core, opt_level)
+        out.append(trtexec_command(ctx.output("engine", name), spec, plans / f"{name}.plan", plans / "timing.cache"))
+    return out
+
+
+def run(ctx: Context, workspace_mib: int = 2048, dla_core: int = -1, opt_level: int = 3) -> StageRecord:
+    rec = strongly_typed(ctx)
+    from pipeline.backends.tensorrt import EngineBuilder, tensorrt_available
+
+    ok, why = tensorrt_available()
+    if not ok:
+        raise UserError(f"wrote the strongly typed ONNX files ({', '.join(rec.outputs)}) to {ctx.stage_dir('engine')};"
+                        f" building the TensorRT engines needs TensorRT (JetPack on the device): {why}")
+    plans = ctx.run_dir / "engines"
+    builder = EngineBuilder()
+    for name in rec.outputs:
+        spec = build_spec("fp16" if name.endswith("fp16") else "int8", workspace_mib, dla_core, opt_level)
+        plan = builder.build(ctx.output("engine", name), spec, plans, plans / "timing.cache")
+        console.print(f"  {name}: {plan}")
+    return rec
