@@ -11,8 +11,9 @@ from pathlib import Path
 def main(run_dir: str = "runs/default") -> Path:
     rep = json.loads((Path(run_dir) / "report.json").read_text())
     rows = [{k: v.get(k) for k in ("name", "map50_95", "map50", "params", "macs", "fps", "vs_base")} |
-            {"engine_p50_ms": v["latency_ms"]["engine"]["p50"], "e2e_p50_ms": v["latency_ms"]["end_to_end"]["p50"]}
-            for v in rep["variants"]]
+            {"engine_p50_ms": v["latency_ms"]["engine"]["p50"], "e2e_p50_ms": v["latency_ms"]["end_to_end"]["p50"],
+             "e2e_over_engine": v.get("e2e_over_engine")}
+            for v in rep["variants"] + rep.get("e2e_variants", [])]
     out = Path(__file__).parent / "history" / f"{time.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(exist_ok=True)
     hist = json.loads(out.read_text()) if out.is_file() else []

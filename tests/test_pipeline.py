@@ -48,7 +48,20 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     _assert_schema(rep)
     names = [v["name"] for v in rep["variants"]]
     assert names == ["base-fp32", "pruned-fp32", "base-int8", "pruned-int8-ptq", "pruned-int8",
-                     "pruned-ultralytics-int8"]
+                     "pruned-ultralytics-int8", "base-fp16", "pruned-fp16", "pruned-int8-fp16"]
+    by = {v["name"]: v for v in rep["variants"]}
+    for a, b in (("base-fp16", "base-fp32"), ("pruned-fp16", "pruned-fp32"), ("pruned-int8-fp16", "pruned-int8")):
+        assert abs(by[a]["map50_95"] - by[b]["map50_95"]) < 0.01, (a, by[a]["map50_95"], by[b]["map50_95"])
+    cc = rep["cross_check"]["variants"]
+    assert set(cc) == {"base-fp32", "pruned-fp32"} and all(abs(v["delta_pt"]) <= 2 for v in cc.values())
+    # end to end in one graph (frame in, detections out): the same mAP as the Python path around the model
+    e2e = {v["name"]: v for v in rep["e2e_variants"]}
+    assert list(e2e) == ["base-fp32-e2e", "pruned-fp32-e2e", "pruned-int8-e2e"]
+    for name, v in e2e.items():
+        assert abs(v["map50_95"] - by[name[:-4]]["map50_95"]) <= 0.001, (name, v["map50_95"])
+        assert v["e2e"]["frame_hw"] == [720, 1280] and (run / v["model"]["path"]).is_file()
+        assert v["e2e_over_engine"] > 0 and v["vs_base"]["against"] == "base-fp32-e2e"
+    assert "| pruned-int8-e2e |" in (run / "report.md").read_text()
     base, pruned = rep["variants"][:2]
     assert pruned["macs"] <= 0.51 * base["macs"] and pruned["params"] < base["params"]
     assert "engine_p50_speedup" in pruned["vs_base"]
@@ -67,7 +80,8 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     # second run: every stage cached, nothing recomputed
     r2 = cli("run", "--run-dir", run, *sets)
     assert r2.returncode == 0, r2.stderr[-2000:]
-    for stage in ("data", "load", "prune", "finetune", "export", "export-pruned", "calibrate", "quantize", "bench"):
+    for stage in ("data", "load", "prune", "finetune", "export", "export-pruned", "calibrate", "quantize", "engine",
+                  "bench"):
         assert f"{stage}: cached" in r2.stderr, (stage, r2.stderr[-2000:])
     st = cli("status", "--run-dir", run, *sets)
     assert st.returncode == 0 and "finetune   done" in st.stdout
@@ -139,6 +153,9 @@ def test_bench_on_coco_json_ids_out_of_file_order_equals_ultralytics_val(tmp_pat
     ref = ua.val(base_ckpt, y, imgsz=320)
     assert abs(ours["map50_95"] - ref["map50_95"]) <= 0.01, (ours["map50_95"], ref)
     assert abs(ours["map50"] - ref["map50"]) <= 0.02, (ours["map50"], ref)
+    e2e = rep["e2e_variants"][0]  # letterbox + model + NMS in one graph: the same detections' mAP
+    assert e2e["name"] == "base-fp32-e2e" and abs(e2e["map50_95"] - ours["map50_95"]) <= 0.001
+    assert len(e2e["e2e"]["scored_at_sizes"]) == 3  # one graph each: square, padded below, padded right
     dets = json.loads((run / ours["predictions"]).read_text())
     assert {x["image_id"] for x in dets} <= {im["id"] for im in d["images"]}
     assert {x["category_id"] for x in dets} <= {c["id"] for c in d["categories"]}

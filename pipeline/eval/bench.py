@@ -13,7 +13,7 @@ from rich.progress import Progress
 
 from pipeline.backends.base import Runner
 from pipeline.eval.coco import coco_eval, to_coco_results
-from pipeline.eval.detect import PrePost, letterbox, postprocess
+from pipeline.eval.detect import PrePost, e2e_detections, letterbox, postprocess
 from pipeline.eval.timing import percentiles, time_calls
 
 
@@ -72,3 +72,31 @@ def latency(runner: Runner, image_paths: Iterable[str], spec: PrePost, warmup: i
     e = percentiles(end)
     return {"engine": percentiles(eng), "end_to_end": e, "fps": 1000.0 / e["mean"], "batch": 1,
             "warmup": warmup, "iters": iters, "wall_s": wall}
+
+
+def predict_e2e(runner_for, images: Sequence[EvalImage], cat_ids: list[int], label: str = "predict") -> list[dict]:
+    """Detections of an end-to-end graph (uint8 BGR frame in, final detections out). `runner_for(h, w)` gives the
+    runner of the graph built for frames of that size (an e2e graph's input size is fixed)."""
+    dets = []
+    with Progress(transient=True) as prog:
+        task = prog.add_task(f"{label}: {len(images)} images", total=len(images))
+        for im in images:
+            img = _read(im.path)
+            runner = runner_for(*img.shape[:2])
+            dets += to_coco_results(e2e_detections(runner.infer({runner.input_name: img})), im.id, cat_ids)
+            prog.advance(task)
+    return dets
+
+
+def latency_e2e(runner: Runner, image_paths: Iterable[str], frame_hw: tuple[int, int], warmup: int,
+                iters: int) -> dict:
+    """An end-to-end graph's time per camera frame (the images resized to its frame size): engine-only and
+    end-to-end are the same call, the frame in memory to the final detections."""
+    h, w = frame_hw
+    frames = [cv2.resize(_read(p), (w, h), interpolation=cv2.INTER_LINEAR)
+              for p in list(image_paths)[: max(1, min(iters, 16))]]
+    name = runner.input_name
+    t0 = time.perf_counter()
+    t = percentiles(time_calls(lambda i: runner.infer({name: frames[i % len(frames)]}), warmup, iters))
+    return {"engine": t, "end_to_end": t, "fps": 1000.0 / t["mean"], "batch": 1, "warmup": warmup, "iters": iters,
+            "wall_s": time.perf_counter() - t0, "frame_hw": [h, w]}

@@ -85,3 +85,18 @@ def postprocess(out: np.ndarray, undo: tuple, orig_hw: tuple[int, int], spec: Pr
     xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w0)
     xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h0)
     return np.concatenate([xyxy, sc[:, None], j[:, None].astype(np.float32)], 1).astype(np.float32)
+
+
+# The end-to-end graph's outputs (pipeline/quant/e2e.py), in TensorRT EfficientNMS's layout.
+E2E_OUTPUTS = ("num_dets", "boxes", "scores", "classes")
+
+
+def e2e_detections(outputs) -> np.ndarray:
+    """An e2e graph's outputs (num_dets, boxes, scores, classes: a list in that order or a dict by name) as the
+    (k, 6) x1, y1, x2, y2, score, class array `postprocess` returns (best first)."""
+    if isinstance(outputs, dict):
+        outputs = [outputs[k] for k in E2E_OUTPUTS]
+    num, boxes, scores, classes = outputs
+    k = int(np.asarray(num).reshape(-1)[0])
+    return np.concatenate([boxes[0, :k], scores[0, :k, None], classes[0, :k, None].astype(np.float32)],
+                          1).astype(np.float32)

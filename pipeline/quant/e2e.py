@@ -52,9 +52,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.core.errors import UserError
-from pipeline.eval.detect import PrePost
+from pipeline.eval.detect import E2E_OUTPUTS as OUTPUTS
+from pipeline.eval.detect import PrePost, e2e_detections
 
-OUTPUTS = ("num_dets", "boxes", "scores", "classes")
 PREFIX = "det/"
 TRT_TOPK_MAX = 3840  # TopK's K must be less than this (onnx-tensorrt operators.md, TensorRT 10.x)
 
@@ -282,17 +282,6 @@ def build_e2e(model_onnx: Path, dest: Path, frame_hw: tuple[int, int], spec: Pre
             "opset": opset, "outputs": list(OUTPUTS)}
 
 
-def detections(outputs: list[np.ndarray] | dict) -> np.ndarray:
-    """The e2e graph's outputs (num_dets, boxes, scores, classes; a list in that order or a dict by name) as the
-    (k, 6) x1, y1, x2, y2, score, class array detect.postprocess returns (best first)."""
-    if isinstance(outputs, dict):
-        outputs = [outputs[k] for k in OUTPUTS]
-    num, boxes, scores, classes = outputs
-    k = int(np.asarray(num).reshape(-1)[0])
-    return np.concatenate([boxes[0, :k], scores[0, :k, None], classes[0, :k, None].astype(np.float32)],
-                          1).astype(np.float32)
-
-
 def session(path: Path, threads: int = 2):
     """An ONNX Runtime CPU session of an e2e file."""
     import onnxruntime as ort
@@ -306,4 +295,4 @@ def session(path: Path, threads: int = 2):
 
 def run(sess, frame_bgr: np.ndarray) -> np.ndarray:
     """One frame (uint8 H x W x 3 BGR, the size the graph was built for) -> (k, 6) detections."""
-    return detections(sess.run(list(OUTPUTS), {"frame": np.ascontiguousarray(frame_bgr, dtype=np.uint8)}))
+    return e2e_detections(sess.run(list(OUTPUTS), {"frame": np.ascontiguousarray(frame_bgr, dtype=np.uint8)}))

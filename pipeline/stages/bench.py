@@ -23,6 +23,40 @@ VERSION = 2  # 2: reads the data stage's eval set; ultralytics' validator cross-
 # exported from): the stage whose 'model' output that checkpoint is.
 CROSS_CHECKED = {"base-fp32": "load", "pruned-fp32": "finetune"}
 CROSS_CHECK_MAX_PT = 2.0  # bench and ultralytics disagree by more than this: the run fails
+E2E_OF = ("base-fp32", "pruned-fp32", "pruned-int8")  # the variants an end-to-end graph is built from
+
+
+def _bench_e2e(ctx: Context, v: Variant, onnx_path: Path, images, gt: dict, cat_ids, spec, out: Path):
+    """An end-to-end variant: the graph built from `onnx_path` for each val image size (mAP) and for the camera's
+    frame size (latency; the file kept in the bench output as e2e/<variant>.onnx)."""
+    from pipeline.backends.base import get_runner
+    from pipeline.eval.bench import latency_e2e, predict_e2e
+    from pipeline.eval.coco import coco_eval
+    from pipeline.quant.e2e import build_e2e
+
+    cfg, e2e = ctx.recipe.bench, ctx.recipe.export.e2e
+    work = out / "e2e"
+    work.mkdir(exist_ok=True)
+    runners: dict = {}
+
+    def runner_for(h: int, w: int):
+        if (h, w) not in runners:
+            f = work / f".{v.name}-{h}x{w}.onnx"
+            build_e2e(onnx_path, f, (h, w), spec, resize=e2e.resize)
+            runners[(h, w)] = get_runner(cfg.runner, f, threads=cfg.threads)
+        return runners[(h, w)]
+
+    dets = predict_e2e(runner_for, images, cat_ids, label=v.name)
+    sizes = sorted(runners)
+    for h, w in sizes:
+        (work / f".{v.name}-{h}x{w}.onnx").unlink()
+    runners.clear()
+    dest = work / f"{v.name}.onnx"
+    info = build_e2e(onnx_path, dest, tuple(e2e.frame_hw), spec, resize=e2e.resize)
+    runner = get_runner(cfg.runner, dest, threads=cfg.threads)
+    lat = latency_e2e(runner, [i.path for i in images], tuple(e2e.frame_hw), cfg.warmup, cfg.iters)
+    info = {**info, "resize": e2e.resize, "file": dest.name, "scored_at_sizes": [list(x) for x in sizes]}
+    return coco_eval(gt, dets), dets, lat, runner, info
 
 
 def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path) -> dict:
@@ -73,6 +107,7 @@ class Variant:
     precision: str = "fp32"
     note: str = ""
     output: str = "onnx"
+    e2e_of: str = ""  # an end-to-end variant: built by bench from this variant's ONNX (pipeline/quant/e2e.py)
 
 
 def variants(ctx: Context) -> list[Variant]:
@@ -110,7 +145,37 @@ def variants(ctx: Context) -> list[Variant]:
                  "peer: ultralytics export(format='onnx', quantize=8), same calibration images")]:
             if out in q.outputs:
                 cands.append(Variant(name, "quantize", stats, precision="int8", note=note, output=out))
-    return [v for v in cands if ctx.record(v.model_stage) is not None and v.output in ctx.record(v.model_stage).outputs]
+    e = ctx.record("engine")
+    if e is not None:  # the strongly typed files the device builds (engine stage), scored here on ONNX Runtime
+        for out, m in e.metrics.items():
+            if out not in e.outputs:
+                continue
+            model = out.split("_")[0]  # base | pruned
+            stats = "load" if model == "base" else "finetune"
+            if m.get("kind") == "fp16":
+                par = m.get("parity_emulated", {})
+                note = (f"strongly typed FP16 (FP32 I/O, head decode FP32; what TensorRT builds): vs its FP32 "
+                        f"{par.get('box_px_live', float('nan')):.3f} px / {par.get('score', float('nan')):.1e} "
+                        f"(FP16-rounded graph); ONNX Runtime CPU lacks FP16 kernels for "
+                        f"{', '.join(m.get('ort_cpu_missing_fp16', [])) or 'none'} and runs them in FP32 here")
+                cands.append(Variant(f"{model}-fp16", "engine", stats, precision="fp16", note=note, output=out))
+            else:
+                note = (f"strongly typed INT8 Q/DQ with FP16 around it (what TensorRT builds): output error vs FP32 "
+                        f"{m.get('int8_fp16_error_emulated', float('nan')):.2e} (FP16-rounded) against "
+                        f"{m.get('int8_error', float('nan')):.2e} with FP32 around the Q/DQ")
+                cands.append(Variant(f"{model}-int8-fp16", "engine", stats, precision="int8", note=note, output=out))
+    cands = [v for v in cands if (r := ctx.record(v.model_stage)) is not None and v.output in r.outputs]
+    e2e = ctx.recipe.export.e2e
+    if e2e.enabled:
+        h, w = e2e.frame_hw
+        for v in [v for v in cands if v.name in E2E_OF]:
+            cands.append(Variant(f"{v.name}-e2e", v.model_stage, v.stats_stage, v.precision, output=v.output,
+                                 e2e_of=v.name,
+                                 note=f"end to end in one ONNX: uint8 BGR {w}x{h} frame in, letterbox + {v.name} + "
+                                      f"NMS inside, EfficientNMS-layout detections out; timed per camera frame "
+                                      f"(engine = end-to-end); mAP from the same graph built for each val image's "
+                                      f"size"))
+    return cands
 
 
 def prepost(ctx: Context) -> PrePost:
@@ -141,7 +206,8 @@ def run(ctx: Context) -> StageRecord:
     for name, stage in CROSS_CHECKED.items():
         if any(v.name == name for v in vs):
             inputs[f"{name}.pt"] = ctx.output(stage, "model")
-    config = {**cfg.model_dump(), "prepost": spec.as_dict(), "variants": [v.__dict__ for v in vs]}
+    config = {**cfg.model_dump(), "prepost": spec.as_dict(), "variants": [v.__dict__ for v in vs],
+              "e2e": ctx.recipe.export.e2e.model_dump()}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.backends.base import get_runner
@@ -160,15 +226,22 @@ def run(ctx: Context) -> StageRecord:
         for v in vs:
             onnx_path = inputs[f"{v.name}.onnx"]
             info = json.loads(inputs[f"{v.name}.info"].read_text())
-            runner = get_runner(cfg.runner, onnx_path, threads=cfg.threads)
-            acc, dets = accuracy(runner, images, gt, cat_ids, spec, label=v.name)
+            if v.e2e_of:
+                acc, dets, lat, runner, e2e_info = _bench_e2e(ctx, v, onnx_path, images, gt, cat_ids, spec, out)
+            else:
+                runner = get_runner(cfg.runner, onnx_path, threads=cfg.threads)
+                acc, dets = accuracy(runner, images, gt, cat_ids, spec, label=v.name)
+                lat = latency(runner, [i.path for i in images], spec, cfg.warmup, cfg.iters)
+                e2e_info = None
             (out / "predictions" / f"{v.name}.json").write_text(json.dumps(dets))
-            lat = latency(runner, [i.path for i in images], spec, cfg.warmup, cfg.iters)
             rel = lambda p: os.path.relpath(p, ctx.run_dir)
+            model_file, model_at = onnx_path, ctx.stage_dir(v.model_stage) / onnx_path.name
+            if v.e2e_of:  # the end-to-end file itself, kept in the bench output
+                model_file, model_at = out / "e2e" / e2e_info["file"], ctx.stage_dir("bench") / "e2e" / e2e_info["file"]
             rows.append({
                 "name": v.name, "precision": v.precision, "note": v.note,
-                "model": {"path": rel(ctx.stage_dir(v.model_stage) / onnx_path.name), "sha256": sha256_file(onnx_path),
-                          "size_bytes": onnx_path.stat().st_size},
+                "model": {"path": rel(model_at), "sha256": sha256_file(model_file),
+                          "size_bytes": model_file.stat().st_size},
                 "runner": runner.describe(),
                 "map50_95": acc["map50_95"], "map50": acc["map50"],
                 "per_class_ap50_95": {names[cat_ids.index(k)]: a for k, a in acc["per_class_ap50_95"].items()},
@@ -178,14 +251,23 @@ def run(ctx: Context) -> StageRecord:
                 "predictions": rel(ctx.stage_dir("bench") / "predictions" / f"{v.name}.json"),
                 "ground_truth": rel(ctx.stage_dir("bench") / "ground_truth.json"),
                 "detections": len(dets),
+                "e2e_over_engine": lat["end_to_end"]["p50"] / lat["engine"]["p50"],
                 **({"training": info["training"]} if info.get("training") else {}),
+                **({"e2e": e2e_info} if e2e_info else {}),
             })
+            if v.e2e_of:
+                src = next(r for r in rows if r["name"] == v.e2e_of)
+                rows[-1]["e2e_over_engine"] = lat["end_to_end"]["p50"] / src["latency_ms"]["engine"]["p50"]
+                rows[-1]["e2e"]["over"] = f"{v.e2e_of}'s engine-only p50 (the model on a ready tensor)"
         cross = cross_check(ctx, rows, inputs, out)
-        base = next((r for r in rows if r["name"] == "base-fp32"), rows[0] if rows else None)
+        base0 = next((r for r in rows if r["name"] == "base-fp32"), rows[0] if rows else None)
+        base_e2e = next((r for r in rows if r["name"] == "base-fp32-e2e"), None)
         for r in rows:
+            base = base_e2e if r.get("e2e") and base_e2e else base0  # e2e variants: speed against the e2e base
             if base is None:
                 break
-            r["vs_base"] = {"macs_ratio": r["macs"] / base["macs"], "params_ratio": r["params"] / base["params"],
+            r["vs_base"] = {"against": base["name"], "macs_ratio": r["macs"] / base["macs"],
+                            "params_ratio": r["params"] / base["params"],
                             "size_ratio": r["model"]["size_bytes"] / base["model"]["size_bytes"],
                             "map50_95_delta": r["map50_95"] - base["map50_95"],
                             "engine_p50_speedup": base["latency_ms"]["engine"]["p50"]
@@ -195,12 +277,17 @@ def run(ctx: Context) -> StageRecord:
         report = {"schema": "yolo-edge/report/1", "run": ctx.run_dir.name, "recipe": ctx.recipe.model_dump(),
                   "dataset": {"split": cfg.split, "images": len(images), "digest": es.digest, "names": names},
                   "cross_check": cross,
-                  "device": device_info(), "env": lib_versions(), "prepost": spec.as_dict(), "variants": rows}
+                  "device": device_info(), "env": lib_versions(), "prepost": spec.as_dict(),
+                  # The end-to-end variants stand apart: their detections equal their source variant's (the parity
+                  # the graph is built for), which check-report's rule against identical predictions would refuse.
+                  "variants": [r for r in rows if not r.get("e2e")],
+                  "e2e_variants": [r for r in rows if r.get("e2e")]}
         (out / "report.json").write_text(json.dumps(report, indent=1))
         (out / "report.md").write_text(render_markdown(report))
         return StageResult(outputs={"report": "report.json", "report_md": "report.md",
                                     "cross_check": "cross_check.json", "predictions": "predictions",
-                                    "ground_truth": "ground_truth.json"},
+                                    "ground_truth": "ground_truth.json",
+                                    **({"e2e": "e2e"} if (out / "e2e").is_dir() else {})},
                            metrics={r["name"]: {"map50_95": r["map50_95"], "e2e_p50_ms":
                                                 r["latency_ms"]["end_to_end"]["p50"]} for r in rows})
 
@@ -225,11 +312,12 @@ def render_markdown(rep: dict) -> str:
              f"input {rep['prepost']['imgsz']}x{rep['prepost']['imgsz']}; device: {rep['device'].get('cpu', '?')}, "
              f"{rep['device'].get('cpus')} CPUs.", "",
              "| variant | runner | mAP50-95 | mAP50 | Δ mAP50-95 | params | MACs (×base) | size | engine p50 ms "
-             "| speed-up (engine) | e2e p50 / p90 / p99 ms | speed-up (e2e) | fps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rep["variants"]:
+             "| speed-up (engine) | e2e p50 / p90 / p99 ms | speed-up (e2e) | e2e ÷ engine | fps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["variants"] + rep.get("e2e_variants", []):
         vb = r.get("vs_base", {})
         e, g = r["latency_ms"]["end_to_end"], r["latency_ms"]["engine"]
+        ratio = f"{r['e2e_over_engine']:.2f}×" if "e2e_over_engine" in r else "–"
         lines.append(
             f"| {r['name']} | {r['runner']['runner']} | {r['map50_95']:.4f} | {r['map50']:.4f} | "
             f"{vb.get('map50_95_delta', 0) * 100:+.2f} pt | {r['params'] / 1e6:.3f} M | "
@@ -237,25 +325,27 @@ def render_markdown(rep: dict) -> str:
             f"{g['p50']:.2f} | {vb.get('engine_p50_speedup', 1):.2f}× | "
             f"{e['p50']:.2f} / {e['p90']:.2f} / {e['p99']:.2f} | "
             f"{vb.get('e2e_p50_speedup', 1):.2f}× | "
-            f"{r['fps']:.1f} |")
+            f"{ratio} | {r['fps']:.1f} |")
     lines += ["", "Latency: batch 1, ONNX Runtime CPU unless the runner says otherwise; engine = inference on a ready "
-              "tensor, e2e = letterbox + inference + NMS on a decoded frame. mAP: pycocotools on the predictions and "
-              "ground truth named in report.json."]
+              "tensor, e2e = letterbox + inference + NMS on a decoded frame (Python around the runner; for the "
+              "`-e2e` variants all of it inside the one graph, on a camera-size frame); e2e ÷ engine = that over the "
+              "engine-only time (for `-e2e` variants: over their source variant's engine-only time). mAP: "
+              "pycocotools on the predictions and ground truth named in report.json."]
     cc = (rep.get("cross_check") or {}).get("variants") or {}
     if cc:
         lines.append("- cross-check, " + rep["cross_check"]["evaluator"] + " on the same split: " + "; ".join(
             f"{k} {v['ultralytics']:.4f} vs bench {v['bench']:.4f} ({v['delta_pt']:+.2f} pt)" for k, v in cc.items())
             + f" (the run fails beyond ±{rep['cross_check']['max_delta_pt']:g} pt)")
-    for r in rep["variants"]:
+    for r in rep["variants"] + rep.get("e2e_variants", []):
         vb = r.get("vs_base", {})
-        if r["precision"] == "fp32" and vb.get("macs_ratio", 1) < 0.99:
+        if r["precision"] == "fp32" and vb.get("macs_ratio", 1) < 0.99 and not r.get("e2e"):
             red = 1 / vb["macs_ratio"]
             lines.append(f"- {r['name']}: {red:.2f}x fewer MACs, engine {vb['engine_p50_speedup']:.2f}x faster: "
                          f"{vb['engine_p50_speedup'] / red:.2f} of the MACs reduction became speed on this runner")
-    for r in rep["variants"]:
+    for r in rep["variants"] + rep.get("e2e_variants", []):
         if r.get("note"):
             lines.append(f"- {r['name']}: {r['note']}")
-        t = r.get("training") if r["precision"] == "fp32" else None
+        t = r.get("training") if r["precision"] == "fp32" and not r.get("e2e") else None
         if t and t.get("check_epochs"):
             how = f" (mean of the last {t['check_window']} epochs of each run)" if t.get("check_window") else ""
             longer = "".join(f"; a run of {x['epochs']} more epochs (one schedule, {x['where']}) changed it by "

@@ -214,11 +214,18 @@ def trtexec_lines(ctx: Context, workspace_mib: int = 2048, dla_core: int = -1, o
     return out
 
 
-def run(ctx: Context, workspace_mib: int = 2048, dla_core: int = -1, opt_level: int = 3) -> StageRecord:
+def run(ctx: Context, workspace_mib: int = 2048, dla_core: int = -1, opt_level: int = 3,
+        require_build: bool = True) -> StageRecord:
+    """The strongly typed files, then the engines. Without TensorRT: a one-line UserError when the build was asked
+    for (`make engine`), else (inside `yolo-edge run`) one line saying the build runs on the device."""
     rec = strongly_typed(ctx)
     from pipeline.backends.tensorrt import EngineBuilder, tensorrt_available
 
     ok, why = tensorrt_available()
+    if not ok and not require_build:
+        console.print(f"[dim]engine: strongly typed ONNX files written ({', '.join(rec.outputs)}); no TensorRT "
+                      f"engine built here ({why}): `make engine` on the device builds them[/dim]")
+        return rec
     if not ok:
         raise UserError(f"wrote the strongly typed ONNX files ({', '.join(rec.outputs)}) to {ctx.stage_dir('engine')};"
                         f" building the TensorRT engines needs TensorRT (JetPack on the device): {why}")

@@ -75,7 +75,7 @@ def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: 
 
 def run(ctx: Context, source_stage: str = "load", stage_name: str = "export") -> StageRecord:
     cfg = ctx.recipe.export
-    config = {**cfg.model_dump(), "imgsz": ctx.recipe.model.imgsz}
+    config = {**cfg.model_dump(exclude={"e2e"}), "imgsz": ctx.recipe.model.imgsz}  # e2e: bench builds those
     inputs = {"model": ctx.output(source_stage, "model")}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
