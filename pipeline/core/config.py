@@ -1,5 +1,9 @@
 """Recipes: one strict config object for a whole run, loaded from models/*.yaml and overridable from the CLI
-(`--set bench.iters=50`). Unknown keys are rejected with the key and the file named."""
+(`--set bench.iters=50`). Unknown keys are rejected with the key and the file named.
+
+The schema's defaults are the settings the project recommends: what models/default.yaml uses wherever its choice
+is not specific to the built-in synthetic data, its shipped checkpoints or ONNX Runtime on this CPU (those keys say
+why they differ), so a short recipe (`yolo-edge init` writes one) prunes and fine-tunes as the default run does."""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ class DataCfg(Strict):
 class ModelCfg(Strict):
     weights: str | None = None  # a user's .pt; for the default: the shipped base checkpoint
     arch: str = "yolo11n.yaml"  # what `make base` trains when weights are absent or to reproduce them
-    imgsz: int = Field(320, ge=32)
+    imgsz: int = Field(320, ge=32)  # the synthetic data's size; `yolo-edge init` writes the checkpoint's own
 
 
 class TrainSetup(Strict):
@@ -52,7 +56,7 @@ class TrainSetup(Strict):
 
 
 class TrainCfg(TrainSetup):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1)  # what a 15-minute run on 2 cores affords; `yolo-edge init` sizes it to the data
 
 
 class BasePhase(Strict):
@@ -65,13 +69,14 @@ class BasePhase(Strict):
 class BaseTrainCfg(TrainSetup):
     """`make base`: stock ultralytics runs in sequence, the first from the yaml, each later one from the previous
     run's last weights (a restart: new warm-up and LR schedule). The shipped checkpoint is the last run's final
-    epoch (not a best-epoch pick on the val split, which bench scores)."""
+    epoch (not a best-epoch pick on the val split, which bench scores). `yolo-edge run` never trains a base: these
+    defaults are one stock schedule; models/default.yaml's phases are how the shipped synthetic base was trained."""
 
     phases: list[BasePhase] = Field(default_factory=lambda: [BasePhase(epochs=60)], min_length=1)
     check_epochs: int = Field(0, ge=0)  # a further run, not shipped, that shows whether more epochs still help
     # that run's trainer settings: the finetune section's (how the pruned model is fine-tuned), or the last phase's
     # (nominal batch, warm-up, mosaic; ultralytics' auto optimizer): one more schedule like the ones that trained it
-    check_settings: Literal["finetune", "last_phase"] = "finetune"
+    check_settings: Literal["finetune", "last_phase"] = "last_phase"
     converged_gain: float = Field(0.005, ge=0)  # converged: that run gains less than this mAP50-95 ...
     converged_window: int = Field(10, ge=1)  # ... mean of its last N epochs vs the shipped run's last N (one epoch's
                                              # val mAP moves ±0.4 pt: a best-of-60 pick would gain from noise alone)
@@ -139,12 +144,17 @@ class SparsityCfg(TrainSetup):
     Torch-Pruning's group regularizer, phase after phase, so that whole channel groups fade before they are cut.
     `shipped` weights are reused when their record names the same model, data and settings."""
 
-    enabled: bool = False
-    phases: list[SparsityPhase] = Field(default_factory=lambda: [SparsityPhase(epochs=30, reg=5e-3)], min_length=1)
+    enabled: bool = False  # off: it costs hundreds of epochs (`yolo-edge init --sparsity` estimates them here)
+    # models/default.yaml's schedule, 390 epochs: group regularization rising over three phases, a fade phase toward
+    # the planned cut, a hold phase (README: the fade phase took the pruned model from -7.8 to +1.9 points)
+    phases: list[SparsityPhase] = Field(
+        default_factory=lambda: [SparsityPhase(epochs=30, reg=5e-4), SparsityPhase(epochs=30, reg=5e-3),
+                                 SparsityPhase(epochs=30, reg=2e-2), SparsityPhase(epochs=150, fade=20),
+                                 SparsityPhase(epochs=150, hold=True)], min_length=1)
     nbs: int = Field(16, ge=1)
     close_mosaic: int = Field(3, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
-    shipped: str | None = None
+    shipped: str | None = None  # weights made by `yolo-edge sparsify` (default.yaml's: for its synthetic data only)
     # The loss of the phases that distil (`distill: true` in a phase) from the dense model the phases start from.
     distill: DistillLoss = DistillLoss()
 
@@ -164,14 +174,16 @@ class PruneCfg(Strict):
     macs_target: float | None = Field(0.5, gt=0, lt=1, description="fraction of the base MACs to keep")
     ratio: float | None = Field(None, gt=0, lt=1, description="a channel ratio instead of a MACs target")
     tolerance: float = Field(0.02, gt=0, lt=1)
-    macs_at_most: bool = False  # the target is a ceiling: land in [target - tolerance, target] instead of ± tolerance
+    macs_at_most: bool = True  # the target is a ceiling: land in [target - tolerance, target] instead of ± tolerance
     importance: Literal["l1", "l2", "taylor", "bn_scale", "lamp"] = "l2"
     global_pruning: bool = False
     isomorphic: bool = False
-    round_to: int = Field(8, ge=1)
+    round_to: int = Field(8, ge=1)  # TensorRT's tensor cores want multiples of 8 (default.yaml's 16: ORT AVX-512)
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
     taylor_batches: int = Field(4, ge=1)
     # where to prune: uniform ratios; per-group ratios from a sensitivity scan; or from measured latency per point
+    # uniform stays the default: default.yaml's latency mode times ONNX Runtime on this CPU (not the Jetson's
+    # TensorRT), is not deterministic, and costs a scan (a held-out evaluation per group, 69 on YOLO11n)
     mode: Literal["uniform", "sensitivity", "latency"] = "uniform"
     sensitivity: SensitivityCfg = SensitivityCfg()
     steps: int = Field(1, ge=1)  # iterative: prune in k steps toward the target, fine-tuning between steps
@@ -182,9 +194,14 @@ class PruneCfg(Strict):
 
 
 class FinetuneCfg(TrainCfg):
-    lr0: float | None = None
-    optimizer: str = "auto"
-    close_mosaic: int = Field(3, ge=0)
+    """A gentle continuation of a trained model (models/default.yaml's; README): AdamW at lr 1e-4, an optimizer
+    step every batch, a short warm-up with no bias-lr jolt, no mosaic in the last 10 epochs. Ultralytics' own
+    defaults (auto: AdamW ~1e-3 after a 3-epoch warm-up, nbs 64) first knock a pruned model down."""
+
+    nbs: int = Field(16, ge=1)  # an optimizer step every batch of 16 (ultralytics' 64: 7.5 steps an epoch on 480)
+    lr0: float | None = 1e-4  # None: ultralytics' (for its auto optimizer, picked from the iteration count)
+    optimizer: str = "AdamW"
+    close_mosaic: int = Field(10, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)  # the model is trained already: a short warm-up
     # Where the bias lr starts its warm-up. Ultralytics' 0.1 suits SGD (its auto optimizer sets 0 for AdamW, but
     # only for auto): a named AdamW at 0.1 takes steps of ~0.1 on every bias and knocks a trained model down.
@@ -224,7 +241,26 @@ class QuantizeCfg(Strict):
     peer: bool = True  # ultralytics' own INT8 ONNX export of the pruned model, benchmarked beside ours
 
 
+class E2ECfg(Strict):
+    """The end-to-end variants (`*-e2e`, pipeline/quant/e2e.py): one ONNX from a uint8 BGR camera frame to final
+    detections (letterbox, the model, NMS inside), built from the fp32 and INT8 variants; bench scores it and times
+    it on frames of this size."""
+
+    enabled: bool = True
+    frame_hw: tuple[int, int] = (720, 1280)  # the camera's frames, height x width: fixed in the graph
+    resize: Literal["cv2", "onnx"] = "cv2"  # cv2: bit-exact cv2.resize in integer ops; onnx: one Resize op (faster
+                                            # on some runtimes, within 1/255 of cv2's pixels)
+
+    @field_validator("frame_hw")
+    @classmethod
+    def _positive(cls, v):
+        if min(v) < 1:
+            raise ValueError("frame_hw must be two positive sizes: [height, width]")
+        return v
+
+
 class ExportCfg(Strict):
+    e2e: E2ECfg = E2ECfg()
     opset: int = Field(17, ge=13, le=21)
     simplify: bool = True
     parity_atol: float = 1e-3

@@ -90,14 +90,45 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
-def shipped_matches(path: Path, key: str) -> tuple[bool, str]:
+def shipped_matches(path: Path, key: str, want: dict | None = None) -> tuple[bool, str]:
+    """Whether the weights at `path` are this run's (their record's key is `key`); if not, why, naming what differs
+    from `want` (key_of's dict): the model weights, the data, which settings."""
     rec = read_record(path)
     if rec is None:
         return False, f"{path} (or its .json record) is absent"
     if rec.get("key") != key:
-        return False, (f"{path} was trained from other inputs or settings (its record's key "
-                       f"{str(rec.get('key'))[:12]} is not this run's {key[:12]})")
+        return False, (f"{path} was trained from other inputs or settings ("
+                       + (f"{differences(rec, want)}; " if want else "")
+                       + f"its record's key {str(rec.get('key'))[:12]} is not this run's {key[:12]})")
     return True, ""
+
+
+def differences(rec: dict, want: dict) -> str:
+    """What a sparsity record was made from that this run does not have, in words."""
+    out = []
+    if rec.get("model_digest") != want["model_digest"]:
+        out.append("other model weights")
+    if rec.get("data_digest") != want["data_digest"]:
+        out.append("other data")
+    have, need = rec.get("settings") or {}, want["settings"]
+    keys = sorted(k for k in set(have) | set(need) if have.get(k) != need.get(k))
+    if keys:
+        out.append("other prune.sparsity settings: " + ", ".join(keys))
+    return ", ".join(out) or "another key"
+
+
+def made_prefix(ctx: Context, want: dict) -> tuple[int, Path | None, dict | None]:
+    """The longest prefix of the phases already made (cached in the work directory, or the shipped weights):
+    (its number of phases, its file, its record); (0, None, None) when none is."""
+    s = ctx.recipe.prune.sparsity
+    work = ctx.run_dir / ".work" / "sparsity"
+    for i in range(len(s.phases), 0, -1):
+        key = _keyed(want["model_digest"], want["data_digest"], settings(ctx, i))["key"]
+        for cand in (work / f"{key[:16]}.pt", Path(s.shipped) if s.shipped else None):
+            r = read_record(cand) if cand is not None else None
+            if r is not None and r.get("key") == key:
+                return i, cand, r
+    return 0, None, None
 
 
 def _write(model, dest: Path, rec: dict) -> None:
@@ -127,18 +158,13 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
     n = len(s.phases)
     prefix = [_keyed(want["model_digest"], want["data_digest"], settings(ctx, i)) for i in range(1, n + 1)]
     done, rec, stock = 0, {"history": []}, ua.load_detection_model(model_path)
-    for i in range(n, 0, -1):  # the longest prefix already made
-        for cand in (work / f"{prefix[i - 1]['key'][:16]}.pt", Path(s.shipped) if s.shipped else None):
-            r = read_record(cand) if cand is not None else None
-            if r is not None and r.get("key") == prefix[i - 1]["key"]:
-                done, rec, stock = i, r, ua.load_detection_model(cand)
-                console.print(f"  sparsity phases 1-{i}/{n}: made earlier ({cand}, its record matches)")
-                if i < n and cand != work / f"{prefix[i - 1]['key'][:16]}.pt":
-                    rec = {**rec, "prefix_from": {"path": str(cand), "key": r["key"], "phases": i,
-                                                  **({"made_by": r["made_by"]} if "made_by" in r else {})}}
-                break
-        if done:
-            break
+    i, cand, r = made_prefix(ctx, want)  # the longest prefix already made
+    if i:
+        done, rec, stock = i, r, ua.load_detection_model(cand)
+        console.print(f"  sparsity phases 1-{i}/{n}: made earlier ({cand}, its record matches)")
+        if i < n and cand != work / f"{prefix[i - 1]['key'][:16]}.pt":
+            rec = {**rec, "prefix_from": {"path": str(cand), "key": r["key"], "phases": i,
+                                          **({"made_by": r["made_by"]} if "made_by" in r else {})}}
     for i in range(done + 1, n + 1):
         ph = s.phases[i - 1]
         tag = prefix[i - 1]["key"][:16]
@@ -202,17 +228,35 @@ def sparse_weights(ctx: Context, model_path: Path, data_dir: Path) -> tuple[Path
     s = ctx.recipe.prune.sparsity
     want = key_of(ctx, model_path, data_dir)
     if s.shipped:
-        ok, why = shipped_matches(Path(s.shipped), want["key"])
+        ok, why = shipped_matches(Path(s.shipped), want["key"], want)
         if ok:
             rec = read_record(Path(s.shipped))
             console.print(f"  sparsity training: the shipped {s.shipped} matches this run's model, data and "
                           f"settings ({rec['epochs']} epochs; val mAP50-95 {rec['final_val_map50_95']:.4f}): used")
             return Path(s.shipped), {**rec, "source": "shipped", "path": s.shipped}
-        console.print(f"  [yellow]sparsity training: {why}: training here "
-                      f"({sum(p.epochs for p in s.phases)} epochs)[/]")
     dest = ctx.run_dir / ".work" / f"sparse-{want['key'][:16]}.pt"
     if shipped_matches(dest, want["key"])[0]:
+        if s.shipped:
+            console.print(f"  [yellow]sparsity training: {why}: using the weights this run trained earlier "
+                          f"({dest})[/]", soft_wrap=True)
         rec = read_record(dest)
     else:
+        console.print(("  [yellow]sparsity training: " + why if s.shipped else
+                       "  [yellow]sparsity training: no shipped weights (prune.sparsity.shipped)")
+                      + f": training here, {to_train(ctx, want, model_path, data_dir)}[/]", soft_wrap=True)
         rec = train(ctx, model_path, data_dir, dest, want)
     return dest, {**rec, "source": "trained", "path": str(dest)}
+
+
+def to_train(ctx: Context, want: dict, model_path: Path, data_dir: Path) -> str:
+    """What training here will cost, in words: the phases left after the longest prefix already made, their
+    epochs and the estimated time (one timed batch of this model on this data and device, scaled)."""
+    from pipeline import estimate
+
+    s = ctx.recipe.prune.sparsity
+    n = len(s.phases)
+    done, cand, _ = made_prefix(ctx, want)
+    epochs = sum(p.epochs for p in s.phases[done:])
+    what = (f"phases {done + 1}-{n} of {n} ({epochs} epochs; 1-{done} from {cand})" if done else
+            f"from the start: {n} phase(s), {epochs} epochs")
+    return f"{what}, {estimate.sparsity_eta(ctx, model_path, data_dir, epochs)}"

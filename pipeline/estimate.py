@@ -1,0 +1,165 @@
+"""Rough stage durations for a recipe on this machine, scaled from one timed training batch and one timed CPU
+forward (pipeline/adapters/timing.py): what `yolo-edge init` prints as its plan, and what the prune stage says
+sparsity training will cost before it starts.
+
+The scale factors are this project's own measurements on its 2-core dev box (README: "Pipeline cost"; sparsity
+training ~30 s an epoch where the fine-tune takes ~23 s, quantize ~40 s, bench ~10 s; and, beside a timed batch, a
+3-epoch fine-tune of 96 images at 320: ~12.5 s an epoch, estimated 13-15 s; a uniform cut of YOLO11n with its
+reconstruction on 24 images: 83 s), expressed in units of the timed batch or forward, so they move with the model,
+input size and machine. They are estimates to plan by (within a factor of ~2), not promises: other load on the
+machine, disk speed and ultralytics' data loading on a GPU host change them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+TRAINER_OVERHEAD = 1.1  # optimizer step, EMA update and logging on top of forward + loss + backward
+VAL_PER_IMAGE = 0.5  # a validation image costs this many training-batch images (forward only, larger batches, NMS)
+EPOCH_FIXED_S = 1.0  # per epoch: dataloader restart, last.pt written
+RUN_FIXED_S = 5.0  # per training run: trainer setup, label caches, the final validation's setup
+SPARSITY_FACTOR = 1.3  # group regularization per step, fade bookkeeping, the fold back (README: ~30 vs ~23 s)
+GROUPS = 69  # YOLO11n's dependency groups (the sensitivity and latency scans prune each alone)
+
+
+@dataclass
+class Timing:
+    """What the timed batch measured (adapters/timing.time_train_batch)."""
+
+    step_s: float  # forward + loss + backward of one batch on the training device
+    load_s: float  # assembling one batch (augmentation, collate) in one process
+    infer_img_s: float  # one image's eval forward on the CPU
+    batch: int
+    device: str = "cpu"
+    workers: int = 2
+
+    @classmethod
+    def of(cls, t: dict, workers: int = 2) -> Timing:
+        return cls(step_s=t["step_s"], load_s=t["load_s"], infer_img_s=t["infer_img_s"], batch=t["batch"],
+                   device=t.get("device", "cpu"), workers=workers)
+
+
+def epoch_seconds(t: Timing, n_train: int, n_val: int) -> float:
+    """One ultralytics training epoch: every train batch, then validation on n_val images. On the CPU the trainer
+    loads batches in the main process (it sets workers to 0 there); on a GPU its workers load beside the steps."""
+    batches = math.ceil(n_train / t.batch)
+    step = t.step_s * TRAINER_OVERHEAD
+    per_batch = step + t.load_s if t.device == "cpu" else max(step, t.load_s / max(t.workers, 1))
+    return batches * per_batch + n_val * VAL_PER_IMAGE * t.step_s / t.batch + EPOCH_FIXED_S
+
+
+def training_seconds(t: Timing, epochs: int, n_train: int, n_val: int, factor: float = 1.0) -> float:
+    return RUN_FIXED_S + epochs * epoch_seconds(t, n_train, n_val) * factor + n_val * VAL_PER_IMAGE * t.step_s / t.batch
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float
+    what: str
+
+
+def plan(recipe, t: Timing, n_train: int, n_val: int, n_images: int | None = None) -> list[Stage]:
+    """What `yolo-edge run` does for this recipe, stage by stage, with rough durations. n_train / n_val: the
+    train and bench-split image counts; n_images: all images (the data stage reads them all)."""
+    r = recipe
+    I = t.infer_img_s  # noqa: E741 - one CPU forward, the unit of the CPU-bound stages
+    n_images = n_images if n_images is not None else n_train + n_val
+    out: list[Stage] = []
+    if r.data.source == "synthetic":
+        s = r.data.synthetic
+        out.append(Stage("data", 2 + 0.03 * (s.train + s.val),
+                         f"generate the synthetic data ({s.train} train / {s.val} val images), write both layouts"))
+    else:
+        out.append(Stage("data", 2 + 0.005 * n_images,
+                         f"validate {r.data.source} ({n_images} images), write YOLO and COCO layouts"))
+    weights = r.model.weights or r.model.arch
+    out.append(Stage("load", 3, f"load {weights} at {r.model.imgsz}x{r.model.imgsz}, count params and MACs"))
+    p, f = r.prune, r.finetune
+    if p.enabled:
+        held = max(n_train, 0)
+        n_eval = min(p.sensitivity.images, held)
+        n_rec = min(p.reconstruct.images, max(held - n_eval, 0)) or n_eval
+        if p.sparsity.enabled:
+            s = p.sparsity
+            epochs = sum(ph.epochs for ph in s.phases)
+            sec = training_seconds(t, epochs, n_train, n_val, SPARSITY_FACTOR) + RUN_FIXED_S * (len(s.phases) - 1)
+            src = f"the shipped {s.shipped} if its record matches, else " if s.shipped else ""
+            out.append(Stage("sparsity", sec, f"{src}sparsity training: {len(s.phases)} phases, {epochs} epochs on "
+                                              f"{s.device} (the prune stage's first part; cached per key)"))
+        target = (f"{p.macs_target:g}x the MACs" + (" at most" if p.macs_at_most else f" ±{p.tolerance:g}")
+                  if p.ratio is None else f"channel ratio {p.ratio:g}")
+        sec = 20 + 100 * I  # the bisection's trial cuts (~15 on YOLO11n with macs_at_most), each counted
+        what = f"cut channels ({p.mode}) to {target}, round_to {p.round_to}"
+        if p.mode != "uniform":
+            sec += GROUPS * n_eval * I * 1.3 + (3 * p.sensitivity.latency_runs * I if p.mode == "latency" else 0)
+            what += f", after a per-group scan on {n_eval} held-out train images"
+        if p.reconstruct.enabled or p.mode != "uniform" or p.steps > 1:
+            sec += 2 * n_eval * I * 1.3
+        if p.reconstruct.enabled:
+            sec += 15 + 25 * n_rec * I  # each conv refit in turn on the images' features, then solved
+            what += f"; refit the convs on {n_rec} held-out train images"
+        if p.steps > 1:
+            sec += (p.steps - 1) * training_seconds(t, p.step_epochs, n_train, n_val)
+            what += f"; {p.steps} steps, {p.step_epochs} fine-tune epochs between them"
+        out.append(Stage("prune", sec, what))
+        out.append(Stage("finetune", training_seconds(t, f.epochs, n_train, n_val),
+                         f"{f.epochs} epochs on {f.device}, {f.optimizer} lr {f.lr0 if f.lr0 is not None else 'auto'}"
+                         f", batch {f.batch}, an optimizer step every "
+                         + (f"{round(f.nbs / f.batch)} batches" if round(f.nbs / f.batch) > 1 else "batch")
+                         + (", distilled from the unpruned model" if f.distill.enabled else "")))
+    n_models = 2 if p.enabled else 1
+    out.append(Stage("export", n_models * (8 + 10 * I), f"ONNX (opset {r.export.opset}) of {n_models} model(s), "
+                                                        f"parity-checked against PyTorch"))
+    q, c = r.quantize, r.calib
+    variants = n_models
+    if q.enabled:
+        calib = min(c.count, n_train) if c.source == "train" else c.count
+        tuning = min(c.tuning_images, max(n_train - calib, 0)) if q.accuracy_aware.enabled and p.enabled else 0
+        out.append(Stage("calibrate", 1 + 0.01 * calib, f"{calib} calibration images from the train split"))
+        out.append(Stage("quantize", 15 + 2 * n_models * calib * I + 4 * tuning * I + (10 + calib * I if q.peer else 0),
+                         f"INT8 Q/DQ ({q.backend}, {q.method}) of {n_models} model(s)"
+                         + (f", accuracy-aware on {tuning} held-out train images" if tuning else "")
+                         + (", ultralytics' INT8 beside it" if q.peer else "")))
+        variants += n_models + (1 if p.enabled else 0) + (1 if q.peer and p.enabled else 0)
+    b = r.bench
+    out.append(Stage("bench", variants * ((n_val + b.warmup + b.iters) * I * 0.5 + 0.5)
+                     + n_models * (3 + 1.5 * n_val * I),  # ultralytics' validator on the FP32 models, beside it
+                     f"{variants} variant(s) on the {n_val} '{b.split}' images ({b.runner}, {b.threads} threads), "
+                     f"cross-checked with ultralytics' validator"))
+    return out
+
+
+def human(seconds: float) -> str:
+    """A duration the way a plan states it: 40 s, 3 min, 1.4 h, 2.3 days."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def sparsity_eta(ctx, model_path, data_dir, epochs: int) -> str:
+    """`epochs` of sparsity training of the model at `model_path` on the run's data (the data stage's layout in
+    `data_dir`), in words: '~3.1 h on cpu (estimated from one timed batch)'. Timing takes one batch; a failure to
+    time says so instead of stopping the run."""
+    from pathlib import Path
+
+    from pipeline.adapters import ultralytics_yolo as ua
+    from pipeline.adapters.timing import time_train_batch
+    from pipeline.core.errors import UserError
+    from pipeline.stages.data import meta
+
+    s = ctx.recipe.prune.sparsity
+    try:
+        splits = meta(ctx)["splits"]
+        t = Timing.of(time_train_batch(ua.load_detection_model(model_path), Path(data_dir) / "data.yaml",
+                                       ctx.recipe.model.imgsz, s.batch, s.device), s.workers)
+    except (UserError, OSError, KeyError, RuntimeError) as e:
+        return f"time not estimated (timing a batch failed: {str(e).splitlines()[0][:120]})"
+    sec = training_seconds(t, epochs, splits.get("train", 0), splits.get(ctx.recipe.bench.split, 0),
+                           SPARSITY_FACTOR)
+    return f"~{human(sec)} on {t.device} (estimated from one timed batch: {t.step_s:.2f} s)"
