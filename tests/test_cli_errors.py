@@ -91,6 +91,16 @@ def test_unknown_recipe_key(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("content,msg", [(b"", "the recipe is empty"), (b"\xff\xfe\x00\x01", "not a text file"),
+                                         (b"train: images/train\nval: images/val\nnames: {0: a}\n",
+                                          "this is a dataset yaml, not a recipe")])
+def test_recipe_that_is_not_a_recipe(tmp_path, content, msg):
+    rec = tmp_path / "r.yaml"
+    rec.write_bytes(content)
+    r = cli("status", "--recipe", rec, "--run-dir", tmp_path / "run")
+    _assert_clean_error(r, str(rec), msg)
+
+
 def test_model_file_not_a_checkpoint(tmp_path, synth_small):
     bad = tmp_path / "weights.pt"
     bad.write_bytes(b"this is not a checkpoint" * 100)

@@ -308,11 +308,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise UserError("recipe not found", path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError("not a recipe: not a text file", path) from None
     except yaml.YAMLError as e:
         raise UserError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+    if raw is None:
+        raise UserError("the recipe is empty (`yolo-edge init` writes one for your data)", path)
     if not isinstance(raw, dict):
         raise UserError("a recipe must be a mapping of sections", path)
+    if "names" in raw and ("train" in raw or "val" in raw or "path" in raw):
+        raise UserError("this is a dataset yaml, not a recipe: name it in a recipe's data.source (`yolo-edge init "
+                        "--data` writes one)", path)
     for ov in overrides:
         if "=" not in ov:
             raise UserError(f"--set expects key=value, got '{ov}'")
