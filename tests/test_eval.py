@@ -74,3 +74,35 @@ def test_evaluator_equals_pycocotools_on_fixed_predictions(tmp_path):
     e.evaluate(), e.accumulate(), e.summarize()
     assert ours["map50_95"] == e.stats[0] and ours["map50"] == e.stats[1]
     assert 0.2 < ours["map50_95"] < 0.95  # a set that tests something: neither empty nor perfect
+
+
+def _noisy_pair(n_images, seed=1):
+    rng = np.random.default_rng(seed)
+    images = [{"id": 1000 + 7 * i, "file_name": f"{i}.jpg", "width": 320, "height": 320} for i in range(n_images)]
+    anns, good, worse = [], [], []
+    for im in images:
+        for _ in range(4):
+            x, y = rng.uniform(0, 250, 2)
+            w, h = rng.uniform(8, 60, 2)
+            c = int(rng.integers(1, 4))
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": c, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+            for dl, s in ((good, 2.0), (worse, 3.0)):
+                j = rng.normal(0, s, 4)
+                dl.append({"image_id": im["id"], "category_id": c, "bbox": [x + j[0], y + j[1], w + j[2], h + j[3]],
+                           "score": float(rng.uniform())})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": i, "name": str(i)} for i in (1, 2, 3)]}, good, worse
+
+
+def test_paired_drop_is_the_map_difference_with_an_honest_standard_error():
+    """The INT8 search's stop rule reads this: the drop equals pycocotools' mAP difference on the whole set, and its
+    half-sample standard error shrinks as the tuning set grows (about 1/sqrt(n))."""
+    from pipeline.eval.coco import paired_drop
+
+    gt, good, worse = _noisy_pair(200)
+    d = paired_drop(gt, good, worse)
+    assert d["drop"] == pytest.approx(coco_eval(gt, good)["map50_95"] - coco_eval(gt, worse)["map50_95"], abs=1e-12)
+    assert d["drop"] > 0 and 0 < d["se"] < d["drop"]
+    small = paired_drop(*_noisy_pair(25, seed=2))
+    assert small["se"] > 1.5 * d["se"], (small["se"], d["se"])

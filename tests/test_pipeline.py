@@ -76,6 +76,11 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     _check_report(run, *names)
     q = json.loads((run / "quantize" / "record.json").read_text())
     assert q["metrics"]["pruned_int8"]["trt_check"] == "passed"
+    aa = q["metrics"]["pruned_int8"]
+    assert aa["tuning_images"] == 8 and aa["tuning_drop_se"] >= 0 and all("bound" in st for st in aa["steps"])
+    drop = by["pruned-int8"]["int8_drop"]  # the search's tuning estimate beside the val split's drop
+    assert drop["tuning"] == aa["tuning_drop"] and drop["val_images"] == 16
+    assert drop["val"] == by["pruned-fp32"]["map50_95"] - by["pruned-int8"]["map50_95"]
     assert q["metrics"]["pruned_ultralytics_int8"]["trt_check"].startswith("refused: node '")
     # second run: every stage cached, nothing recomputed
     r2 = cli("run", "--run-dir", run, *sets)

@@ -215,7 +215,7 @@ class CalibCfg(Strict):
     min_count: int = Field(64, ge=1)
     seed: int = 0
     force: bool = False  # accept fewer images than min_count
-    tuning_images: int = Field(64, ge=8)  # held-out train images for accuracy-aware INT8 (never calib, never eval)
+    tuning_images: int = Field(256, ge=8)  # held-out train images for accuracy-aware INT8 (never calib, never eval)
 
 
 class AccuracyAwareCfg(Strict):
@@ -227,6 +227,9 @@ class AccuracyAwareCfg(Strict):
     # a 64-image tuning mAP is noisier (about ±1 pt) than a 0.5 pt budget, the layer-error ranking is not.
     min_float: int = Field(2, ge=0)
     shortlist: int = Field(6, ge=1)  # top layer-error candidates tried one by one on the detector output
+    # The stop rule: the tuning-set drop plus noise_z standard errors (from half-samples of the tuning images) must
+    # be within max_drop: a 64-image estimate is about as noisy as a 0.5-point budget.
+    noise_z: float = Field(1.0, ge=0)
     probe_images: int = Field(4, ge=1)  # calibration images for that output check
 
 

@@ -260,6 +260,20 @@ def run(ctx: Context) -> StageRecord:
                 rows[-1]["e2e_over_engine"] = lat["end_to_end"]["p50"] / src["latency_ms"]["engine"]["p50"]
                 rows[-1]["e2e"]["over"] = f"{v.e2e_of}'s engine-only p50 (the model on a ready tensor)"
         cross = cross_check(ctx, rows, inputs, out)
+        q = ctx.record("quantize")
+        aa = q.metrics.get("pruned_int8", {}) if q is not None else {}
+        by = {r["name"]: r for r in rows}
+        if "tuning_drop" in aa and "pruned-int8" in by and "pruned-fp32" in by:
+            # what the accuracy-aware search certified on its tuning images, beside what the val split shows
+            val = by["pruned-fp32"]["map50_95"] - by["pruned-int8"]["map50_95"]
+            by["pruned-int8"]["int8_drop"] = {
+                "tuning": aa["tuning_drop"], "tuning_se": aa["tuning_drop_se"], "tuning_images": aa["tuning_images"],
+                "val": val, "val_images": len(images), "budget": aa["max_drop"], "noise_z": aa["noise_z"],
+                "within_budget_on_tuning": aa["within_budget"], "within_budget_on_val": val <= aa["max_drop"]}
+            by["pruned-int8"]["note"] += (
+                f"; drop vs pruned-fp32: {100 * aa['tuning_drop']:.2f} ± {100 * aa['tuning_drop_se']:.2f} pt on "
+                f"{aa['tuning_images']} tuning images (the search's estimate), {100 * val:.2f} pt on the "
+                f"{len(images)} val images (budget {100 * aa['max_drop']:.2f})")
         base0 = next((r for r in rows if r["name"] == "base-fp32"), rows[0] if rows else None)
         base_e2e = next((r for r in rows if r["name"] == "base-fp32-e2e"), None)
         for r in rows:

@@ -23,10 +23,10 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 
-VERSION = 6
+VERSION = 7  # 7: the search's stop rule counts the tuning estimate's noise
 
 
-def _tuning_map(onnx_path: Path, gt: dict, ctx: Context) -> float:
+def _tuning_dets(onnx_path: Path, gt: dict, ctx: Context) -> list[dict]:
     from pipeline.backends.onnxruntime import OnnxRuntimeRunner
     from pipeline.eval.bench import EvalImage, accuracy
     from pipeline.stages.bench import prepost
@@ -34,23 +34,34 @@ def _tuning_map(onnx_path: Path, gt: dict, ctx: Context) -> float:
 
     images = [EvalImage(str(resolve(ctx, im["file_name"])), im["id"]) for im in gt["images"]]
     cat_ids = [c["id"] for c in gt["categories"]]
-    acc, _ = accuracy(OnnxRuntimeRunner(onnx_path, threads=ctx.recipe.bench.threads), images, gt, cat_ids,
-                      prepost(ctx), label=f"tuning {onnx_path.name}")
-    return acc["map50_95"]
+    _, dets = accuracy(OnnxRuntimeRunner(onnx_path, threads=ctx.recipe.bench.threads), images, gt, cat_ids,
+                       prepost(ctx), label=f"tuning {onnx_path.name}")
+    return dets
 
 
 def accuracy_aware(fp32: Path, dest: Path, cache: Path, method: str, exclude: list[str], op_types: tuple,
                    calib: np.ndarray, gt: dict, ctx: Context, work: Path) -> dict:
+    from pipeline.eval.coco import paired_drop
     from pipeline.quant import ort_qdq as oq
 
     cfg = ctx.recipe.quantize.accuracy_aware
-    ref = _tuning_map(fp32, gt, ctx)
+    ref_dets = _tuning_dets(fp32, gt, ctx)
     trial = work / "trial.onnx"
     oq.quantize(fp32, trial, cache, method, exclude, op_types)
-    cur = _tuning_map(trial, gt, ctx)
-    steps = [{"float_nodes": [], "tuning_map50_95": cur, "drop": ref - cur}]
-    console.print(f"  accuracy-aware: FP32 {ref:.4f}, all-INT8 {cur:.4f} on {len(gt['images'])} tuning images")
-    if ref - cur > cfg.max_drop or cfg.min_float > 0:
+
+    def measure(path: Path) -> dict:
+        # the drop on the tuning images and its noise (half-sample standard error): the search stops only when
+        # drop + noise_z * se is within the budget, not on an estimate noisier than the budget itself
+        d = paired_drop(gt, ref_dets, _tuning_dets(path, gt, ctx))
+        d["bound"] = d["drop"] + cfg.noise_z * (0.0 if d["se"] != d["se"] else d["se"])
+        return d
+
+    m = measure(trial)
+    ref, cur = m["ref"], m["cur"]
+    steps = [{"float_nodes": [], "tuning_map50_95": cur, "drop": m["drop"], "se": m["se"], "bound": m["bound"]}]
+    console.print(f"  accuracy-aware: FP32 {ref:.4f}, all-INT8 {cur:.4f} on {len(gt['images'])} tuning images "
+                  f"(drop {100 * m['drop']:.2f} ± {100 * m['se']:.2f} pt)")
+    if m["bound"] > cfg.max_drop or cfg.min_float > 0:
         cands = oq.quantized_nodes(onnx.load(str(trial)), op_types)
         errs = oq.layer_errors(fp32, trial, calib, cands)
         ranking = sorted(errs, key=errs.get, reverse=True)
@@ -58,7 +69,7 @@ def accuracy_aware(fp32: Path, dest: Path, cache: Path, method: str, exclude: li
         ref_out = oq.reference_outputs(fp32, probe)
         floated: list[str] = []
         base_err = oq.output_error(ref_out, trial, probe)
-        while ((ref - cur > cfg.max_drop or len(floated) < cfg.min_float) and len(floated) < cfg.max_float
+        while ((m["bound"] > cfg.max_drop or len(floated) < cfg.min_float) and len(floated) < cfg.max_float
                and ranking):
             # the layer-error ranking proposes candidates; the detector output decides: each is floated alone and
             # those that bring the score-weighted output closest to FP32 are kept. Candidates that change nothing a
@@ -79,13 +90,18 @@ def accuracy_aware(fp32: Path, dest: Path, cache: Path, method: str, exclude: li
             floated += take
             oq.quantize(fp32, trial, cache, method, exclude + floated, op_types)
             base_err = oq.output_error(ref_out, trial, probe)
-            cur = _tuning_map(trial, gt, ctx)
+            m = measure(trial)
+            cur = m["cur"]
             steps.append({"float_nodes": list(take), "added_error": [errs[n] for n in take],
-                          "output_error_after": base_err, "tuning_map50_95": cur, "drop": ref - cur})
-            console.print(f"  +{len(take)} float ({', '.join(take)}): {cur:.4f} (drop {100 * (ref - cur):.2f} pt)")
+                          "output_error_after": base_err, "tuning_map50_95": cur, "drop": m["drop"], "se": m["se"],
+                          "bound": m["bound"]})
+            console.print(f"  +{len(take)} float ({', '.join(take)}): {cur:.4f} (drop {100 * m['drop']:.2f} ± "
+                          f"{100 * m['se']:.2f} pt)")
     shutil.copyfile(trial, dest)
-    return {"tuning_fp32_map50_95": ref, "tuning_int8_map50_95": cur, "within_budget": ref - cur <= cfg.max_drop,
-            "max_drop": cfg.max_drop, "float_nodes": [n for s in steps for n in s["float_nodes"]], "steps": steps}
+    return {"tuning_fp32_map50_95": ref, "tuning_int8_map50_95": cur, "tuning_images": len(gt["images"]),
+            "tuning_drop": m["drop"], "tuning_drop_se": m["se"], "noise_z": cfg.noise_z,
+            "within_budget": m["bound"] <= cfg.max_drop, "max_drop": cfg.max_drop,
+            "float_nodes": [n for s in steps for n in s["float_nodes"]], "steps": steps}
 
 
 def run(ctx: Context) -> StageRecord:
