@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv pipeline test test-fast bench status report base sparse data load prune finetune export calibrate \
-        quantize engine bundle lint clean check-report check-trt modelopt-venv profile history nightly heldout
+        quantize engine bundle lint clean check-report check-trt modelopt-venv profile history nightly heldout gate baseline
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]*):.*## (.*)/\1\t\2/' | \
@@ -37,12 +37,11 @@ test-fast: venv ## the tests that take seconds (no training, no full-pipeline ru
 data load prune finetune export calibrate quantize bundle engine bench: venv ## run one stage of the default recipe
 	$(CLI) stage $@ --recipe $(RECIPE) $(ARGS)
 
-nightly: venv ## the default recipe with a 60-epoch fine-tune (NIGHTLY_EPOCHS; runs/nightly, ~30 min on 2 cores) + history
-	$(CLI) run --recipe $(RECIPE) --run-dir runs/nightly --set finetune.epochs=$(NIGHTLY_EPOCHS) $(ARGS)
-	$(PY) benchmarks/record.py runs/nightly
+nightly: venv ## the nightly matrix (benchmarks/matrix.yaml: default ~6 min + 60-epoch fine-tune ~33 min on 2 cores), recorded in benchmarks/history.db, gated against benchmarks/baselines/ (exit 2 on a regression, an unexplained gain or a missing variant/device)
+	$(CLI) nightly --matrix benchmarks/matrix.yaml --history $(HISTORY) $(ARGS)
 
-report: venv ## re-render runs/<run>/report.json + report.md from the last bench
-	$(CLI) report --recipe $(RECIPE) $(ARGS)
+report: venv ## re-render runs/<run>/report.json, report.md, tradeoff.png, history.png and report.html from the last bench
+	$(CLI) report --recipe $(RECIPE) --history $(HISTORY) $(ARGS)
 
 status: venv ## list the stages of the default run and their state
 	$(CLI) status --recipe $(RECIPE) $(ARGS)
@@ -62,8 +61,8 @@ heldout: venv ## score runs/default's base and pruned models on a fresh syntheti
 profile: venv ## where the time goes: ONNX Runtime op-type profile of base vs pruned (runs/default)
 	$(PY) benchmarks/profile_ort.py runs/default 20
 
-history: venv ## append the latest runs/default results to benchmarks/history/
-	$(PY) benchmarks/record.py runs/default
+history: venv ## record the latest runs/default results in benchmarks/history.db (HISTORY=...; idempotent)
+	$(CLI) history record runs/default --history $(HISTORY)
 
 check-trt: venv ## check an INT8 Q/DQ ONNX against TensorRT's rules: make check-trt FILE=model.onnx
 	$(CLI) check-trt $(FILE)
@@ -78,3 +77,13 @@ lint: venv ## ruff
 
 clean: ## remove run directories (keeps the venv)
 	rm -rf runs .pytest_cache
+
+HISTORY ?= benchmarks/history.db
+RUN ?= runs/default
+
+gate: venv ## compare a run with its baseline (RUN=runs/default; exit 2 on a regression, an unexplained gain, a missing variant or device)
+	$(CLI) gate $(RUN) $(ARGS)
+
+baseline: venv ## rewrite RUN's baseline from its report.json: make baseline RUN=runs/default REASON='why'
+	@test -n "$(REASON)" || { echo "make baseline needs REASON='why the references change'" >&2; exit 2; }
+	$(CLI) baseline update --run-dir $(RUN) --reason "$(REASON)" $(ARGS)

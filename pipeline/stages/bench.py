@@ -316,6 +316,9 @@ def publish(ctx: Context) -> Path:
     write_json(ctx.run_dir / "report.json", report)
     with atomic_path(ctx.run_dir / "report.md") as tmp:
         tmp.write_text(render_markdown(report))
+    from pipeline.report.render import render_run
+
+    render_run(ctx.run_dir)  # tradeoff.png, history.png, report.html beside report.json
     return ctx.run_dir / "report.json"
 
 

@@ -1,0 +1,206 @@
+"""Issue 24: the gate against a baseline (each injected fault caught with a one-line reason and exit 2; an
+unchanged run passes), baseline update, and the SQLite history (parallel writers lose no row). No training: a
+synthetic report.json in bench's schema (tests/report_fixture.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, cli
+from report_fixture import synthetic_report, write_run
+
+from pipeline.report import history as hist
+from pipeline.report.gate import baseline_from_report, compare, render_baseline
+
+
+def _jetson_report() -> dict:
+    """The synthetic report with a 'devices' section: one Jetson's own device report (its rows and state)."""
+    rep = synthetic_report()
+    jet = copy.deepcopy(rep["variants"][:2])
+    for r in jet:
+        r["latency_ms"]["engine"]["p50"] /= 4
+        r["latency_ms"]["end_to_end"]["p50"] /= 3
+    eng = [r["latency_ms"]["engine"]["p50"] for r in jet]
+    jet[1]["vs_base"]["engine_p50_speedup"] = eng[0] / eng[1]
+    rep["devices"] = [{"device": {"model": "NVIDIA Jetson Orin Nano Developer Kit", "jetson": True,
+                                  "machine": "aarch64", "clocks_locked": True, "nvpmodel": {"mode": "MAXN"}},
+                       "variants": jet}]
+    return rep
+
+
+@pytest.fixture
+def gated(tmp_path):
+    """A run directory and its baseline made from that same run (`yolo-edge baseline update`)."""
+    run = write_run(tmp_path / "run", _jetson_report())
+    bl = tmp_path / "baseline.yaml"
+    r = cli("baseline", "update", "--run-dir", run, "--baseline", bl, "--reason", "fixture: the synthetic run")
+    assert r.returncode == 0, r.stderr
+    return run, bl
+
+
+def _mutate(run: Path, fn) -> None:
+    rep = json.loads((run / "report.json").read_text())
+    fn(rep)
+    (run / "report.json").write_text(json.dumps(rep))
+
+
+def _row(rep, name):
+    return next(r for r in rep["variants"] + rep["e2e_variants"] if r["name"] == name)
+
+
+def _slower_pruned(rep):
+    r = _row(rep, "pruned-fp32")
+    r["latency_ms"]["engine"]["p50"] *= 1.5  # and bench's ratios with it
+    r["vs_base"]["engine_p50_speedup"] /= 1.5
+    r["e2e_over_engine"] = r["latency_ms"]["end_to_end"]["p50"] / r["latency_ms"]["engine"]["p50"]
+
+
+def _less_accurate(rep):
+    _row(rep, "pruned-fp32")["map50_95"] -= 0.01
+
+
+def _better(rep):
+    _row(rep, "pruned-int8")["map50_95"] += 0.01
+
+
+def _no_variant(rep):
+    rep["variants"] = [r for r in rep["variants"] if r["name"] != "pruned-int8"]
+
+
+def _no_device(rep):
+    del rep["devices"]
+
+
+@pytest.mark.parametrize("inject, expect", [
+    (_slower_pruned, ["x86_64-2cpu pruned-fp32 engine_p50_speedup", "regression", "±15%"]),
+    (_less_accurate, ["x86_64-2cpu pruned-fp32 map50_95", "-1.00 pt", "regression"]),
+    (_better, ["x86_64-2cpu pruned-int8 map50_95", "+1.00 pt", "unexplained gain: update the baseline on purpose"]),
+    (_no_variant, ["x86_64-2cpu pruned-int8: variant missing from the run"]),
+    (_no_device, ["nvidia-jetson-orin-nano-developer-kit: device missing from the run"]),
+], ids=["slower-pruned", "less-accurate", "unexplained-gain", "missing-variant", "missing-device"])
+def test_gate_catches_each_fault(gated, inject, expect):
+    run, bl = gated
+    _mutate(run, inject)
+    r = cli("gate", run, "--baseline", bl)
+    assert r.returncode == 2, r.stdout + r.stderr
+    fails = [ln for ln in r.stderr.splitlines() if ln.startswith("FAIL ")]
+    assert fails, r.stderr
+    hit = [ln for ln in fails if all(e in ln for e in expect)]
+    assert hit, f"no failure line with {expect}: {fails}"
+
+
+def test_unchanged_run_passes_and_absolute_latency_is_not_gated(gated):
+    run, bl = gated
+    r = cli("gate", run, "--baseline", bl)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "gate: all" in r.stdout and "FAIL" not in r.stdout + r.stderr
+
+    def slower_box(rep):  # the whole box 40% slower tonight: every ratio the same, nothing fails
+        for d in [rep, *rep["devices"]]:
+            for row in d["variants"] + d.get("e2e_variants", []):
+                for k in ("engine", "end_to_end"):
+                    row["latency_ms"][k]["p50"] *= 1.4
+    _mutate(run, slower_box)
+    assert cli("gate", run, "--baseline", bl).returncode == 0
+
+
+def test_baseline_update_keeps_the_reason_and_hand_set_tolerances(gated):
+    run, bl = gated
+    b = yaml.safe_load(bl.read_text())
+    assert b["updates"][-1]["reason"] == "fixture: the synthetic run"
+    spec = b["devices"]["x86_64-2cpu"]["variants"]["pruned-fp32"]["engine_p50_speedup"]
+    assert spec["rule"] == "speedup-fp32" and spec["rtol"] == 0.15
+    assert "# measured" in bl.read_text()  # each tolerance says where it comes from
+    text = bl.read_text().replace("{ref: 0.8196, tol: 0.001, rule: map-fp32}", "{ref: 0.8196, tol: 0.05, rule: hand}")
+    bl.write_text(text)
+    _mutate(run, _less_accurate)
+    assert cli("gate", run, "--baseline", bl).returncode == 0  # within the hand-set 5 pt
+    r = cli("baseline", "update", "--run-dir", run, "--baseline", bl, "--reason", "on purpose: less accurate")
+    assert r.returncode == 0, r.stderr
+    b = yaml.safe_load(bl.read_text())
+    assert [u["reason"] for u in b["updates"]] == ["fixture: the synthetic run", "on purpose: less accurate"]
+    assert b["devices"]["x86_64-2cpu"]["variants"]["pruned-fp32"]["map50_95"] == {"ref": pytest.approx(0.8096),
+                                                                                   "tol": 0.05, "rule": "hand"}
+
+
+def test_shipped_baselines_parse_and_gate_the_readme_numbers():
+    from pipeline.report.gate import load_baseline
+
+    for name in ("default", "default-ft60"):
+        b = load_baseline(ROOT / "benchmarks" / "baselines" / f"{name}.yaml")
+        vs = b["devices"]["x86_64-2cpu"]["variants"]
+        assert {"base-fp32", "pruned-fp32", "pruned-int8"} <= set(vs)
+        assert "engine_p50_speedup" in vs["pruned-fp32"] and "e2e_over_engine" in vs["pruned-fp32"]
+        assert not any(m.endswith("_ms") for v in vs.values() for m in v)  # never absolute milliseconds
+    # the synthetic report carries README's numbers: it passes the default baseline (the extra fp16/e2e variants
+    # are noted, not gated)
+    rep = synthetic_report()
+    checks = compare(rep, load_baseline(ROOT / "benchmarks" / "baselines" / "default.yaml"))
+    assert [c.line for c in checks if c.failed] == []
+
+
+def test_matrix_required_variant_without_reference_fails():
+    rep = synthetic_report()
+    b = baseline_from_report(rep, None, "x", Path("r"), variants=["base-fp32"])
+    checks = compare(rep, yaml.safe_load(render_baseline(b)), {"x86_64-2cpu": ["base-fp32", "pruned-fp32"]})
+    bad = [c.line for c in checks if c.failed]
+    assert len(bad) == 1 and "pruned-fp32: no reference in the baseline" in bad[0]
+
+
+# --- history ---------------------------------------------------------------------------------------------------
+
+def _writer(db: str, wid: int, n: int) -> None:
+    con = hist.connect(db)
+    for i in range(n):  # one transaction per row: the most lock contention
+        hist.insert(con, [{"run_uid": f"w{wid}", "run": "r", "time": "2026-12-01T00:00:00", "device": "d",
+                           "variant": f"v{i}", "metric": "m", "value": float(i)}])
+    con.close()
+
+
+def test_parallel_writers_lose_no_row(tmp_path):
+    db = str(tmp_path / "h.db")
+    hist.connect(db).close()
+    procs, n = 6, 300
+    ps = [mp.get_context("fork").Process(target=_writer, args=(db, w, n)) for w in range(procs)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(120)
+        assert p.exitcode == 0
+    assert hist.count(db) == procs * n
+    con = hist.connect(db)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+
+
+def test_record_and_import_are_idempotent(tmp_path):
+    db = tmp_path / "h.db"
+    files = sorted((ROOT / "benchmarks" / "history").glob("*.json"))
+    if files:
+        new, total = hist.import_json(files, db)
+        assert new == total > 0 and hist.import_json(files, db)[0] == 0
+    run = write_run(tmp_path / "run")
+    new, total = hist.record(run, db, commit="abc")
+    assert new == total and hist.record(run, db, commit="abc")[0] == 0
+    con = hist.connect(db)
+    row = con.execute("SELECT commit_sha, recipe, recipe_digest, versions, device, device_state FROM results WHERE "
+                      "variant = 'pruned-fp32' AND metric = 'engine_p50_speedup' AND commit_sha = 'abc'").fetchone()
+    assert row[0] == "abc" and row[1] == "default" and len(row[2]) == 64 and "onnxruntime" in row[3]
+    assert row[4] == "x86_64-2cpu" and "Xeon" in row[5]
+    con.close()
+
+
+def test_shipped_history_db_holds_the_json_history():
+    db = ROOT / "benchmarks" / "history.db"
+    if not db.is_file():
+        pytest.skip("benchmarks/history.db is not in this tree")
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    n = con.execute("SELECT COUNT(DISTINCT run_uid) FROM results WHERE run_uid LIKE 'json:%'").fetchone()[0]
+    assert n >= 15  # the 15 entries of benchmarks/history/2026-11-2[3-7].json
