@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv pipeline test test-fast bench status report base sparse data load prune finetune export calibrate \
-        quantize engine bundle lint clean check-report check-trt modelopt-venv profile history nightly heldout gate baseline
+        quantize engine bundle deploy lint clean check-report check-trt modelopt-venv profile history nightly heldout gate baseline
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]*):.*## (.*)/\1\t\2/' | \
@@ -36,6 +36,10 @@ test-fast: venv ## the tests that take seconds (no training, no full-pipeline ru
 
 data load prune finetune export calibrate quantize bundle engine bench: venv ## run one stage of the default recipe
 	$(CLI) stage $@ --recipe $(RECIPE) $(ARGS)
+
+HOSTS ?=
+deploy: venv ## bundle, then copy + install + bench on each Jetson over ssh (HOSTS="user@jetson [name=user@host:port ...]"), merged into runs/<run>/report.json under "devices"
+	$(CLI) deploy --recipe $(RECIPE) $(foreach h,$(HOSTS),--host $(h)) $(ARGS)
 
 nightly: venv ## the nightly matrix (benchmarks/matrix.yaml: default ~6 min + 60-epoch fine-tune ~33 min on 2 cores), recorded in benchmarks/history.db, gated against benchmarks/baselines/ (exit 2 on a regression, an unexplained gain or a missing variant/device)
 	$(CLI) nightly --matrix benchmarks/matrix.yaml --history $(HISTORY) $(ARGS)

@@ -16,8 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ALL_STAGES = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "bundle", "engine", "bench"]
 STATUS_ROWS = ["data", "load", "prune", "finetune", "export", "export-pruned", "calibrate", "quantize", "bundle",
                "engine", "bench"]
-IMPLEMENTED = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "engine", "bench"]
-PLANNED = {"bundle": "the deploy-bundle issue"}
+IMPLEMENTED = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "engine", "bench", "bundle"]
+PLANNED: dict[str, str] = {}
 # `run` includes the engine stage: it writes the strongly typed FP16/INT8 ONNX files (bench scores them) and builds
 # the TensorRT engines where TensorRT is importable; elsewhere it says so in one line and the run goes on. `make
 # engine` (`yolo-edge stage engine`) asks for the build itself, and exits 2 where TensorRT is missing.
@@ -38,11 +38,12 @@ def _ctx(recipe: Path, sets: list[str] | None, run_dir: Path | None, force: bool
 
 
 def _run_stages(ctx, stages: list[str], build_required: bool = False) -> None:
-    from pipeline.stages import bench, calibrate, data, engine, export, finetune, load, prune, quantize
+    from pipeline.stages import bench, bundle, calibrate, data, engine, export, finetune, load, prune, quantize
 
     fns = {"data": data.run, "load": load.run, "prune": prune.run, "finetune": finetune.run, "export": export.run_all,
            "calibrate": calibrate.run, "quantize": quantize.run,
-           "engine": lambda c: engine.run(c, require_build=build_required), "bench": bench.run}
+           "engine": lambda c: engine.run(c, require_build=build_required), "bench": bench.run,
+           "bundle": bundle.run}
     if not ctx.recipe.prune.enabled:
         stages = [s for s in stages if s not in ("prune", "finetune")]
     if not ctx.recipe.quantize.enabled:
@@ -129,13 +130,22 @@ def init(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO dir
 
 
 @app.command()
-def report(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt):
-    """Write runs/<run>/report.json and report.md from the last bench and print the table."""
+def report(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
+           history: Path | None = typer.Option(None, "--history", help="history database for history.png "
+                                                                       "(default benchmarks/history.db)")):
+    """Write runs/<run>/report.json, report.md, tradeoff.png, history.png and report.html (self-contained) from
+    the last bench and print the table."""
+    from pipeline.report.render import render_run
     from pipeline.stages.bench import publish
 
     ctx = _ctx(recipe, sets, run_dir)
     p = publish(ctx)
+    if history is not None:  # publish drew history.png from the default database
+        render_run(ctx.run_dir, history)
     typer.echo(p.with_suffix(".md").read_text())
+    for name in ("tradeoff.png", "history.png", "report.html"):
+        if (ctx.run_dir / name).is_file():
+            typer.echo(f"wrote {ctx.run_dir / name}")
 
 
 @app.command()
@@ -245,6 +255,129 @@ def convert(src: Path, dest: Path, to: str = typer.Option(..., help="yolo or coc
     if to not in ("yolo", "coco"):
         raise UserError(f"--to must be yolo or coco, got '{to}'")
     typer.echo(str(write_yolo(ds, dest) if to == "yolo" else write_coco(ds, dest)))
+
+
+# --- the trade-off picture and the nightly gate (issue 24): pipeline/report/ ---------------------------------------
+
+HistoryOpt = typer.Option(None, "--history", help="history database (default benchmarks/history.db, or "
+                                                  "$YOLO_EDGE_HISTORY)")
+baseline_app = typer.Typer(no_args_is_help=True, help="Baselines the gate compares runs with "
+                                                      "(benchmarks/baselines/<recipe>.yaml).")
+history_app = typer.Typer(no_args_is_help=True, help="The benchmark history (SQLite, benchmarks/history.db).")
+app.add_typer(baseline_app, name="baseline")
+app.add_typer(history_app, name="history")
+
+
+@app.command()
+def gate(run_dir: Path = typer.Argument(..., help="a run directory with report.json (runs/<name>)"),
+         baseline: Path | None = typer.Option(None, "--baseline", help="baseline yaml (default: the nightly "
+                                              "matrix's for this run_dir, else benchmarks/baselines/<recipe>.yaml)")):
+    """Compare a run's report.json with its baseline: exit 2 on a regression or an unexplained gain beyond a
+    tolerance, or on a device or variant missing from the run; one line per failure."""
+    from pipeline.report.gate import gate as run_gate
+    from pipeline.report.gate import summary_table
+
+    checks, notes = run_gate(run_dir, baseline)
+    for n in notes:
+        typer.echo(n)
+    typer.echo(summary_table(checks))
+    bad = [c for c in checks if c.failed]
+    for c in bad:
+        typer.echo(f"FAIL {c.line}", err=True)
+    if bad:  # exit 2 (main() turns a UserError into its one line and status 2)
+        raise UserError(f"gate: {len(bad)} failure(s) of {len(checks)} checks (the FAIL lines above)")
+    typer.echo(f"gate: all {len(checks)} checks within tolerance")
+
+
+@baseline_app.command("update")
+def baseline_update(reason: str = typer.Option(..., "--reason", help="why the references change (kept in the "
+                                                                     "file)"),
+                    run_dir: Path | None = RunDirOpt, recipe: Path = RecipeOpt,
+                    baseline: Path | None = typer.Option(None, "--baseline", help="baseline yaml to write")):
+    """Rewrite a baseline from the last run's report.json (references from the run, tolerances by rule or as
+    hand-edited in the file), keeping the reason."""
+    from pipeline.core.config import load_recipe
+    from pipeline.report.gate import update_baseline
+
+    rd = run_dir or Path("runs") / load_recipe(recipe, []).name
+    typer.echo(f"wrote {update_baseline(rd, reason, baseline)} from {rd}")
+
+
+@history_app.command("record")
+def history_record(run_dir: Path = typer.Argument(Path("runs/default")), history: Path | None = HistoryOpt):
+    """Record a run's report.json in the history (idempotent: the same run twice adds nothing)."""
+    from pipeline.report import history as hist
+
+    db = history or hist.default_db()
+    new, total = hist.record(run_dir, db)
+    typer.echo(f"{db}: {new} of {total} rows new ({run_dir})")
+
+
+@history_app.command("import")
+def history_import(files: list[Path] = typer.Argument(..., help="benchmarks/history/*.json (the old format)"),
+                   history: Path | None = HistoryOpt):
+    """Import the dated JSON history files into the database (idempotent)."""
+    from pipeline.report import history as hist
+
+    db = history or hist.default_db()
+    new, total = hist.import_json(files, db)
+    typer.echo(f"{db}: {new} of {total} rows new from {len(files)} file(s); {hist.count(db)} rows in all")
+
+
+@app.command()
+def nightly(matrix: Path = typer.Option(Path("benchmarks/matrix.yaml"), "--matrix", help="what runs nightly"),
+            history: Path | None = HistoryOpt, sets: list[str] | None = SetOpt,
+            only: list[str] | None = typer.Option(None, "--only", help="run only this matrix entry (repeatable)")):
+    """Run the nightly matrix: each entry's pipeline, recorded in the history, drawn, gated against its baseline;
+    exit 2 when any entry fails."""
+    from pipeline.report import history as hist
+    from pipeline.report.nightly import run_matrix
+
+    def run_entry(e: dict) -> None:
+        ctx = _ctx(Path(e["recipe"]), list(e.get("sets") or []) + list(sets or []), Path(e["run_dir"]),
+                   force=bool(e.get("force", False)))
+        _run_stages(ctx, DEFAULT_RUN)
+
+    failed = run_matrix(matrix, history or hist.default_db(), run_entry, only, echo=typer.echo)
+    if failed:
+        raise UserError(f"nightly: {failed} entr{'y' if failed == 1 else 'ies'} failed (the FAIL lines above)")
+    typer.echo("nightly: every entry passed its gate")
+
+
+@app.command("deploy")
+def deploy_cmd(hosts: list[str] = typer.Option(..., "--host", help="[name=]user@host[:port] (repeatable: a fleet, "
+                                                                    "in parallel)"),
+               recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
+               runner: str = typer.Option("tensorrt", help="tensorrt (the Jetson) or onnxruntime (any machine)"),
+               ssh_args: str = typer.Option("", "--ssh-args", help="extra ssh options, e.g. \"-i key -o "
+                                                                  "StrictHostKeyChecking=no\" (~/.ssh/config and the "
+                                                                  "agent apply as for ssh)"),
+               remote_dir: str = typer.Option("yolo-edge", help="on the device, relative to its home ({name}: the "
+                                                               "host's name)"),
+               remote_python: str | None = typer.Option(None, help="a device Python that already has yolo-edge "
+                                                                   "(skips the venv + wheel install)"),
+               timeout: float = typer.Option(120, help="seconds per ssh step (copy, install and bench get more)"),
+               iters: int | None = typer.Option(None, help="timed iterations on the device (default: the recipe's)"),
+               warmup: int | None = typer.Option(None, help="warm-up iterations on the device")):
+    """Bundle the run, copy it to each host over OpenSSH (rsync, else scp), install the wheel in a venv that sees
+    JetPack's TensorRT, run yolo-edge-device bench there, and merge each device's report into report.json."""
+    from pipeline.deploy import deploy
+
+    bench_args = [*(["--iters", str(iters)] if iters else []), *(["--warmup", str(warmup)] if warmup is not None
+                                                                 else [])]
+    ctx = _ctx(recipe, sets, run_dir)
+    rep, outcomes = deploy(ctx, hosts, ssh_args=ssh_args, remote_dir=remote_dir, remote_python=remote_python,
+                           runner=runner, timeout=timeout, bench_args=bench_args, log=lambda s: typer.echo(s, err=True))
+    failed = [o for o in outcomes if not o.ok]
+    if rep is not None:
+        from pipeline.deploy import render_devices
+
+        typer.echo(render_devices({"devices": {o.host.name: rep["devices"][o.host.name] for o in outcomes if o.ok}}))
+    if failed:  # one line naming every failed host (the others' reports are merged)
+        raise UserError(f"deploy failed on {len(failed)} of {len(outcomes)} host(s): "
+                        + "; ".join(f"{o.host.name} ({o.error})" for o in failed)
+                        + ("; the others were merged into report.json" if rep is not None else
+                           "; report.json unchanged"))
 
 
 def main() -> None:

@@ -120,9 +120,9 @@ def test_empty_val_split(tmp_path, synth_small):
     assert not run.exists()
 
 
-def test_unimplemented_stage_says_so(tmp_path):
+def test_stage_before_its_inputs_says_so(tmp_path):
     r = cli("stage", "bundle", "--run-dir", tmp_path / "run")
-    _assert_clean_error(r, "stage 'bundle' is not implemented yet")
+    _assert_clean_error(r, "stage 'bench' has not produced", "make bench")
     r = cli("stage", "engine", "--run-dir", tmp_path / "run")
     _assert_clean_error(r, "stage 'export' has not produced", "make export")
     r = cli("stage", "quantize", "--run-dir", tmp_path / "run")

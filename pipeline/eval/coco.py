@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
@@ -17,7 +18,8 @@ def coco_eval(gt: dict | str | Path, dets: list[dict] | str | Path) -> dict:
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
-        coco.dataset = json.loads(Path(gt).read_text()) if isinstance(gt, (str, Path)) else gt
+        # a copy: pycocotools writes into the ground truth it is given (an 'ignore' flag on each annotation)
+        coco.dataset = json.loads(Path(gt).read_text()) if isinstance(gt, (str, Path)) else copy.deepcopy(gt)
         coco.createIndex()
         dets = json.loads(Path(dets).read_text()) if isinstance(dets, (str, Path)) else dets
         if not dets:
@@ -41,7 +43,7 @@ def _evaluated(gt: dict, dets: list[dict]):
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
-        coco.dataset = gt
+        coco.dataset = copy.deepcopy(gt)
         coco.createIndex()
         e = COCOeval(coco, coco.loadRes(dets), "bbox")
         e.evaluate()

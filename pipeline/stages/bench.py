@@ -215,6 +215,7 @@ def run(ctx: Context) -> StageRecord:
         from pipeline.eval.bench import accuracy, latency
 
         es = EvalSet.load(inputs["eval"])  # images re-hashed, ground truth checked against them
+        es_digest = es.digest
         if es.split != cfg.split:
             raise UserError(f"the eval set holds the '{es.split}' split, bench.split is '{cfg.split}': re-run the "
                             f"data stage", inputs["eval"])
@@ -289,7 +290,7 @@ def run(ctx: Context) -> StageRecord:
                             "e2e_p50_speedup": base["latency_ms"]["end_to_end"]["p50"]
                             / r["latency_ms"]["end_to_end"]["p50"]}
         report = {"schema": "yolo-edge/report/1", "run": ctx.run_dir.name, "recipe": ctx.recipe.model_dump(),
-                  "dataset": {"split": cfg.split, "images": len(images), "digest": es.digest, "names": names},
+                  "dataset": {"split": cfg.split, "images": len(images), "digest": es_digest, "names": names},
                   "cross_check": cross,
                   "device": device_info(), "env": lib_versions(), "prepost": spec.as_dict(),
                   # The end-to-end variants stand apart: their detections equal their source variant's (the parity
@@ -313,9 +314,20 @@ def run(ctx: Context) -> StageRecord:
 def publish(ctx: Context) -> Path:
     """Copy the bench report to runs/<run>/report.json and render report.md beside it."""
     report = json.loads(ctx.output("bench", "report").read_text())
+    old = ctx.run_dir / "report.json"
+    if old.is_file():  # keep what devices measured (make deploy) while they measured these same model files
+        sha = {v["name"]: v["model"]["sha256"] for v in report["variants"]}
+        for name, d in (json.loads(old.read_text()).get("devices") or {}).items():
+            if all(sha.get(v["name"]) == (v.get("model") or {}).get("sha256") for v in d.get("variants", [])):
+                report.setdefault("devices", {})[name] = d
+            else:
+                console.print(f"[yellow]bench: device {name}'s results were for other model files: dropped from "
+                              f"report.json (`make deploy` measures these)[/yellow]")
     write_json(ctx.run_dir / "report.json", report)
+    from pipeline.deploy import render_devices
+
     with atomic_path(ctx.run_dir / "report.md") as tmp:
-        tmp.write_text(render_markdown(report))
+        tmp.write_text(render_markdown(report) + (render_devices(report) if report.get("devices") else ""))
     from pipeline.report.render import render_run
 
     render_run(ctx.run_dir)  # tradeoff.png, history.png, report.html beside report.json

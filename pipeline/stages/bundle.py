@@ -1,0 +1,204 @@
+"""`bundle` stage: what travels to the Jetson, verified. Reads the bench report (the variants, their dev-box mAP,
+MACs and files) and the data stage's eval set; writes
+
+    runs/<run>/bundle/yolo-edge-bundle/          manifest.json, models/<variant>.onnx, eval/, wheels/<project>.whl
+    runs/<run>/bundle/yolo-edge-bundle.tar.gz    the same directory, one file
+
+The ONNX files are the ones bench scored (FP32, the engine stage's strongly typed FP16 / INT8+FP16 files, the
+quantize stage's INT8 Q/DQ), each checked against the sha256 the report holds. The eval set is the bench split's
+images with their ground truth, so the device scores the same images with the same evaluator. The wheel is built
+from this source tree (`pip wheel --no-deps --no-build-isolation`, from a clean copy) so the device installs exactly
+this version. Anything that is a pickle (by name, header or zip member) is refused before the manifest is written.
+The end-to-end (`*-e2e`) variants are not bundled: their graphs are built per frame size from the FP32/INT8 files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.core.errors import UserError
+from pipeline.core.stage import Context, StageResult, run_stage
+from pipeline.core.store import StageRecord, sha256_file, sha256_json, sha256_tree
+from pipeline.device import manifest as mf
+
+VERSION = 1
+NAME = "yolo-edge-bundle"
+LINEAGE = ("data", "load", "prune", "finetune", "export", "export-pruned", "calibrate", "quantize", "engine", "bench")
+
+
+def source_root() -> Path:
+    import pipeline
+
+    root = Path(pipeline.__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise UserError("the bundle needs the project's source tree (pyproject.toml beside pipeline/) to build the "
+                        "wheel the device installs", root)
+    return root
+
+
+def source_digest(root: Path) -> str:
+    files = sorted(p for p in (root / "pipeline").rglob("*.py") if "__pycache__" not in p.parts)
+    files.append(root / "pyproject.toml")
+    return sha256_json([(str(f.relative_to(root)), sha256_file(f)) for f in files])
+
+
+def git_commit(root: Path) -> dict:
+    def git(*a):
+        try:
+            r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "pipeline", "pyproject.toml")
+    return {"git_commit": commit, "git_dirty": bool(dirty) if commit else None}
+
+
+def build_wheel(root: Path, dest: Path) -> Path:
+    """The project's wheel, built offline from a clean copy of the source (no stale build/ directory in it)."""
+    with tempfile.TemporaryDirectory(prefix="yolo-edge-wheel-") as td:
+        src = Path(td) / "src"
+        src.mkdir()
+        shutil.copytree(root / "pipeline", src / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for f in ("pyproject.toml", "README.md", "LICENSE"):
+            if (root / f).is_file():
+                shutil.copy2(root / f, src / f)
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "--no-index", "-w", str(dest), str(src)], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"building the project's wheel failed: {last}", root / "pyproject.toml")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise UserError(f"expected one wheel, pip wrote {len(wheels)}", dest)
+    return wheels[0]
+
+
+def device_requirements(root: Path) -> list[str]:
+    """The `device` extra of pyproject.toml: what the device installs beside the wheel (which is installed with
+    --no-deps: the project's base dependencies include torch and ultralytics, which the device never needs)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    return list(meta["project"]["optional-dependencies"]["device"])
+
+
+def _variant_build_precision(v: dict) -> str:
+    return {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}.get(v["precision"], "fp32")
+
+
+def run(ctx: Context) -> StageRecord:
+    report_path = ctx.output("bench", "report")
+    report = json.loads(report_path.read_text())
+    variants = [v for v in report["variants"] if v.get("model", {}).get("path")]
+    if not variants:
+        raise UserError("the bench report lists no variant with a model file", report_path)
+    inputs: dict[str, Path] = {"report": report_path, "eval": ctx.output("data", "eval")}
+    for v in variants:
+        p = ctx.run_dir / v["model"]["path"]
+        if not p.is_file():
+            raise UserError(f"variant {v['name']}'s model file is missing (re-run bench)", p)
+        why = mf.pickle_reason(p)  # refused before anything is written
+        if why:
+            raise UserError(f"variant {v['name']}: {why}", p)
+        inputs[f"{v['name']}.model"] = p
+    root = source_root()
+    config = {"format": mf.FORMAT, "source": source_digest(root), "variants": [v["name"] for v in variants],
+              **git_commit(root)}
+
+    def fn(ctx: Context, out: Path, inputs) -> StageResult:
+        from pipeline import __version__
+        from pipeline.data.evalset import SCHEMA as EVAL_SCHEMA
+        from pipeline.data.evalset import EvalSet
+
+        tree = out / NAME
+        (tree / "models").mkdir(parents=True)
+        (tree / "eval" / "images").mkdir(parents=True)
+        (tree / "wheels").mkdir()
+        rows = []
+        q = ctx.record("quantize")
+        for v in variants:
+            src = inputs[f"{v['name']}.model"]
+            why = mf.pickle_reason(src)
+            if why:
+                raise UserError(f"variant {v['name']}: {why}", src)
+            if sha256_file(src) != v["model"]["sha256"]:
+                raise UserError(f"variant {v['name']}: the file differs from the one bench scored (sha256): re-run "
+                                f"bench", src)
+            rel = f"models/{v['name']}{src.suffix}"
+            shutil.copyfile(src, tree / rel)
+            rows.append({"name": v["name"], "precision": v["precision"], "file": rel, "sha256": v["model"]["sha256"],
+                         "size": v["model"]["size_bytes"], "params": v.get("params"), "macs": v.get("macs"),
+                         "note": v.get("note", ""), "build": {"precision": _variant_build_precision(v)},
+                         "dev_box": {"map50_95": v["map50_95"], "map50": v["map50"], "runner": v["runner"],
+                                     "engine_p50_ms": v["latency_ms"]["engine"]["p50"],
+                                     "e2e_p50_ms": v["latency_ms"]["end_to_end"]["p50"]}})
+            chk = str(((q.metrics if q else {}).get(v["name"].replace("-", "_")) or {}).get("trt_check", ""))
+            if chk.startswith("refused"):  # e.g. the ultralytics INT8 peer: scored on ONNX Runtime only
+                rows[-1]["tensorrt"] = {"buildable": False, "why": chk}
+        # the eval set, self-contained: images under eval/images, eval_set.json with base "."
+        es = EvalSet.load(inputs["eval"])
+        if ctx.record("bench").inputs["eval"]["digest"] != sha256_tree(inputs["eval"]):
+            raise UserError("the eval set differs from the one bench scored (digest): re-run bench", inputs["eval"])
+        meta = json.loads((inputs["eval"] / "eval_set.json").read_text())
+        used, recs = set(), []
+        for n, (im, rec) in enumerate(zip(es.images, meta["images"])):
+            name = Path(im.file_name).name
+            if name in used:
+                name = f"{n:06d}_{name}"
+            used.add(name)
+            shutil.copyfile(im.path, tree / "eval" / "images" / name)
+            recs.append({**rec, "file": f"images/{name}"})
+        shutil.copyfile(inputs["eval"] / "ground_truth.json", tree / "eval" / "ground_truth.json")
+        (tree / "eval" / "eval_set.json").write_text(json.dumps({**meta, "schema": EVAL_SCHEMA, "base": ".",
+                                                                 "images": recs}, indent=1))
+        if EvalSet.load(tree / "eval").digest != es.digest:  # the copy is the same eval set
+            raise UserError("the bundled eval set's digest differs from the source's", tree / "eval")
+        wheel = build_wheel(root, tree / "wheels")
+        mf.refuse_pickles(tree)
+        files = mf.file_table(tree)
+        cfg = ctx.recipe.bench
+        manifest = {
+            "schema": mf.SCHEMA, "format": mf.FORMAT, "created": time.time(), "run": report["run"],
+            "project": {"name": "yolo-edge", "version": __version__, **git_commit(root),
+                        "source_digest": config["source"]},
+            "recipe": {"name": ctx.recipe.name, "digest": sha256_json(ctx.recipe.model_dump())},
+            "variants": rows,
+            "classes": es.names, "category_ids": es.category_ids,
+            "input": {"shape": [1, 3, ctx.recipe.model.imgsz, ctx.recipe.model.imgsz], "dtype": "float32",
+                      "layout": "NCHW", "color": "RGB", "scale": "1/255", "letterbox_pad": report["prepost"]
+                      ["pad_value"]},
+            "prepost": report["prepost"],
+            "prepost_spec": "ultralytics LetterBox (centered, bilinear, pad 114) -> RGB /255 NCHW float32; output "
+                            "(1, 4+nc, N) xywh + class scores; multi-label class-aware NMS (conf, iou, max_det, "
+                            "max_nms, max_wh) -> boxes scaled back to the frame (pipeline.eval.detect)",
+            "bench": {**cfg.model_dump(), "runner": cfg.runner},
+            "dataset": {"split": es.split, "images": len(recs), "digest": es.digest, "names": es.names},
+            "eval": {"dir": "eval", "images": len(recs), "digest": es.digest},
+            "wheel": wheel.relative_to(tree).as_posix(),
+            "device_requirements": device_requirements(root),
+            "lineage": {s: {"key": r.key, "stage_version": r.stage_version, "finished": r.finished}
+                        for s in LINEAGE if (r := ctx.record(s)) is not None},
+            "files": files,
+        }
+        (tree / mf.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        mf.verify(tree)  # what the device will check, checked here first
+        with tarfile.open(out / f"{NAME}.tar.gz", "w:gz") as t:
+            t.add(tree, arcname=NAME)
+        return StageResult(outputs={"bundle": NAME, "archive": f"{NAME}.tar.gz"},
+                           metrics={"files": len(files) + 1, "bytes": sum(f["size"] for f in files.values()),
+                                    "digest": mf.digest(tree), "variants": [r["name"] for r in rows],
+                                    "archive_bytes": os.path.getsize(out / f"{NAME}.tar.gz")})
+
+    return run_stage(ctx, "bundle", VERSION, config, inputs, fn)
