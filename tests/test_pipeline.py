@@ -350,3 +350,19 @@ def test_the_shipped_base_is_the_default_recipes_converged_base(tmp_path):
     assert c["epochs"] == recipe.base.phases[-1].epochs == recipe.base.check_epochs
     if c.get("weights"):  # a kept check is the file it names
         assert check_as_phase(rec, c["as_phase"], dest)
+
+
+def test_readme_make_table_and_makefile_agree():
+    """Every documented target (`make help`'s) is in the README's make-target table, and every target the table names
+    exists in the Makefile."""
+    import re
+
+    r = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True)
+    made = set(re.findall(r"^\s+make (\S+)", r.stdout, re.M))
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Make targets"):]
+    table = table[: table.index("\n## ", 4)]
+    documented = set(re.findall(r"^\| `make ([a-z][a-z-]*)", table, re.M))
+    assert made and documented
+    assert not made - documented, f"targets missing from the README's table: {sorted(made - documented)}"
+    assert not documented - made, f"README names targets the Makefile lacks: {sorted(documented - made)}"
