@@ -46,11 +46,21 @@ def needs_shared():
     return COCO8
 
 
-@pytest.fixture
-def base_ckpt():
+def _shipped_base():
     if not BASE_CKPT.is_file():
         pytest.skip(f"{BASE_CKPT} is absent: `make base` makes it")
     return BASE_CKPT
+
+
+@pytest.fixture
+def base_ckpt():
+    return _shipped_base()
+
+
+@pytest.fixture(scope="module")
+def base_ckpt_path():
+    """The shipped base checkpoint, for module-scoped fixtures."""
+    return _shipped_base()
 
 
 def pytest_report_header(config):

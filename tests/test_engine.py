@@ -19,15 +19,6 @@ from pipeline.quant import ort_qdq as oq
 
 
 @pytest.fixture(scope="module")
-def base_ckpt_path():
-    from conftest import BASE_CKPT
-
-    if not BASE_CKPT.is_file():
-        pytest.skip(f"{BASE_CKPT} is absent: `make base` makes it")
-    return BASE_CKPT
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory, base_ckpt_path):
     """FP32 export of the shipped base at 320, a minmax Q/DQ of it, and 4 letterboxed synthetic images."""
     from pipeline.adapters import ultralytics_yolo as ua

@@ -24,15 +24,6 @@ def fp32_onnx(tmp_path_factory, base_ckpt_path):
 
 
 @pytest.fixture(scope="module")
-def base_ckpt_path():
-    from conftest import BASE_CKPT
-
-    if not BASE_CKPT.is_file():
-        pytest.skip(f"{BASE_CKPT} is absent: `make base` makes it")
-    return BASE_CKPT
-
-
-@pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     from pipeline.data.synthetic import SynthSpec, generate
 

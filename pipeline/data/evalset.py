@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import UserError
@@ -111,6 +111,3 @@ def write_eval_set(ds, split: str, dest: Path, locate) -> dict:
     (dest / "eval_set.json").write_text(json.dumps(meta, indent=1))
     return meta
 
-
-def eval_image_dict(im: EvalImage) -> dict:
-    return asdict(im)

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from rich.progress import Progress
 
 from pipeline.backends.base import Runner
+from pipeline.data.evalset import EvalImage  # noqa: F401  (the evaluator's image: path + the dataset's id)
 from pipeline.eval.coco import coco_eval, to_coco_results
 from pipeline.eval.detect import PrePost, e2e_detections, letterbox, postprocess
 from pipeline.eval.timing import percentiles, time_calls
-
-
-@dataclass
-class EvalImage:
-    path: str
-    id: int
 
 
 def _read(path: str) -> np.ndarray:
