@@ -6,6 +6,7 @@ CLI := $(VENV)/bin/yolo-edge
 RECIPE ?= models/default.yaml
 ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 NIGHTLY_EPOCHS ?= 60
 export PYTHONDONTWRITEBYTECODE := 1
 
@@ -28,10 +29,10 @@ venv: $(VENV)/.installed ## create the virtual environment (.venv) with everythi
 pipeline: venv ## run the whole pipeline on the default recipe (offline, CPU): runs/default/report.json
 	$(CLI) run --recipe $(RECIPE) $(ARGS)
 
-test: venv ## run the test suite
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: venv ## run the test suite, one pytest-xdist worker per core (at most 4; TEST_WORKERS=1: one process)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 $(PYTEST_ARGS)
 
-test-fast: venv ## the tests that take seconds (no training, no full-pipeline runs)
+test-fast: venv ## the sub-minute inner loop: every test not marked slow (no training, no stage runs through the CLI)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 data load prune finetune export calibrate quantize bundle engine bench: venv ## run one stage of the default recipe

@@ -12,6 +12,7 @@ from pipeline.adapters import ultralytics_yolo as ua
 from pipeline.core.errors import UserError
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nc", [3, 80])
 def test_yaml_any_class_count_saves_fp32_and_reloads_with_plain_yolo(tmp_path, nc):
     from ultralytics import YOLO
@@ -40,6 +41,7 @@ def test_unknown_yaml_is_a_user_error():
         ua.build_from_yaml("yolo99q.yaml", nc=3)
 
 
+@pytest.mark.slow
 def test_export_static_onnx_matches_torch(tmp_path):
     from pipeline.data.synthetic import SynthSpec, generate
     from pipeline.stages.export import export_checked

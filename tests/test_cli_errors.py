@@ -45,24 +45,28 @@ def _yolo(tmp_path, synth_small, label=None, image_bytes=None, empty_val=False):
     return root / "data.yaml"
 
 
+@pytest.mark.slow
 def test_missing_data_path(tmp_path):
     r, run = _bench(tmp_path, tmp_path / "nope.yaml")
     _assert_clean_error(r, "nope.yaml", "not found")
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_undecodable_image(tmp_path, synth_small):
     r, run = _bench(tmp_path, _yolo(tmp_path, synth_small, image_bytes=b"\xff\xd8garbage"))
     _assert_clean_error(r, "data.yaml", "does not decode", ".jpg")
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_label_class_out_of_range(tmp_path, synth_small):
     r, run = _bench(tmp_path, _yolo(tmp_path, synth_small, label="12 0.5 0.5 0.1 0.1"))
     _assert_clean_error(r, ".txt:1", "class id 12 >= nc=8")
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_bbox_outside_image(tmp_path, synth_small):
     r, run = _bench(tmp_path, _yolo(tmp_path, synth_small, label="3 0.98 0.5 0.2 0.1"))
     _assert_clean_error(r, ".txt:1", "outside the image")
@@ -101,6 +105,7 @@ def test_recipe_that_is_not_a_recipe(tmp_path, content, msg):
     _assert_clean_error(r, str(rec), msg)
 
 
+@pytest.mark.slow
 def test_model_file_not_a_checkpoint(tmp_path, synth_small):
     bad = tmp_path / "weights.pt"
     bad.write_bytes(b"this is not a checkpoint" * 100)
@@ -120,6 +125,7 @@ def test_empty_val_split(tmp_path, synth_small):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_stage_before_its_inputs_says_so(tmp_path):
     r = cli("stage", "bundle", "--run-dir", tmp_path / "run")
     _assert_clean_error(r, "stage 'bench' has not produced", "make bench")
@@ -129,6 +135,7 @@ def test_stage_before_its_inputs_says_so(tmp_path):
     _assert_clean_error(r, "stage 'calibrate' has not produced", "make calibrate")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sets,msg", [
     (["prune.mode=latency", "prune.ratio=0.3"], "prune.mode=latency distributes a MACs target over groups"),
     (["prune.steps=3", "prune.ratio=0.3"], "prune.steps > 1 needs prune.macs_target"),
@@ -151,6 +158,7 @@ def _family_yaml(name="yolo11.yaml"):
     return next((Path(importlib.util.find_spec("ultralytics").origin).parent / "cfg" / "models").rglob(name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,body,msg", [
     ("data.yaml", {"train": "images/train", "val": "images/val", "names": {0: "a"}}, "a dataset yaml"),
     ("recipe.yaml", None, "a yolo-edge recipe"),
@@ -176,6 +184,7 @@ def test_weights_yaml_that_is_not_a_detection_model_config(tmp_path, synth_small
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_weights_checkpoint_that_is_not_a_detection_model(tmp_path, synth_small):
     import contextlib
     import io
@@ -199,6 +208,7 @@ def test_weights_checkpoint_that_is_not_a_detection_model(tmp_path, synth_small)
         assert not run.exists()
 
 
+@pytest.mark.slow
 def test_base_start_that_is_not_a_model(tmp_path, synth_small):
     bad = tmp_path / "data.yaml"
     bad.write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": ["a"]}))
@@ -209,6 +219,7 @@ def test_base_start_that_is_not_a_model(tmp_path, synth_small):
     assert not list((tmp_path / "run").glob("base-*")) and not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content,msg", [(b"not an image at all", "does not decode as an image"),
                                          (None, "names no images")])
 def test_calib_list_naming_a_file_that_is_not_an_image(tmp_path, synth_small, content, msg):
@@ -226,6 +237,7 @@ def test_calib_list_naming_a_file_that_is_not_an_image(tmp_path, synth_small, co
     assert not run.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"", b"names: [a]\n"])
 def test_check_trt_on_a_file_that_is_not_onnx(tmp_path, content):
     f = tmp_path / "model.onnx"

@@ -11,6 +11,7 @@ from pipeline.data.formats import load_dataset, write_coco, write_yolo
 from pipeline.data.synthetic import CLASSES, SynthSpec, generate
 
 
+@pytest.mark.slow
 def test_synthetic_is_seeded_and_varied(tmp_path, synth_small):
     again = generate(tmp_path / "again", SynthSpec(seed=7, train=24, val=12))
     assert sha256_tree(again) == sha256_tree(synth_small)

@@ -53,6 +53,7 @@ def _bundle(run_dir: Path) -> Path:
     return run_dir / "bundle" / "yolo-edge-bundle"
 
 
+@pytest.mark.slow
 def test_bundle_holds_the_variants_eval_set_and_wheel_under_a_verified_manifest(run):
     d, sets = run
     b = _bundle(d)
@@ -102,6 +103,7 @@ def _device(*args, blocker: bool = False, timeout: int = 300):
                           env={**os.environ, "COLUMNS": "200"})
 
 
+@pytest.mark.slow
 def test_device_runtime_verifies_and_benchmarks_without_torch_or_ultralytics(run, tmp_path):
     d, _ = run
     r = _device("verify", _bundle(d), blocker=True)
@@ -130,6 +132,7 @@ def _copy_bundle(run_dir: Path, tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # its module fixture runs stages (~30 s)
 @pytest.mark.parametrize("damage, needles", [
     ("flip", ["models/base-fp32.onnx", "sha256 differs"]),
     ("truncate", ["models/base-fp16.onnx", "truncated"]),
@@ -176,6 +179,7 @@ def test_damaged_bundle_refused_in_one_line_naming_the_file(run, tmp_path, damag
         assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_bundle_holding_a_pickle_is_refused_when_made(run, tmp_path):
     d, sets = run
     copy = tmp_path / "run"
@@ -336,6 +340,7 @@ def _deploy(run_dir, sets, fleet, hosts, *extra, env=None):
                           env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
+@pytest.mark.slow
 def test_deploy_to_a_fleet_merges_each_devices_report_and_reports_the_host_that_refuses(run, fleet, tmp_path):
     d, sets = run
     u, (pa, pb) = fleet["user"], fleet["ports"]
@@ -372,6 +377,7 @@ def test_deploy_to_a_fleet_merges_each_devices_report_and_reports_the_host_that_
     assert rep2["devices"]["jetson-a"]["skipped"] == ["copy"]
 
 
+@pytest.mark.slow  # its module fixture runs stages (~30 s)
 def test_deploy_to_an_unreachable_host_fails_in_one_line_and_leaves_the_report_alone(run, fleet):
     d, sets = run
     before = (d / "report.json").read_bytes()
@@ -384,6 +390,7 @@ def test_deploy_to_an_unreachable_host_fails_in_one_line_and_leaves_the_report_a
     assert (d / "report.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_deploy_copies_with_scp_where_rsync_is_not_used(run, fleet):
     d, sets = run
     r = _deploy(d, sets, fleet, [f"scp-device={fleet['user']}@127.0.0.1:{fleet['ports'][1]}"],

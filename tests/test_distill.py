@@ -16,6 +16,7 @@ def _head(b=2, nc=8, reg_max=16, a=210, seed=0, scale=3.0):
     return {"scores": torch.randn(b, nc, a, generator=g) * scale, "boxes": torch.randn(b, 4 * reg_max, a, generator=g)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_head_kd_is_zero_for_equal_heads_positive_otherwise_and_pulls_the_student(temperature):
     t = _head(seed=0)

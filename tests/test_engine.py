@@ -41,6 +41,7 @@ def _types(path):
     return m, {t.name: t.data_type for t in m.graph.initializer}
 
 
+@pytest.mark.slow
 def test_fp16_variant_is_strongly_typed_and_matches_fp32(files):
     from pipeline.stages.engine import FP16_BOX_PX, FP16_SCORE, make_variant
 
@@ -59,6 +60,7 @@ def test_fp16_variant_is_strongly_typed_and_matches_fp32(files):
         assert info[k]["box_px_live"] <= FP16_BOX_PX and info[k]["score"] <= FP16_SCORE, info
 
 
+@pytest.mark.slow  # its module fixture exports and converts the shipped base (~8 s)
 def test_emulated_graph_rounds_weights_and_activations_to_fp16(files):
     d = files["dir"]
     fp16.convert_file(files["fp32"], d / "emu.onnx", files["decode"], emulate=True)
@@ -71,6 +73,7 @@ def test_emulated_graph_rounds_weights_and_activations_to_fp16(files):
     assert len(rounds) > 250
 
 
+@pytest.mark.slow
 def test_int8_variant_keeps_fp32_qdq_scales_and_fp16_around(files):
     from pipeline.stages.engine import INT8_FP16_RATIO, make_variant
 
@@ -149,6 +152,7 @@ def test_check_trt_refuses_strong_typing_breaks(tmp_path):
     assert r.returncode == 2 and "DOUBLE tensor" in r.stderr
 
 
+@pytest.mark.slow
 def test_check_trt_passes_our_strongly_typed_files(files, tmp_path):
     fp16.convert_file(files["fp32"], tmp_path / "a.onnx", files["decode"])
     fp16.convert_file(files["qdq"], tmp_path / "b.onnx", files["decode"])

@@ -26,6 +26,7 @@ def test_letterbox_matches_ultralytics(hw):
     assert np.array_equal(x, ref)
 
 
+@pytest.mark.slow
 def test_postprocess_matches_ultralytics_nms_and_scaling():
     from ultralytics.utils import nms, ops
 
@@ -95,6 +96,7 @@ def _noisy_pair(n_images, seed=1):
             "categories": [{"id": i, "name": str(i)} for i in (1, 2, 3)]}, good, worse
 
 
+@pytest.mark.slow
 def test_paired_drop_is_the_map_difference_with_an_honest_standard_error():
     """The INT8 search's stop rule reads this: the drop equals pycocotools' mAP difference on the whole set, and its
     half-sample standard error shrinks as the tuning set grows (about 1/sqrt(n))."""

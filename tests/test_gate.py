@@ -94,6 +94,7 @@ def test_gate_catches_each_fault(gated, inject, expect):
     assert hit, f"no failure line with {expect}: {fails}"
 
 
+@pytest.mark.slow
 def test_unchanged_run_passes_and_absolute_latency_is_not_gated(gated):
     run, bl = gated
     r = cli("gate", run, "--baseline", bl)

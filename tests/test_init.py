@@ -80,6 +80,7 @@ def test_init_writes_only_what_differs_and_a_gpu_recipe_trains_there(tmp_path):
     assert recipe_values("r", tmp_path / "d", "w.pt", inp, "cpu", False)["finetune"] == {"epochs": 60}
 
 
+@pytest.mark.slow
 def test_init_refuses_to_overwrite_a_recipe(tmp_path, synth_small):
     out = tmp_path / "mine.yaml"
     out.write_text("name: mine\n")
@@ -95,13 +96,14 @@ def test_init_refuses_to_overwrite_a_recipe(tmp_path, synth_small):
         assert not (tmp_path / "gpu.yaml").exists()
 
 
+@pytest.mark.slow
 def test_init_refuses_a_checkpoint_for_other_classes(tmp_path, needs_shared, base_ckpt):
     r = cli("init", "--data", needs_shared, "--weights", base_ckpt, "--out", tmp_path / "r.yaml")
     _assert_clean_error(r, "predicts 8 classes but the dataset has 80")
     assert not (tmp_path / "r.yaml").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=100)
 def test_init_on_synthetic_data_writes_a_recipe_that_runs(tmp_path, synth_small, base_ckpt):
     out = tmp_path / "synth.yaml"
     r = cli("init", "--data", synth_small, "--weights", base_ckpt, "--out", out)
@@ -125,7 +127,7 @@ def test_init_on_synthetic_data_writes_a_recipe_that_runs(tmp_path, synth_small,
     assert (run / "report.json").is_file() and "| pruned-fp32 |" in (run / "report.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=85)
 def test_init_on_coco8_as_coco_json_writes_a_recipe_that_runs(tmp_path, needs_shared):
     from pipeline.data.formats import load_dataset, write_coco
 
@@ -147,6 +149,7 @@ def test_init_on_coco8_as_coco_json_writes_a_recipe_that_runs(tmp_path, needs_sh
     assert yaml.safe_load(out.read_text())["finetune"]["epochs"] == 100  # --set changed the run, not the file
 
 
+@pytest.mark.slow
 def test_mismatched_shipped_sparse_weights_say_so_with_the_time_before_training(tmp_path, base_ckpt, monkeypatch,
                                                                                 capsys):
     """The default's shipped sparsity weights named by a run on other data: one line naming the file, what differs

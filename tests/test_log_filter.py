@@ -70,6 +70,7 @@ def test_filter_is_removed_when_the_call_raises(ultra_lines):
     assert not any(isinstance(f, CollapseRepeats) for f in log.filters)
 
 
+@pytest.mark.slow
 def test_resumed_finetune_prints_one_frozen_layer_line(tmp_path, ultra_lines):
     """A real fine-tune cut off after its first epoch (last.pt written), then resumed: ultralytics saved last.pt with
     every weight frozen and logs a notice per parameter when it resumes; one line comes out."""

@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, SHARED, cli
 
 from pipeline.core.store import sha256_file
@@ -34,6 +35,7 @@ def _assert_schema(rep):
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
 
 
+@pytest.mark.slow(seconds=150)
 def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     run = tmp_path / "run"
     sets = ["--set", "data.synthetic.train=32", "--set", "data.synthetic.val=16", "--set", "finetune.epochs=1",
@@ -136,6 +138,7 @@ def _reordered_coco(src, dest):
     return dest, d
 
 
+@pytest.mark.slow(seconds=45)
 def test_bench_on_coco_json_ids_out_of_file_order_equals_ultralytics_val(tmp_path, base_ckpt, val_synth):
     """Regression (issue 21): a COCO JSON whose image ids are not in file-name order, with non-contiguous category
     ids and non-square images. bench (ONNX Runtime, our letterbox + NMS, pycocotools, the data stage's eval set) and
@@ -168,6 +171,7 @@ def test_bench_on_coco_json_ids_out_of_file_order_equals_ultralytics_val(tmp_pat
     _check_report(run, "base-fp32")
 
 
+@pytest.mark.slow
 def test_bench_on_users_yolo_dataset_coco8(tmp_path, needs_shared):
     run = tmp_path / "run"
     r = cli("bench", "--data", needs_shared, "--weights", "yolo11n.yaml", "--run-dir", run, "--set", "bench.iters=3",
@@ -180,6 +184,7 @@ def test_bench_on_users_yolo_dataset_coco8(tmp_path, needs_shared):
     assert len(gt["annotations"]) > 0 and len(gt["categories"]) == 80
 
 
+@pytest.mark.slow
 def test_bench_on_users_coco_json_dataset(tmp_path, synth_small):
     run = tmp_path / "run"
     r = cli("bench", "--data", synth_small / "annotations" / "instances_val.json", "--weights", "yolo11n.yaml",
@@ -198,6 +203,7 @@ def test_make_help_lists_every_target():
         assert f"make {t} " in r.stdout, t
 
 
+@pytest.mark.slow(seconds=45)
 def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settings(tmp_path):
     """`yolo-edge base`: phases in sequence (each its own epochs and nominal batch), the record beside the
     checkpoint, and a convergence check trained with the fine-tune section's settings; then a phase appended to the
@@ -313,6 +319,7 @@ def test_a_longer_run_that_raises_the_base_is_reported_as_not_converged(tmp_path
     assert "60 more (one more schedule like its last phase) changed its val mAP50-95 by +0.0025" in line
 
 
+@pytest.mark.slow(seconds=40)
 def test_shipped_sparse_weights_match_the_default_run(tmp_path, base_ckpt):
     """`make pipeline` cuts the shipped sparsity-trained weights only if their record names the default run's model,
     data and settings; this fails when the base, the data or prune.sparsity change without `make sparse`."""

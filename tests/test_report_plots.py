@@ -7,6 +7,7 @@ import base64
 import json
 import re
 
+import pytest
 from conftest import cli
 from report_fixture import E2E, ROWS, synthetic_report, write_run
 
@@ -35,6 +36,7 @@ def test_tradeoff_data_has_every_variant_and_the_front():
     assert d["x86_64-2cpu"]["state"] == "clocks: not recorded"
 
 
+@pytest.mark.slow
 def test_devices_section_adds_a_device(tmp_path):
     rep = synthetic_report()
     rep["devices"] = {"orin-nano": {"clocks_locked": False, "variants": [rep["variants"][0]]}}
@@ -46,6 +48,7 @@ def test_devices_section_adds_a_device(tmp_path):
     assert "orin-nano" in html and "clocks NOT locked" in html
 
 
+@pytest.mark.slow
 def test_report_writes_table_plots_and_self_contained_html(tmp_path):
     run = write_run(tmp_path / "run")
     db = tmp_path / "h.db"
