@@ -6,7 +6,8 @@ CLI := $(VENV)/bin/yolo-edge
 RECIPE ?= models/default.yaml
 ARGS ?=
 PYTEST_ARGS ?=
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+# the cores this process may use, at most 4 (nproc alone would follow OMP_NUM_THREADS: one worker when it is 1)
+TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 NIGHTLY_EPOCHS ?= 60
 export PYTHONDONTWRITEBYTECODE := 1
 
