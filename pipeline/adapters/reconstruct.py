@@ -123,8 +123,8 @@ class _Stepper:
     """The pruned model's forward (ultralytics' `_predict_once`: each top-level layer reads the previous output or
     the saved outputs it names), one top-level layer at a time, with every batch's state kept between layers.
     Refitting the convs inside layer j then re-runs layer j alone instead of the whole model up to it: the partial
-    forwards fall from O(layers^2) to O(layers) (YOLO11n, 32 images: 75 s -> a few s). Same ops, same order, so
-    the same inputs as the whole-model path."""
+    forwards fall from O(layers^2) to O(layers) (YOLO11n, 32 images: the whole refit 81 s -> 23 s). Same ops, same
+    order, so the same inputs as the whole-model path (bit-identical weights, tested)."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, batch: int):
         self.layers, self.save = list(model.model), set(model.save)
