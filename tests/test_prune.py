@@ -166,6 +166,30 @@ def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to
 
 
 @pytest.mark.slow
+def test_memoized_index_mapping_prunes_exactly_as_torch_pruning_alone():
+    """The memo on Torch-Pruning's index-mapping refresh (recomputed only when a shape changed) changes nothing:
+    local, per-layer and global pruning and an iterative second step give the same histories and weights as the
+    library's own refresh on every call."""
+    m = yp.prepare(_randomized("yolo11n.yaml", seed=3))
+    cases = [(yp.PruneSpec(ratio=0.5, round_to=8), 0.5, None),
+             (yp.PruneSpec(ratio=0.3, round_to=16, importance="lamp"), 0.3, {"model.2.cv1.conv": 0.6}),
+             (yp.PruneSpec(ratio=0.4, global_pruning=True), 0.4, None)]
+    try:
+        for spec, ratio, rd in cases:
+            got = []
+            for memo in (False, True):
+                yp.memoize_index_mapping(memo)
+                p1, h1 = yp.prune_at_ratio(m, 320, spec, ratio, ratio_dict=rd)
+                p2, h2 = yp.prune_at_ratio(p1, 320, spec, 0.25)  # a second step, on the pruned graph
+                got.append((h1, h2, p2.state_dict()))
+            (a1, a2, sa), (b1, b2, sb) = got
+            assert a1 == b1 and a2 == b2 and len(a1) > 40, spec
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), spec
+    finally:
+        yp.memoize_index_mapping(True)
+
+
+@pytest.mark.slow
 def test_history_that_does_not_match_is_refused(tmp_path):
     m = _randomized("yolo11n.yaml")
     p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25))
@@ -206,8 +230,12 @@ def test_importance_criteria_run(importance, synth_small, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path):
+def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path, monkeypatch, request):
+    from pipeline.adapters import offline
     from pipeline.data.formats import load_dataset, write_yolo
+
+    monkeypatch.setattr(offline, "USER_OMP_THREADS", None)  # as a user who did not set it (make test sets it to 1)
+    request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))  # the trainer raises it
 
     ds = load_dataset(synth_small)
     y = write_yolo(ds, tmp_path / "y")
