@@ -89,10 +89,19 @@ def cli(*args, cwd=ROOT, timeout=600):
         return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     with tempfile.TemporaryDirectory(prefix="cli-") as d:
         out, err = Path(d) / "stdout", Path(d) / "stderr"
-        server.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out),
-                                       "stderr": str(err)}) + "\n")
-        server.stdin.flush()
-        pid = int(_CliServer._line(server, 60))
+        try:
+            server.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out),
+                                           "stderr": str(err)}) + "\n")
+            server.stdin.flush()
+            pid = _CliServer._line(server, 60)
+        except OSError:  # BrokenPipeError: it is gone
+            pid = None
+        if not (pid or "").isdigit():  # the server died or hung: say so once, then plain subprocesses
+            _CliServer.broken = f"the cli fork server stopped answering ({pid!r})"
+            server.kill()
+            print(f"\n{_CliServer.broken}: cli() runs plain subprocesses", file=sys.stderr)
+            return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+        pid = int(pid)
         rc = _CliServer._line(server, timeout)
         if rc is None:  # as subprocess.run does on a timeout: kill it, then raise
             os.kill(pid, signal.SIGKILL)
