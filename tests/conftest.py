@@ -84,9 +84,13 @@ def cli(*args, cwd=ROOT, timeout=600):
     exe = Path(sys.executable).parent / "yolo-edge"
     argv = [str(exe), *map(str, args)]
     env = {**os.environ, "COLUMNS": "200"}
+
+    def plain():
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
     server = _CliServer.get() if args and str(args[0]) in TORCH_COMMANDS else None
     if server is None:
-        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+        return plain()
     with tempfile.TemporaryDirectory(prefix="cli-") as d:
         out, err = Path(d) / "stdout", Path(d) / "stderr"
         try:
@@ -100,7 +104,7 @@ def cli(*args, cwd=ROOT, timeout=600):
             _CliServer.broken = f"the cli fork server stopped answering ({pid!r})"
             server.kill()
             print(f"\n{_CliServer.broken}: cli() runs plain subprocesses", file=sys.stderr)
-            return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+            return plain()
         pid = int(pid)
         rc = _CliServer._line(server, timeout)
         if rc is None:  # as subprocess.run does on a timeout: kill it, then raise
