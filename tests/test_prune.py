@@ -167,7 +167,7 @@ def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to
 
 @pytest.mark.slow
 def test_memoized_index_mapping_prunes_exactly_as_torch_pruning_alone():
-    """The memo on Torch-Pruning's index-mapping refresh (recomputed only when a shape changed) changes nothing:
+    """The memo on Torch-Pruning's index-mapping refresh (recomputed only after a tensor was assigned) changes nothing:
     local, per-layer and global pruning and an iterative second step give the same histories and weights as the
     library's own refresh on every call."""
     m = yp.prepare(_randomized("yolo11n.yaml", seed=3))
@@ -187,6 +187,52 @@ def test_memoized_index_mapping_prunes_exactly_as_torch_pruning_alone():
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), spec
     finally:
         yp.memoize_index_mapping(True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_to", [16])  # the default recipe's (8 was checked the same way)
+def test_a_search_reuses_a_trial_only_when_every_group_keeps_the_same_channels(round_to):
+    """The searches skip an attempt whose per-group channel counts (Torch-Pruning's local rule, predicted) an earlier
+    attempt already measured. The prediction must be the pruner's: every group's root keeps exactly the predicted
+    channels, and two attempts with the same prediction prune to the same architecture (uniform ratios, the widest
+    tier on top, and per-group ratios mixed with it, where a group could take either)."""
+    import random
+
+    from pipeline.adapters import prune_plan as pp
+
+    prep = yp.prepare(_randomized("yolo11n.yaml", seed=5))
+    spec = yp.PruneSpec(macs_target=0.5, round_to=round_to)
+    trials = yp._Trials(prep, 320, spec)
+    wide, grps = yp._wide_convs(prep), pp.groups(prep, 320)
+    rng = random.Random(round_to)
+    w = {g.root: rng.random() for g in grps}
+    above = yp.weighted_ratios(w, 0.3, 0.7)
+    cases = [(r, None) for r in (0.05, 0.2406, 0.2461, 0.2516, 0.45, 0.7)] + \
+            [(0.25, dict.fromkeys(wide, x)) for x in (0.3058, 0.3340, 0.31)] + \
+            [(0.0, above), (0.0, {**above, **{n: max(above.get(n, 0.0), 0.5) for n in wide}})]
+    seen = {}
+    for r, rd in cases:
+        pruned, _ = yp.prune_at_ratio(prep, 320, spec, r, ratio_dict=rd)
+        key = trials.key(r, rd)
+        convs = dict(pruned.named_modules())  # the key is the prediction: each group's kept channels, in order
+        assert list(key) == [convs[g.root].out_channels for g in grps], (r, rd and max(rd.values()))
+        assert seen.setdefault(key, yp.arch_signature(pruned)) == yp.arch_signature(pruned), (r, rd)
+    assert len(seen) < len(cases)  # some of them do repeat: what the reuse saves
+
+
+def test_macs_are_counted_once_per_structure_and_equal_torch_prunings_count():
+    import torch_pruning as tp
+
+    prep = yp.prepare(_randomized("yolo11n.yaml", seed=2))
+    pruned, _ = yp.prune_at_ratio(prep, 160, yp.PruneSpec(ratio=0.3), 0.3)
+    yp._MACS_MEMO.clear()
+    sizes = []
+    for m in (prep, pruned, yp.prepare(prep)):  # the last: another object with the same structure, from the memo
+        assert yp.macs_params(m, 160) == tuple(int(v) for v in tp.utils.count_ops_and_params(
+            m.eval(), torch.zeros(1, 3, 160, 160)))
+        sizes.append(len(yp._MACS_MEMO))
+    assert sizes == [1, 2, 2]
+    assert yp.macs_params(pruned, 160)[0] < yp.macs_params(prep, 160)[0] < yp.macs_params(prep, 192)[0]
 
 
 @pytest.mark.slow

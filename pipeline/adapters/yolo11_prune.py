@@ -32,25 +32,28 @@ SEARCH_MAX_RATIO = 0.7
 IMPORTANCE = ("l1", "l2", "taylor", "bn_scale", "lamp")
 
 
-def _channel_state(graph) -> tuple:
-    """Every parameter's and buffer's shape: what Torch-Pruning's index mappings are computed from (a pruned group
-    always changes some of them; nothing else it does moves a channel)."""
-    holders = getattr(graph, "_yolo_edge_tensor_dicts", None)
-    if holders is None:  # pruning replaces tensors, never modules: these dicts are the graph's for its lifetime
-        holders = graph._yolo_edge_tensor_dicts = [d for m in graph.model.modules()
-                                                   for d in (m._parameters, m._buffers) if d]
-    return tuple(t.shape for d in holders for t in d.values() if t is not None)
+_TENSORS_REGISTERED = [0]  # parameters and buffers (re)assigned on any module in this process, ever
+
+
+def _count_registration(module, name, value):
+    _TENSORS_REGISTERED[0] += 1
+
+
+# Torch-Pruning replaces a pruned layer's tensors by assignment (`layer.weight = Parameter(...)`, `bn.running_mean =
+# ...`), which goes through these process-wide hooks; nothing it does changes a shape in place.
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
 
 
 def _memoized(update):
     """Torch-Pruning (1.6) recomputes every concat/split/reshape index mapping of the whole graph on each
     `get_pruning_group` call: ~140 calls per MetaPruner pass on YOLO11, ~2/3 of its time, though the channels only
-    change between the pass's group prunes. This recomputes them only when a shape changed since the last
-    computation for that graph; the mappings are a function of the shapes, so the result is the same
-    (tests/test_prune.py checks histories with and without it)."""
+    change between the pass's group prunes. This recomputes them only when a parameter or buffer was assigned
+    anywhere since the last computation for that graph (every group prune assigns some; the mappings are a function
+    of the shapes, so the result is the same: tests/test_prune.py checks histories with and without it)."""
 
     def update_index_mapping(graph):
-        key = _channel_state(graph)
+        key = _TENSORS_REGISTERED[0]
         if getattr(graph, "_yolo_edge_index_state", None) != key:
             update(graph)
             graph._yolo_edge_index_state = key
@@ -143,13 +146,35 @@ class PruneSpec:
     group_weights: dict | None = None  # group root name -> weight: non-uniform ratios min(cap, a*w), a searched
 
 
+_MACS_MEMO: dict = {}
+
+
+def _structure(model: nn.Module) -> tuple:
+    """Everything Torch-Pruning's op counter reads: every module's name, class, settings (strides, kernels,
+    flags...) and tensor shapes. Two models with the same structure have the same MACs and parameters."""
+    out = []
+    for name, m in model.named_modules():
+        plain = tuple(sorted((k, v) for k, v in vars(m).items()
+                             if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))))
+        shapes = tuple((k, tuple(t.shape)) for d in (m._parameters, m._buffers) for k, t in d.items() if t is not None)
+        out.append((name, type(m).__module__, type(m).__qualname__, plain, shapes))
+    return tuple(out)
+
+
 def macs_params(model: nn.Module, imgsz: int) -> tuple[int, int]:
+    """(MACs, parameters) at a 1x3ximgszximgsz input, counted by Torch-Pruning (a forward pass on a copy), once per
+    structure: a search meets the same pruned architecture more than once."""
     was = model.training
     model.eval()
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, imgsz, imgsz))
+    key = (imgsz, _structure(model))
+    if key not in _MACS_MEMO:
+        with torch.no_grad():
+            macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, imgsz, imgsz))
+        if len(_MACS_MEMO) >= 256:
+            _MACS_MEMO.pop(next(iter(_MACS_MEMO)))
+        _MACS_MEMO[key] = int(macs), int(params)
     model.train(was)
-    return int(macs), int(params)
+    return _MACS_MEMO[key]
 
 
 def prepare(model: DetectionModel) -> DetectionModel:
@@ -288,6 +313,47 @@ def _band(spec) -> tuple[float, float, str]:
     return target - tol, target + tol, f"±{spec.tolerance:.0%}"
 
 
+def kept_channels(channels: int, ratio: float, round_to: int | None, cap: float) -> int:
+    """The channels a group of `channels` keeps when Torch-Pruning's MetaPruner (local ranking) prunes it at `ratio`:
+    int(C * (1 - ratio)) rounded down to round_to; a group that would keep none is left whole (checked against the
+    pruner itself in tests/test_prune.py)."""
+    k = int(channels * (1 - min(ratio, cap)))
+    if k >= channels:
+        return channels
+    if round_to:
+        k -= k % round_to
+    return k if k > 0 else channels
+
+
+class _Trials:
+    """A search's pruning attempts, by the channels every dependency group keeps: MACs are a function of those
+    counts, and round_to makes many ratios keep the same ones, so an attempt whose counts were already measured
+    reuses that measurement instead of pruning again. An attempt that lands in the band always prunes (its model
+    is the result). With global or isomorphic ranking the counts are not a per-group rule: every attempt prunes."""
+
+    def __init__(self, prepared, imgsz: int, spec: PruneSpec):
+        self.spec, self.seen, self.groups = spec, {}, None
+        if spec.global_pruning or spec.isomorphic:
+            return
+        dg = tp.DependencyGraph().build_dependency(
+            prepared, torch.zeros(1, 3, imgsz, imgsz), forward_fn=_forward,
+            customized_pruners={DecoupledAttention: AttentionPruner()})
+        ignored = [m for layer in protected_layers(prepared) for m in layer.modules()]
+        self.groups = []  # (root channels, the names a per-layer ratio is looked up by, in the pruner's order)
+        for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
+            names = [dg._module2name.get(mod) for dep, _ in g
+                     for mod, fn in ((dep.source.module, dep.trigger), (dep.target.module, dep.handler))
+                     if dg.is_out_channel_pruning_fn(fn)]
+            self.groups.append((int(dg.get_out_channels(g[0].dep.target.module)), names))
+
+    def key(self, ratio: float, ratio_dict: dict | None):
+        if self.groups is None:
+            return None
+        rd = ratio_dict or self.spec.ratio_dict or {}
+        return tuple(kept_channels(channels, next((rd[n] for n in names if n in rd), ratio), self.spec.round_to,
+                                   self.spec.max_layer_ratio) for channels, names in self.groups)
+
+
 def _bisect_widest(attempt_wide, wlo: float, whi: float, spec, iters: int):
     """The second bisection of both searches: the widest tier's ratio in [wlo, whi] (on top of ratios that kept MACs
     above the band) until MACs land in it. Returns ((model, history, ratio) or None, the closest MACs fraction)."""
@@ -313,13 +379,22 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     low, high, band = _band(spec)
     trials = []
 
+    known = _Trials(prepared, imgsz, spec)
+
     def attempt(r, rd=None):
-        m, h = prune_at_ratio(prepared, imgsz, spec, r, grads_fn, rd)
-        frac = macs_params(m, imgsz)[0] / base_macs
+        key = known.key(r, rd)
+        frac = known.seen.get(key)
+        if frac is not None and not low <= frac <= high:
+            m = h = None  # the same channels as an earlier attempt: its MACs
+        else:
+            m, h = prune_at_ratio(prepared, imgsz, spec, r, grads_fn, rd)
+            frac = macs_params(m, imgsz)[0] / base_macs
+            if key is not None:
+                known.seen[key] = frac
         trials.append({"ratio": round(r, 5), "wide_ratio": round(max(rd.values()), 5) if rd else None,
-                       "macs_fraction": round(frac, 5)})
+                       "macs_fraction": round(frac, 5), **({"same_channels_as_before": True} if m is None else {})})
         log(f"  ratio {r:.4f}" + (f", widest tier {max(rd.values()):.4f}" if rd else "") +
-            f" -> {frac:.4f} x MACs (target {target})")
+            f" -> {frac:.4f} x MACs (target {target})" + (" (the channels of an earlier trial)" if m is None else ""))
         return m, h, frac
 
     def unreachable(frac):
@@ -374,15 +449,25 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     wmin = min(v for v in w.values() if v > 0) / max(w.values())
     trials = []
 
+    known = _Trials(prepared, imgsz, spec)
+
     def attempt(a, rd, wide_ratio=None):
-        m, h = prune_at_ratio(prepared, imgsz, spec, 0.0, grads_fn, rd)
-        frac = macs_params(m, imgsz)[0] / base_macs
+        key = known.key(0.0, rd)
+        frac = known.seen.get(key)
+        if frac is not None and not low <= frac <= high:
+            m = h = None  # the same channels as an earlier attempt: its MACs
+        else:
+            m, h = prune_at_ratio(prepared, imgsz, spec, 0.0, grads_fn, rd)
+            frac = macs_params(m, imgsz)[0] / base_macs
+            if key is not None:
+                known.seen[key] = frac
         mean = sum(rd.values()) / max(len(rd), 1)
         trials.append({"alpha": round(a, 8), "mean_ratio": round(mean, 5), "macs_fraction": round(frac, 5),
-                       **({"wide_ratio": round(wide_ratio, 5)} if wide_ratio is not None else {})})
+                       **({"wide_ratio": round(wide_ratio, 5)} if wide_ratio is not None else {}),
+                       **({"same_channels_as_before": True} if m is None else {})})
         log(f"  scale {a:.6g} (mean group ratio {mean:.3f})" +
             (f", widest tier {wide_ratio:.4f}" if wide_ratio is not None else "") +
-            f" -> {frac:.4f} x MACs (target {target})")
+            f" -> {frac:.4f} x MACs (target {target})" + (" (the channels of an earlier trial)" if m is None else ""))
         return m, h, frac
 
     lo, hi = cap * 1e-4, cap / wmin  # at lo every ratio is <= 1e-4 of cap: MACs ~ the base's, above the band
