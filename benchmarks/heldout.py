@@ -28,13 +28,6 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=600)
     a = ap.parse_args()
 
-    from pipeline.adapters.offline import setup_offline
-
-    setup_offline()
-    from pipeline.adapters import ultralytics_yolo as ua
-    from pipeline.data.formats import load_dataset, write_yolo
-    from pipeline.data.synthetic import SynthSpec, generate
-
     models = {"base-fp32": a.run / "load" / "model.pt", "pruned-fp32": a.run / "finetune" / "model.pt"}
     for name, p in models.items():
         if not p.is_file():
@@ -44,6 +37,13 @@ def main() -> int:
     if spec_run["seed"] == a.seed:
         print(f"error: --seed {a.seed} is the run's own data seed: not held out", file=sys.stderr)
         return 2
+    # the arguments hold: now the heavy imports (torch, ultralytics), offline
+    from pipeline.adapters.offline import setup_offline
+
+    setup_offline()
+    from pipeline.adapters import ultralytics_yolo as ua
+    from pipeline.data.formats import load_dataset, write_yolo
+    from pipeline.data.synthetic import SynthSpec, generate
     spec = SynthSpec(**{**{k: v for k, v in spec_run.items() if k != "version"}, "seed": a.seed, "train": 1,
                         "val": a.images})
     imgsz = json.loads((a.run / "load" / "record.json").read_text())["config"]["model"]["imgsz"]  # the run's own

@@ -103,6 +103,12 @@ def serve() -> int:
     import torchvision  # noqa: F401
     import ultralytics  # noqa: F401
     from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator  # noqa: F401
+    import matplotlib  # the report's plots (Agg, as pipeline/report/plots.py sets it)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import onnxslim  # noqa: F401  (ultralytics' ONNX export)
+    import polars  # noqa: F401  (ultralytics' results.csv; its thread pool starts on first use, not on import)
 
     import pipeline
 

@@ -70,8 +70,8 @@ class _CliServer:
         return buf.decode().strip()
 
 
-# the commands that import torch and ultralytics (the others start in about a second as plain processes)
-TORCH_COMMANDS = {"run", "stage", "bench", "init", "base", "sparsify", "engine", "nightly", "deploy"}
+# the commands that import torch, ultralytics or onnx (the others start in about half a second as plain processes)
+TORCH_COMMANDS = {"run", "stage", "bench", "init", "base", "sparsify", "engine", "nightly", "deploy", "check-trt"}
 
 
 def cli(*args, cwd=ROOT, timeout=600):

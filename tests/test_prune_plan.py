@@ -46,6 +46,34 @@ def test_weights_prune_insensitive_groups_more_and_latency_favours_time_per_poin
     assert lat["b"] > lat["a"] and lat["b"] > lat["c"]  # b buys much time for a small drop
 
 
+@pytest.mark.slow
+def test_the_sensitivity_scan_equals_pruning_each_group_alone(base_ckpt, val_synth):
+    """The scan zeroes each group's BatchNorm channels on one copy instead of pruning a copy per group: the same
+    channels, the same mAP (exactly, on the shipped base) as Torch-Pruning pruning that group alone, for a stem conv,
+    a C3k2 residual stream, SPPF, the C2PSA attention's stream, a Detect head conv and a group round_to leaves
+    whole."""
+    from pipeline.data.formats import load_dataset
+    from pipeline.eval.detect import PrePost
+
+    ds = load_dataset(val_synth)
+    evaluate = pp.Evaluator(ds.split("val")[:6], ds, PrePost(imgsz=320, conf=0.001, iou=0.7, max_det=300))
+    prep = yp.prepare(ua.load_detection_model(base_ckpt))
+    spec = yp.PruneSpec(macs_target=0.5, round_to=16)
+    every = pp.groups(prep, 320)
+    pick = ["model.0.conv", "model.2.m.0.cv1.conv", "model.9.cv1.conv", "model.23.cv2.0.0.conv",
+            "model.10.m.0.ffn.1.conv"]  # the last: C2PSA's stream, through the attention's proj BN
+    grps = [g for g in every if g.root in pick] + [next(g for g in every if g.channels == 16)]
+    assert len(grps) == 6
+    rows = pp.sensitivity(prep, 320, spec, grps, evaluate, 0.5, log=lambda s: None)["groups"]
+    base = evaluate(prep)
+    for g, row in zip(grps, rows):
+        pruned, _ = yp.prune_at_ratio(prep, 320, spec, 0.0, ratio_dict={g.root: 0.5})
+        kept = dict(pruned.named_modules())[g.root].out_channels
+        assert row["pruned_channels"] == g.channels - kept, g.root
+        assert row["map50_95"] == evaluate(pruned) and row["drop"] == base - row["map50_95"], g.root
+    assert any(r["pruned_channels"] == 0 for r in rows) and any(r["drop"] > 0.01 for r in rows)
+
+
 @pytest.mark.slow(seconds=200)
 def test_latency_mode_scans_every_group_and_times_against_uniform(tmp_path, base_ckpt):
     """prune.mode=latency end to end through the CLI: a sensitivity row (and a measured latency) for every

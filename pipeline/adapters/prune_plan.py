@@ -63,19 +63,37 @@ def groups(prepared: nn.Module, imgsz: int) -> list[Group]:
 
 def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[Group], evaluate: Callable,
                 ratio: float, log=print) -> dict:
-    """mAP50-95 of the model with each group alone pruned at `ratio` (round_to honoured)."""
+    """mAP50-95 of the model with each group alone pruned at `ratio` (round_to honoured).
+
+    One pruner picks every group's channels (each group its own ranking scope, as when it is pruned alone; nothing
+    is pruned), and each group is measured on one working copy with the BatchNorm weight and bias of its channels
+    at zero: every channel a group removes ends in a BN, so it then carries exactly zero downstream, as if removed
+    (tests/test_prune_plan.py compares both), without a model copy and a dependency graph per group."""
     base_map = evaluate(prepared)
+    work = copy.deepcopy(prepared).eval()
+    names = {id(m): n for n, m in work.named_modules()}
+    picked = {}
+    for group in yp._pruner(work, imgsz, spec, 0.0, ratio_dict={g.root: ratio for g in grps}).step(interactive=True):
+        picked[names[id(group[0].dep.target.module)]] = (len(group[0].idxs), yp.group_bn_channels(group))
     rows = []
     with Progress(transient=True) as prog:
         task = prog.add_task(f"sensitivity: {len(grps)} groups at ratio {ratio}", total=len(grps))
         for g in grps:
-            m, _ = yp.prune_at_ratio(prepared, imgsz, spec, 0.0, ratio_dict={g.root: ratio})
-            kept = _conv(m, g.root).out_channels
-            v = evaluate(m)
-            rows.append({"group": g.root, "channels": g.channels, "pruned_channels": g.channels - kept,
-                         "map50_95": v, "drop": base_map - v})
+            n, zero = picked.get(g.root, (0, []))  # absent: round_to leaves this group whole at this ratio
+            v = base_map
+            if n:
+                saved = [(bn, bn.weight.detach().clone(), bn.bias.detach().clone()) for bn, _ in zero]
+                with torch.no_grad():
+                    for bn, idx in zero:
+                        bn.weight[idx] = 0.0
+                        bn.bias[idx] = 0.0
+                    v = evaluate(work)
+                    for bn, w, b in saved:
+                        bn.weight.copy_(w)
+                        bn.bias.copy_(b)
+            rows.append({"group": g.root, "channels": g.channels, "pruned_channels": n, "map50_95": v,
+                         "drop": base_map - v})
             prog.advance(task)
-            del m
     log(f"  sensitivity scan: {len(rows)} groups, base mAP50-95 {base_map:.4f}, "
         f"largest drop {max(r['drop'] for r in rows):.4f} ({max(rows, key=lambda r: r['drop'])['group']})")
     return {"ratio": ratio, "base_map50_95": base_map, "groups": rows}

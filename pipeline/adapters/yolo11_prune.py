@@ -243,16 +243,22 @@ def fade_targets(prepared: nn.Module, history: list, imgsz: int) -> dict[str, li
         pruner = dg.get_pruner_of_module(module)
         group = dg.get_pruning_group(module, pruner.prune_out_channels if is_out else pruner.prune_in_channels,
                                      list(idxs))
-        for dep, didx in group:
-            layer = dep.target.module
-            if isinstance(layer, nn.BatchNorm2d):
-                bn = layer
-            elif isinstance(layer, DecoupledAttention) and getattr(dep.handler, "__name__", "") == "prune_out_channels":
-                bn = layer.proj.bn  # the attention node's output channels are its proj conv's (AttentionPruner)
-            else:
-                continue
-            out.setdefault(name_of[id(bn)], set()).update(int(i) for i in didx)
+        for bn, didx in group_bn_channels(group):
+            out.setdefault(name_of[id(bn)], set()).update(didx)
     return {n: sorted(v) for n, v in out.items()}
+
+
+def group_bn_channels(group) -> list[tuple[nn.BatchNorm2d, list[int]]]:
+    """The BatchNorm channels a Torch-Pruning group removes (every channel a group cuts ends in one here; the
+    attention's output through its proj BN): with their weight and bias at zero they carry exactly zero."""
+    out = []
+    for dep, didx in group:
+        layer = dep.target.module
+        if isinstance(layer, nn.BatchNorm2d):
+            out.append((layer, [int(i) for i in didx]))
+        elif isinstance(layer, DecoupledAttention) and getattr(dep.handler, "__name__", "") == "prune_out_channels":
+            out.append((layer.proj.bn, [int(i) for i in didx]))  # the node's outputs are its proj conv's
+    return out
 
 
 def cut(model: DetectionModel, history: list, imgsz: int) -> DetectionModel:
