@@ -96,6 +96,7 @@ def serve() -> int:
     from pipeline.adapters.offline import setup_offline
 
     setup_offline()
+    import matplotlib  # the report's plots (Agg, as pipeline/report/plots.py sets it)
     import onnx  # noqa: F401
     import onnxruntime  # noqa: F401
     import torch  # noqa: F401
@@ -103,7 +104,6 @@ def serve() -> int:
     import torchvision  # noqa: F401
     import ultralytics  # noqa: F401
     from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator  # noqa: F401
-    import matplotlib  # the report's plots (Agg, as pipeline/report/plots.py sets it)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
