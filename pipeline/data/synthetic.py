@@ -105,19 +105,23 @@ def _draw_shape(mask: np.ndarray, cls: int, cx: float, cy: float, r: float, rot:
             poly(q)
 
 
-def _fill(rng: np.random.Generator, s: int) -> np.ndarray:
-    """An object's texture: flat colour, a two-colour gradient or stripes."""
+def _fill(rng: np.random.Generator, s: int, y0: int = 0, y1: int | None = None, x0: int = 0,
+          x1: int | None = None) -> np.ndarray:
+    """An object's texture: flat colour, a two-colour gradient or stripes, over rows y0:y1 and columns x0:x1 of an
+    s x s image (the whole image by default; the same values and random draws either way)."""
+    y1, x1 = s if y1 is None else y1, s if x1 is None else x1
+    h, w = y1 - y0, x1 - x0
     c1 = rng.integers(0, 255, 3).astype(np.float32)
     kind = rng.integers(0, 3)
     if kind == 0:
-        return np.broadcast_to(c1, (s, s, 3)).copy()
+        return np.broadcast_to(c1, (h, w, 3)).copy()
     c2 = rng.integers(0, 255, 3).astype(np.float32)
     if kind == 1:
-        t = np.linspace(0, 1, s, dtype=np.float32)[:, None, None]
-        return np.broadcast_to(c1 * (1 - t) + c2 * t, (s, s, 3)).copy()
+        t = np.linspace(0, 1, s, dtype=np.float32)[y0:y1, None, None]
+        return np.broadcast_to(c1 * (1 - t) + c2 * t, (h, w, 3)).copy()
     period = rng.uniform(4, 14)
-    yy = np.arange(s, dtype=np.float32)[:, None]
-    xx = np.arange(s, dtype=np.float32)[None, :]
+    yy = np.arange(s, dtype=np.float32)[y0:y1, None]
+    xx = np.arange(s, dtype=np.float32)[None, x0:x1]
     st = ((np.sin((xx + yy * rng.uniform(-1, 1)) / period * math.pi) > 0).astype(np.float32))[..., None]
     return c1 * st + c2 * (1 - st)
 
@@ -135,18 +139,23 @@ def make_image(rng: np.random.Generator, spec: SynthSpec) -> tuple[np.ndarray, l
         cx, cy = rng.uniform(r * 0.5, s - r * 0.5, 2)
         mask = np.zeros((s, s), np.uint8)
         _draw_shape(mask, cls, float(cx), float(cy), r, float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0.6, 1)))
-        alpha = mask.astype(np.float32)[..., None] / 255.0
-        img = img * (1 - alpha) + _fill(rng, s) * alpha
-        owner[mask > 127] = k
-        objs.append((cls, int((mask > 127).sum())))
+        # blended over the shape's bounding box only: outside it alpha is 0 and the image keeps its values exactly
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        box = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) if rows.size else (0, 0, 0, 0)
+        y0, y1, x0, x1 = (int(v) for v in box)
+        alpha = mask[y0:y1, x0:x1].astype(np.float32)[..., None] / 255.0
+        img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + _fill(rng, s, y0, y1, x0, x1) * alpha
+        solid = mask[y0:y1, x0:x1] > 127
+        owner[y0:y1, x0:x1][solid] = k
+        objs.append((cls, int(solid.sum()), box))
     anns = []
-    for k, (cls, full) in enumerate(objs):
-        vis = owner == k
+    for k, (cls, full, (by0, by1, bx0, bx1)) in enumerate(objs):
+        vis = owner[by0:by1, bx0:bx1] == k  # an object's pixels lie inside its own shape's box
         area = int(vis.sum())
         if full == 0 or area < 12 or area / full < 0.35:
             continue
         ys, xs = np.nonzero(vis)
-        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        x0, y0, x1, y1 = xs.min() + bx0, ys.min() + by0, xs.max() + 1 + bx0, ys.max() + 1 + by0
         if x1 - x0 < 3 or y1 - y0 < 3:
             continue
         anns.append((cls, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]))
