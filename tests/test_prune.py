@@ -291,9 +291,19 @@ def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path
     from pipeline.adapters.offline import cpu_threads
 
     torch.set_num_threads(1)
+    from ultralytics.engine.validator import BaseValidator
+
+    vals, stock = [], BaseValidator.__call__
+    monkeypatch.setattr(BaseValidator, "__call__", lambda self, *a, **k: vals.append(k) or stock(self, *a, **k))
     best = ua.finetune(tmp_path / "p.pt", y, tmp_path / "ft", epochs=1, imgsz=256, batch=8, workers=0)
     # ultralytics' select_device set min(8, cores - 1) threads (one on a 2-core box); the trainer computes on all
     assert torch.get_num_threads() == cpu_threads()
+    # the epoch's validation only, not a second one of best.pt after training (last.pt ships); both checkpoints
+    # stripped of the optimizer as the stock trainer does
+    assert len(vals) == 1 and len(ua.training_history(tmp_path / "ft")) == 1
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(tmp_path / "ft" / "weights" / name, weights_only=False)
+        assert ck["optimizer"] is None and ck["train_results"], name
     out = ua.load_detection_model(best)
     assert yp.arch_signature(out) == yp.arch_signature(p)
     assert sum(t.numel() for t in out.parameters()) == info["params"]

@@ -283,6 +283,18 @@ class KeepArchitectureTrainer(DetectionTrainer):
             weights = weights.student_model
         return self.set_model_names_for_load(weights)
 
+    def final_eval(self):
+        """The stock trainer validates best.pt once more after the last epoch; what we ship is last.pt (its metrics
+        are the last epoch's row of results.csv), so that extra pass over the val split is skipped and only the
+        optimizer is stripped from both checkpoints, as the stock one does."""
+        from ultralytics.utils import RANK
+        from ultralytics.utils.torch_utils import strip_optimizer
+
+        if RANK in {-1, 0}:
+            ckpt = strip_optimizer(self.last) if self.last.exists() else {}
+            if self.best.exists():
+                strip_optimizer(self.best, updates={"train_results": ckpt.get("train_results")})
+
     def optimizer_step(self):
         """With `sparsity`, Torch-Pruning's group regularizer adds its gradient before the stock step (which
         unscales, clips and steps: with AMP the gradients are still scaled here, so the term is scaled alike)."""
