@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch_pruning as tp
 from rich.progress import Progress
 from torch import nn
 
@@ -43,12 +42,9 @@ class Group:
 
 def groups(prepared: nn.Module, imgsz: int) -> list[Group]:
     """Every prunable dependency group of a prepared (rewritten) YOLO11, as MetaPruner would enumerate them."""
-    dg = tp.DependencyGraph().build_dependency(
-        prepared, torch.zeros(1, 3, imgsz, imgsz), forward_fn=yp._forward,
-        customized_pruners={yp.DecoupledAttention: yp.AttentionPruner()})
-    ignored = [m for layer in yp.protected_layers(prepared) for m in layer.modules()]
+    dg = yp.dependency_graph(prepared, imgsz)
     out = []
-    for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
+    for g in yp.prunable_groups(dg, prepared):
         root = g[0].dep.target.module
         outs, ins = [], []
         for dep, _ in g:
@@ -97,10 +93,6 @@ def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[
     log(f"  sensitivity scan: {len(rows)} groups, base mAP50-95 {base_map:.4f}, "
         f"largest drop {max(r['drop'] for r in rows):.4f} ({max(rows, key=lambda r: r['drop'])['group']})")
     return {"ratio": ratio, "base_map50_95": base_map, "groups": rows}
-
-
-def _conv(model: nn.Module, name: str) -> nn.Conv2d:
-    return dict(model.named_modules())[name]
 
 
 def _ort_session(model: nn.Module, imgsz: int, path: Path, threads: int, profile_prefix: str | None = None):

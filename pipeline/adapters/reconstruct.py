@@ -57,10 +57,7 @@ def kept_channels(reference: nn.Module, history: list, imgsz: int) -> dict[str, 
     replaying the Torch-Pruning history on a copy of the reference tagged with channel indices."""
     import copy
 
-    import torch_pruning as tp
-
-    from pipeline.adapters.yolo11_blocks import DecoupledAttention
-    from pipeline.adapters.yolo11_prune import AttentionPruner, _forward
+    from pipeline.adapters.yolo11_prune import dependency_graph
 
     tagged = copy.deepcopy(reference).float().eval()
     units = conv_units(tagged)
@@ -72,9 +69,7 @@ def kept_channels(reference: nn.Module, history: list, imgsz: int) -> dict[str, 
                 conv.bias.copy_(torch.arange(conv.out_channels, dtype=torch.float32))
     for p in tagged.parameters():
         p.requires_grad_(True)
-    dg = tp.DependencyGraph().build_dependency(tagged, torch.zeros(1, 3, imgsz, imgsz), forward_fn=_forward,
-                                               customized_pruners={DecoupledAttention: AttentionPruner()})
-    dg.load_pruning_history(history)
+    dependency_graph(tagged, imgsz).load_pruning_history(history)
     kept = {}
     for name, conv, bn in conv_units(tagged):
         if bn is not None:

@@ -221,6 +221,21 @@ def sparsity_regularizer(model: nn.Module, imgsz: int, reg: float, alpha: float 
     return p
 
 
+def dependency_graph(model: nn.Module, imgsz: int) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of a prepared (rewritten) YOLO11, the attention one node (AttentionPruner),
+    traced on zeros on the model's device."""
+    device = next(model.parameters()).device
+    return tp.DependencyGraph().build_dependency(
+        model, torch.zeros(1, 3, imgsz, imgsz, device=device), forward_fn=_forward,
+        customized_pruners={DecoupledAttention: AttentionPruner()})
+
+
+def prunable_groups(dg: tp.DependencyGraph, model: nn.Module) -> list:
+    """Every prunable group of `dg`, as MetaPruner enumerates them: convs as roots, the protected layers ignored."""
+    ignored = [m for layer in protected_layers(model) for m in layer.modules()]
+    return list(dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]))
+
+
 def fade_targets(prepared: nn.Module, history: list, imgsz: int) -> dict[str, list[int]]:
     """The BatchNorm channels (module name -> indices) whose outputs a saved one-step pruning history removes, found
     through the dependency graph of the unpruned rewritten model (every channel a group cuts ends in a BN here, the
@@ -228,10 +243,7 @@ def fade_targets(prepared: nn.Module, history: list, imgsz: int) -> dict[str, li
     zero (SiLU(0) = 0), so applying the history changes no output (a fade phase trains toward that)."""
     was = prepared.training
     prepared.eval()
-    device = next(prepared.parameters()).device
-    dg = tp.DependencyGraph().build_dependency(
-        prepared, torch.zeros(1, 3, imgsz, imgsz, device=device), forward_fn=_forward,
-        customized_pruners={DecoupledAttention: AttentionPruner()})
+    dg = dependency_graph(prepared, imgsz)
     prepared.train(was)
     by_name = dict(prepared.named_modules())
     name_of = {id(m): n for n, m in by_name.items()}
@@ -341,12 +353,9 @@ class _Trials:
         self.spec, self.seen, self.groups = spec, {}, None
         if spec.global_pruning or spec.isomorphic:
             return
-        dg = tp.DependencyGraph().build_dependency(
-            prepared, torch.zeros(1, 3, imgsz, imgsz), forward_fn=_forward,
-            customized_pruners={DecoupledAttention: AttentionPruner()})
-        ignored = [m for layer in protected_layers(prepared) for m in layer.modules()]
+        dg = dependency_graph(prepared, imgsz)
         self.groups = []  # (root channels, the names a per-layer ratio is looked up by, in the pruner's order)
-        for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
+        for g in prunable_groups(dg, prepared):
             names = [dg._module2name.get(mod) for dep, _ in g
                      for mod, fn in ((dep.source.module, dep.trigger), (dep.target.module, dep.handler))
                      if dg.is_out_channel_pruning_fn(fn)]
@@ -524,10 +533,7 @@ def replay(base_model: DetectionModel, history: list, imgsz: int) -> DetectionMo
     graph as the pruner saw it) to the unpruned model: the pruned architecture, without its weights."""
     m = prepare(base_model)
     for step in as_steps(history):
-        dg = tp.DependencyGraph().build_dependency(
-            m, torch.zeros(1, 3, imgsz, imgsz), forward_fn=_forward,
-            customized_pruners={DecoupledAttention: AttentionPruner()})
-        dg.load_pruning_history(step)
+        dependency_graph(m, imgsz).load_pruning_history(step)
     return m.eval()
 
 

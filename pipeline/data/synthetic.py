@@ -105,11 +105,9 @@ def _draw_shape(mask: np.ndarray, cls: int, cx: float, cy: float, r: float, rot:
             poly(q)
 
 
-def _fill(rng: np.random.Generator, s: int, y0: int = 0, y1: int | None = None, x0: int = 0,
-          x1: int | None = None) -> np.ndarray:
-    """An object's texture: flat colour, a two-colour gradient or stripes, over rows y0:y1 and columns x0:x1 of an
-    s x s image (the whole image by default; the same values and random draws either way)."""
-    y1, x1 = s if y1 is None else y1, s if x1 is None else x1
+def _fill(rng: np.random.Generator, s: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """An object's texture (flat colour, a two-colour gradient or stripes) over rows y0:y1 and columns x0:x1 of an
+    s x s image: the values the whole image's texture has there, from the same random draws whatever the box."""
     h, w = y1 - y0, x1 - x0
     c1 = rng.integers(0, 255, 3).astype(np.float32)
     kind = rng.integers(0, 3)
