@@ -271,36 +271,44 @@ app.add_typer(history_app, name="history")
 @app.command()
 def gate(run_dir: Path = typer.Argument(..., help="a run directory with report.json (runs/<name>)"),
          baseline: Path | None = typer.Option(None, "--baseline", help="baseline yaml (default: the nightly "
-                                              "matrix's for this run_dir, else benchmarks/baselines/<recipe>.yaml)")):
+                                              "matrix's for this run_dir, else benchmarks/baselines/<recipe>.yaml)"),
+         no_latency: bool = typer.Option(False, "--no-latency", help="gate accuracy and counts only (a run on "
+                                         "another machine than the baseline's: CI)")):
     """Compare a run's report.json with its baseline: exit 2 on a regression or an unexplained gain beyond a
-    tolerance, or on a device or variant missing from the run; one line per failure."""
+    tolerance set from measured spread, or on a device or variant missing from the run; one line per failure.
+    Writes RUN_DIR/gate.txt."""
+    from pipeline.core.store import atomic_path
     from pipeline.report.gate import gate as run_gate
-    from pipeline.report.gate import summary_table
+    from pipeline.report.gate import gate_text
 
-    checks, notes = run_gate(run_dir, baseline)
-    for n in notes:
-        typer.echo(n)
-    typer.echo(summary_table(checks))
+    checks, notes = run_gate(run_dir, baseline, latency=not no_latency)
+    text = gate_text(checks, notes)
+    with atomic_path(Path(run_dir) / "gate.txt") as tmp:
+        tmp.write_text(text + "\n")
     bad = [c for c in checks if c.failed]
-    for c in bad:
-        typer.echo(f"FAIL {c.line}", err=True)
+    for ln in text.splitlines():
+        typer.echo(ln, err=ln.startswith("FAIL "))
     if bad:  # exit 2 (main() turns a UserError into its one line and status 2)
-        raise UserError(f"gate: {len(bad)} failure(s) of {len(checks)} checks (the FAIL lines above)")
-    typer.echo(f"gate: all {len(checks)} checks within tolerance")
+        raise UserError(f"gate: {len(bad)} failure(s) of {len(checks)} checks (the FAIL lines above; "
+                        f"{Path(run_dir) / 'gate.txt'})")
 
 
 @baseline_app.command("update")
 def baseline_update(reason: str = typer.Option(..., "--reason", help="why the references change (kept in the "
                                                                      "file)"),
                     run_dir: Path | None = RunDirOpt, recipe: Path = RecipeOpt,
-                    baseline: Path | None = typer.Option(None, "--baseline", help="baseline yaml to write")):
+                    baseline: Path | None = typer.Option(None, "--baseline", help="baseline yaml to write"),
+                    spread: list[Path] | None = typer.Option(None, "--spread", help="another run of the same recipe "
+                                                             "under honest variation (OMP_NUM_THREADS, seed; "
+                                                             "repeatable): the spread the tolerances are set from")):
     """Rewrite a baseline from the last run's report.json (references from the run, tolerances by rule or as
     hand-edited in the file), keeping the reason."""
     from pipeline.core.config import load_recipe
     from pipeline.report.gate import update_baseline
 
     rd = run_dir or Path("runs") / load_recipe(recipe, []).name
-    typer.echo(f"wrote {update_baseline(rd, reason, baseline)} from {rd}")
+    typer.echo(f"wrote {update_baseline(rd, reason, baseline, spread)} from {rd}"
+               + (f" (spread over {1 + len(spread)} runs)" if spread else ""))
 
 
 @history_app.command("record")

@@ -44,7 +44,7 @@ def run_matrix(matrix: Path, history: Path, run_pipeline: Callable[[dict], None]
     """Run every enabled entry (or those named in `only`); returns the number of entries that failed (a pipeline
     error or a gate failure)."""
     from pipeline.report import history as hist
-    from pipeline.report.gate import gate, summary_table
+    from pipeline.report.gate import gate, gate_text
     from pipeline.report.render import render_run
 
     m = load_matrix(matrix)
@@ -64,11 +64,8 @@ def run_matrix(matrix: Path, history: Path, run_pipeline: Callable[[dict], None]
         new, total = hist.record(run_dir, history)
         echo(f"history: {new} of {total} rows new in {history}")
         checks, notes = gate(run_dir, Path(e["baseline"]) if e.get("baseline") else None, required(e))
-        table = summary_table(checks)
         bad = [c for c in checks if c.failed]
-        verdict = (f"gate: {len(bad)} failure(s) of {len(checks)} checks" if bad else
-                   f"gate: all {len(checks)} checks within tolerance")
-        text = "\n".join([*notes, table, *(f"FAIL {c.line}" for c in bad), verdict])
+        text = gate_text(checks, notes)
         (run_dir / "gate.txt").write_text(text + "\n")
         (run_dir / "gate.json").write_text(json.dumps({"entry": e["name"], "failures": [c.line for c in bad],
                                                        "checks": [c.__dict__ for c in checks]}, indent=1))
