@@ -25,7 +25,7 @@ DEFAULT_RUN = IMPLEMENTED
 DEFAULT_RECIPE = Path("models/default.yaml")
 
 RecipeOpt = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="recipe yaml (models/*.yaml)")
-SetOpt = typer.Option(None, "--set", help="override a recipe key: --set bench.iters=50 (repeatable)")
+SetOpt = typer.Option(None, "--set", help="override a recipe key: --set bench.cap_s=60 (repeatable)")
 RunDirOpt = typer.Option(None, "--run-dir", help="run directory (default runs/<recipe name>)")
 
 
@@ -365,14 +365,17 @@ def deploy_cmd(hosts: list[str] = typer.Option(..., "--host", help="[name=]user@
                remote_python: str | None = typer.Option(None, help="a device Python that already has yolo-edge "
                                                                    "(skips the venv + wheel install)"),
                timeout: float = typer.Option(120, help="seconds per ssh step (copy, install and bench get more)"),
-               iters: int | None = typer.Option(None, help="timed iterations on the device (default: the recipe's)"),
-               warmup: int | None = typer.Option(None, help="warm-up iterations on the device")):
+               cap_s: float | None = typer.Option(None, "--cap-s", help="seconds of timing on the device at most "
+                                                   "(default: the recipe's bench.cap_s)"),
+               max_rounds: int | None = typer.Option(None, help="timing rounds on the device at most (default: the "
+                                                     "recipe's)"),
+               warmup: int | None = typer.Option(None, help="warm-up calls per timed item on the device")):
     """Bundle the run, copy it to each host over OpenSSH (rsync, else scp), install the wheel in a venv that sees
     JetPack's TensorRT, run yolo-edge-device bench there, and merge each device's report into report.json."""
     from pipeline.deploy import deploy
 
-    bench_args = [*(["--iters", str(iters)] if iters else []), *(["--warmup", str(warmup)] if warmup is not None
-                                                                 else [])]
+    bench_args = [x for flag, v in (("--cap-s", cap_s), ("--max-rounds", max_rounds), ("--warmup", warmup))
+                  if v is not None for x in (flag, str(v))]
     ctx = _ctx(recipe, sets, run_dir)
     rep, outcomes = deploy(ctx, hosts, ssh_args=ssh_args, remote_dir=remote_dir, remote_python=remote_python,
                            runner=runner, timeout=timeout, bench_args=bench_args, log=lambda s: typer.echo(s, err=True))

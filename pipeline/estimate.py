@@ -124,7 +124,9 @@ def plan(recipe, t: Timing, n_train: int, n_val: int, n_images: int | None = Non
                          + (", ultralytics' INT8 beside it" if q.peer else "")))
         variants += n_models + (1 if p.enabled else 0) + (1 if q.peer and p.enabled else 0)
     b = r.bench
-    out.append(Stage("bench", variants * ((n_val + b.warmup + b.iters) * I * 0.5 + 0.5)
+    # timing: engine-only and end-to-end of every variant in shared rounds; a quiet box converges in ~20 rounds
+    timing = min(b.cap_s, 2 * variants * (b.warmup + max(b.min_rounds, 20) * b.per_round) * I * 0.5)
+    out.append(Stage("bench", variants * (n_val * I * 0.5 + 0.5) + timing
                      + n_models * (3 + 1.5 * n_val * I),  # ultralytics' validator on the FP32 models, beside it
                      f"{variants} variant(s) on the {n_val} '{b.split}' images ({b.runner}, {b.threads} threads), "
                      f"cross-checked with ultralytics' validator"))

@@ -89,9 +89,9 @@ def test_coco_annotation_unknown_reference(tmp_path, synth_small, field, value, 
 
 def test_unknown_recipe_key(tmp_path):
     rec = tmp_path / "r.yaml"
-    rec.write_text((ROOT / "models/default.yaml").read_text().replace("  iters: 30", "  iters: 30\n  itres: 3"))
+    rec.write_text((ROOT / "models/default.yaml").read_text().replace("  cap_s: 90", "  cap_s: 90\n  cap_z: 3"))
     r = cli("run", "--recipe", rec, "--run-dir", tmp_path / "run")
-    _assert_clean_error(r, str(rec), "unknown recipe key 'bench.itres'")
+    _assert_clean_error(r, str(rec), "unknown recipe key 'bench.cap_z'")
     assert not (tmp_path / "run").exists()
 
 

@@ -9,8 +9,8 @@ from pipeline.core.store import atomic_dir, atomic_path, sha256_file
 
 
 def test_default_recipe_loads_and_overrides():
-    r = load_recipe(ROOT / "models/default.yaml", ["bench.iters=7", "model.imgsz=256"])
-    assert r.bench.iters == 7 and r.model.imgsz == 256
+    r = load_recipe(ROOT / "models/default.yaml", ["bench.max_rounds=7", "model.imgsz=256"])
+    assert r.bench.max_rounds == 7 and r.model.imgsz == 256
     assert r.data.source == "synthetic"
 
 
@@ -34,8 +34,10 @@ def test_unknown_key_names_key_and_file(tmp_path):
 
 
 def test_bad_value_is_named(tmp_path):
-    with pytest.raises(UserError, match="bench.iters"):
-        load_recipe(ROOT / "models/default.yaml", ["bench.iters=0"])
+    with pytest.raises(UserError, match="bench.max_rounds"):
+        load_recipe(ROOT / "models/default.yaml", ["bench.max_rounds=0"])
+    with pytest.raises(UserError, match="bench.inject_slowdown.*at least 1"):
+        load_recipe(ROOT / "models/default.yaml", ["bench.inject_slowdown={pruned-fp32: 0.5}"])
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):

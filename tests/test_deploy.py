@@ -18,7 +18,7 @@ from conftest import ROOT, cli
 from pipeline.device import sysinfo
 
 SETS = ["--set", "data.synthetic.train=8", "--set", "data.synthetic.val=6", "--set", "prune.enabled=false",
-        "--set", "quantize.enabled=false", "--set", "export.e2e.enabled=false", "--set", "bench.iters=3",
+        "--set", "quantize.enabled=false", "--set", "export.e2e.enabled=false", "--set", "bench.max_rounds=1",
         "--set", "bench.warmup=1"]
 PY = sys.executable
 
@@ -123,6 +123,11 @@ def test_device_runtime_verifies_and_benchmarks_without_torch_or_ultralytics(run
         for k in ("engine", "end_to_end"):
             assert set(v["latency_ms"][k]) >= {"p50", "p90", "p99"} and v["latency_ms"][k]["n"] == 3
     assert dev["comparable"] is False and "not a Jetson" in dev["not_comparable"]
+    # both variants timed together, interleaved (the bundle's bench settings: one round of 3 calls per item)
+    assert dev["timing"]["method"] == "interleaved" and dev["timing"]["rounds"] == 1
+    fp16 = dev["variants"][1]
+    assert fp16["vs_base"]["against"] == "base-fp32" and len(fp16["vs_base"]["engine_p50_speedup_ci"]) == 2
+    assert fp16["engine_timer"].startswith("perf_counter") and len(fp16["e2e_over_engine_ci"]) == 2
     assert {"model", "l4t", "tensorrt", "cuda", "nvpmodel", "clocks_locked"} <= set(dev["device"])
 
 

@@ -12,7 +12,7 @@ from pipeline.core.config import Recipe, load_recipe
 from pipeline.core.errors import UserError
 
 # what keeps `yolo-edge run` of a written recipe affordable here (the recipe itself is left as init wrote it)
-SHRINK = ["--set", "finetune.epochs=1", "--set", "bench.iters=3", "--set", "bench.warmup=1",
+SHRINK = ["--set", "finetune.epochs=1", "--set", "bench.max_rounds=1", "--set", "bench.warmup=1",
           "--set", "prune.mode=uniform", "--set", "prune.reconstruct.enabled=false"]  # the refit: 1-2 min here
 
 

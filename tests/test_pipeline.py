@@ -39,7 +39,7 @@ def _assert_schema(rep):
 def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     run = tmp_path / "run"
     sets = ["--set", "data.synthetic.train=32", "--set", "data.synthetic.val=16", "--set", "finetune.epochs=1",
-            "--set", "finetune.batch=8", "--set", "bench.iters=5", "--set", "bench.warmup=1",
+            "--set", "finetune.batch=8", "--set", "bench.max_rounds=1", "--set", "bench.warmup=1",
             "--set", f"model.weights={base_ckpt}", "--set", "calib.count=16", "--set", "calib.min_count=16",
             "--set", "calib.tuning_images=8", "--set", "quantize.accuracy_aware.max_float=2",
             "--set", "quantize.accuracy_aware.min_float=2", "--set", "prune.mode=uniform",  # latency: its own test
@@ -67,6 +67,28 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     base, pruned = rep["variants"][:2]
     assert pruned["macs"] <= 0.51 * base["macs"] and pruned["params"] < base["params"]
     assert "engine_p50_speedup" in pruned["vs_base"]
+    # every variant timed in one interleaved session (bench.max_rounds=1: one round of 3 calls per timed item)
+    t = rep["timing"]
+    assert t["method"] == "interleaved" and t["stopped_by"] == "max_rounds" and t["rounds"] == 1
+    for v in rep["variants"] + rep["e2e_variants"]:
+        assert v["latency_ms"]["engine"]["n"] == 3 and v["timing"]["rounds"] == 1
+        for est, ci in ((v["vs_base"]["engine_p50_speedup"], v["vs_base"]["engine_p50_speedup_ci"]),
+                        (v["vs_base"]["e2e_p50_speedup"], v["vs_base"]["e2e_p50_speedup_ci"]),
+                        (v["e2e_over_engine"], v["e2e_over_engine_ci"])):
+            assert ci[0] <= est * (1 + 1e-9) and est <= ci[1] * (1 + 1e-9), (v["name"], est, ci)
+    assert "Timing: every variant in one session, interleaved" in (run / "report.md").read_text()
+    # every mAP and every mAP delta with its paired bootstrap interval over the eval images
+    assert rep["map_intervals"]["images"] == 16 and rep["map_intervals"]["unit"] == "image"
+    for v in rep["variants"] + rep["e2e_variants"]:
+        vb = v["vs_base"]
+        assert v["map50_95_ci"][0] <= v["map50_95"] <= v["map50_95_ci"][1], v["name"]
+        assert vb["map50_95_delta_ci"][0] <= vb["map50_95_delta"] + 1e-12 and \
+            vb["map50_95_delta"] - 1e-12 <= vb["map50_95_delta_ci"][1], v["name"]
+    assert by["pruned-int8"]["vs_fp32"]["against"] == "pruned-fp32"
+    assert by["base-fp16"]["vs_fp32"]["against"] == "base-fp32" and "vs_fp32" not in by["pruned-fp32"]
+    pr = by["pruned-fp32"]["vs_base"]
+    assert f"{100 * pr['map50_95_delta']:+.2f} pt [{100 * pr['map50_95_delta_ci'][0]:+.2f}, " in \
+        (run / "report.md").read_text()
     shipped = json.loads(base_ckpt.with_suffix(".json").read_text())
     assert base["training"]["epochs"] == shipped["epochs"]  # the base's training record travels into the report
     assert base["training"]["converged"] == shipped["converged"]
@@ -149,7 +171,7 @@ def test_bench_on_coco_json_ids_out_of_file_order_equals_ultralytics_val(tmp_pat
 
     src, d = _reordered_coco(val_synth, tmp_path / "coco")
     run = tmp_path / "run"
-    r = cli("bench", "--data", src, "--weights", base_ckpt, "--run-dir", run, "--set", "bench.iters=3")
+    r = cli("bench", "--data", src, "--weights", base_ckpt, "--run-dir", run, "--set", "bench.max_rounds=1")
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((run / "report.json").read_text())
     ours = rep["variants"][0]
@@ -174,8 +196,8 @@ def test_bench_on_coco_json_ids_out_of_file_order_equals_ultralytics_val(tmp_pat
 @pytest.mark.slow
 def test_bench_on_users_yolo_dataset_coco8(tmp_path, needs_shared):
     run = tmp_path / "run"
-    r = cli("bench", "--data", needs_shared, "--weights", "yolo11n.yaml", "--run-dir", run, "--set", "bench.iters=3",
-            "--set", "bench.warmup=1")
+    r = cli("bench", "--data", needs_shared, "--weights", "yolo11n.yaml", "--run-dir", run,
+            "--set", "bench.max_rounds=1", "--set", "bench.warmup=1")
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((run / "report.json").read_text())
     _assert_schema(rep)
@@ -188,7 +210,7 @@ def test_bench_on_users_yolo_dataset_coco8(tmp_path, needs_shared):
 def test_bench_on_users_coco_json_dataset(tmp_path, synth_small):
     run = tmp_path / "run"
     r = cli("bench", "--data", synth_small / "annotations" / "instances_val.json", "--weights", "yolo11n.yaml",
-            "--run-dir", run, "--set", "bench.iters=3", "--set", "bench.warmup=1")
+            "--run-dir", run, "--set", "bench.max_rounds=1", "--set", "bench.warmup=1")
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((run / "report.json").read_text())
     _assert_schema(rep)

@@ -330,7 +330,7 @@ def test_cli_refuses_pruned_checkpoint_whose_history_does_not_match(tmp_path, sy
     assert "pruned.pt: pruning history does not match the checkpoint's weights" in r.stderr
     assert not (tmp_path / "run").exists()
     r = cli("bench", "--data", synth_small, "--weights", good / "pruned.pt", "--run-dir", tmp_path / "run2",
-            "--set", "bench.iters=2", "--set", "bench.warmup=1")
+            "--set", "bench.max_rounds=1", "--set", "bench.warmup=1")
     assert r.returncode == 0, r.stderr[-2000:]
 
 

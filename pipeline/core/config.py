@@ -1,5 +1,5 @@
 """Recipes: one strict config object for a whole run, loaded from models/*.yaml and overridable from the CLI
-(`--set bench.iters=50`). Unknown keys are rejected with the key and the file named.
+(`--set bench.cap_s=60`). Unknown keys are rejected with the key and the file named.
 
 The schema's defaults are the settings the project recommends: what models/default.yaml uses wherever its choice
 is not specific to the built-in synthetic data, its shipped checkpoints or ONNX Runtime on this CPU (those keys say
@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import UserError
+from pipeline.eval.timing import Schedule
 
 
 class Strict(BaseModel):
@@ -266,6 +267,9 @@ class ExportCfg(Strict):
     e2e: E2ECfg = E2ECfg()
     opset: int = Field(17, ge=13, le=21)
     simplify: bool = True
+    # ORT vs PyTorch on 8 eval images: boxes in units of the input size, scores as probabilities. Measured 3.0e-6 to
+    # 5.2e-6 (base and pruned, 320 px; OMP_NUM_THREADS 1 and 2, fine-tune seeds 0-2); 1e-3 is ~200x that, and a
+    # wrong export (a rewrite that changes the math) moves outputs by >1e-2
     parity_atol: float = 1e-3
     dfl_last_axis: bool = True  # exact rewrite of the DFL (softmax on the last axis + MatMul)
 
@@ -275,10 +279,31 @@ class BenchCfg(Strict):
     conf: float = Field(0.001, ge=0, le=1)
     iou: float = Field(0.7, gt=0, le=1)
     max_det: int = Field(300, ge=1)
-    warmup: int = Field(5, ge=0)
-    iters: int = Field(30, ge=1)
+    # latency: every variant timed together in shuffled rounds (pipeline/eval/timing.py, which says what the
+    # defaults rest on) until each speed-up and e2e ÷ engine ratio's 95% interval is within ±rel_width/2
+    warmup: int = Field(Schedule.warmup, ge=0)  # untimed calls per timed item first
+    per_round: int = Field(Schedule.per_round, ge=1)  # calls per item in each round
+    min_rounds: int = Field(Schedule.min_rounds, ge=1)
+    max_rounds: int = Field(Schedule.max_rounds, ge=1)  # below min_rounds: exactly this many rounds, no stop check
+    rel_width: float = Field(Schedule.rel_width, gt=0)  # (hi - lo) / estimate each tracked ratio must reach
+    cap_s: float = Field(Schedule.cap_s, gt=0)  # seconds of timing after which it stops whatever the widths
     threads: int = Field(2, ge=1)
     runner: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    # mAP intervals: a paired bootstrap over the eval images (pipeline/eval/bootstrap.py); 1000 resamples put a
+    # 95% interval's ends within ~0.1 pt of 10,000's on the default run, at ~0.5 s a variant
+    bootstrap_resamples: int = Field(1000, ge=100)
+    bootstrap_seed: int = 0
+    # fault injection (tests of the gate): {variant: factor} makes each infer call of that variant's runner take
+    # factor × its own duration (a busy wait after the call); the report row says so
+    inject_slowdown: dict[str, float] = {}
+
+    @field_validator("inject_slowdown")
+    @classmethod
+    def _slower_only(cls, v):
+        bad = {k: f for k, f in v.items() if not f >= 1}
+        if bad:
+            raise ValueError(f"a slowdown factor is at least 1 (a busy wait can only add time): {bad}")
+        return v
 
 
 class Recipe(Strict):

@@ -1,11 +1,15 @@
 """The device bench: every variant of a verified bundle through the same evaluator and timer as the dev box
 (pipeline.eval.bench with the manifest's PrePost), on TensorRT (engines built and cached with the engine stage's
-builder) or, with runner 'onnxruntime', on any machine. No torch, no ultralytics, no pydantic: numpy, OpenCV,
-pycocotools, rich (progress), onnx and Polygraphy/TensorRT where they are used.
+builder) or, with runner 'onnxruntime', on any machine. Every variant is scored first, then all of them are timed
+in one interleaved session (pipeline/eval/timing.py; on TensorRT the engine-only item is the execute call between
+CUDA events), so speed-ups and e2e ÷ engine carry 95% intervals taken on one machine state. No torch, no
+ultralytics, no pydantic: numpy, OpenCV, pycocotools, rich (progress), onnx and Polygraphy/TensorRT where they are
+used.
 
 Output: device_report.json in report.json's schema ("yolo-edge/report/1": dataset, prepost, variants with map50_95,
 latency_ms.engine/end_to_end p50/p90/p99, fps, ...) plus a `device` block (model, L4T, TensorRT, CUDA, nvpmodel,
-clocks, power and temperature during the timed runs) and `comparable` (false when the clocks are not locked).
+clocks), `timing` (how the session went), `power` (power and temperature over the session, every variant
+together) and `comparable` (false when the clocks are not locked).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ctypes
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.core.errors import UserError
@@ -64,32 +69,35 @@ def _cudart():
     raise UserError("libcudart is not loadable: CUDA events need the CUDA runtime (JetPack)")
 
 
-def cuda_event_latency(runner, tensor, warmup: int, iters: int) -> list[float]:
-    """Milliseconds of `context.execute_async_v3(stream)` alone, between two CUDA events on the runner's stream
-    (Polygraphy's TrtRunner: one infer() first binds the device buffers; the copies are outside the events)."""
-    cu = _cudart()
-    trt_runner = runner.runner  # polygraphy TrtRunner
-    trt_runner.infer({runner.input_name: tensor})  # binds input/output addresses on the context
-    ctx, stream = trt_runner.context, trt_runner.stream.ptr
-    start, stop = ctypes.c_void_p(), ctypes.c_void_p()
-    cu.cudaEventCreate(ctypes.byref(start))
-    cu.cudaEventCreate(ctypes.byref(stop))
-    out = []
-    try:
-        for i in range(warmup + iters):
-            cu.cudaEventRecord(start, ctypes.c_void_p(stream))
-            if not ctx.execute_async_v3(stream):
-                raise UserError("TensorRT execute_async_v3 failed", runner.path)
-            cu.cudaEventRecord(stop, ctypes.c_void_p(stream))
-            cu.cudaEventSynchronize(stop)
-            ms = ctypes.c_float()
-            cu.cudaEventElapsedTime(ctypes.byref(ms), start, stop)
-            if i >= warmup:
-                out.append(float(ms.value))
-    finally:
-        cu.cudaEventDestroy(start)
-        cu.cudaEventDestroy(stop)
-    return out
+class CudaEventTimer:
+    """A timed item for the interleaved timer: each call runs `context.execute_async_v3(stream)` once between two
+    CUDA events on the runner's stream and returns its milliseconds (Polygraphy's TrtRunner: one infer() first binds
+    the device buffers; the copies are outside the events)."""
+
+    def __init__(self, runner, tensor):
+        self.cu = _cudart()
+        self.path = runner.path
+        trt_runner = runner.runner  # polygraphy TrtRunner
+        trt_runner.infer({runner.input_name: tensor})  # binds input/output addresses on the context
+        self.ctx, self.stream = trt_runner.context, trt_runner.stream.ptr
+        self.start, self.stop = ctypes.c_void_p(), ctypes.c_void_p()
+        self.cu.cudaEventCreate(ctypes.byref(self.start))
+        self.cu.cudaEventCreate(ctypes.byref(self.stop))
+
+    def __call__(self, i: int) -> float:
+        cu, stream = self.cu, ctypes.c_void_p(self.stream)
+        cu.cudaEventRecord(self.start, stream)
+        if not self.ctx.execute_async_v3(self.stream):
+            raise UserError("TensorRT execute_async_v3 failed", self.path)
+        cu.cudaEventRecord(self.stop, stream)
+        cu.cudaEventSynchronize(self.stop)
+        ms = ctypes.c_float()
+        cu.cudaEventElapsedTime(ctypes.byref(ms), self.start, self.stop)
+        return float(ms.value)
+
+    def close(self) -> None:
+        self.cu.cudaEventDestroy(self.start)
+        self.cu.cudaEventDestroy(self.stop)
 
 
 # ---- the bench -----------------------------------------------------------------------------------------------------
@@ -102,16 +110,44 @@ def _runner(kind: str, root: Path, v: dict, plans: dict, threads: int):
     return get_runner("onnxruntime", root / v["file"], threads=threads)
 
 
-def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None = None,
-          engine_cache: str | Path | None = None, warmup: int | None = None, iters: int | None = None,
-          threads: int | None = None, only: list[str] | None = None) -> dict:
-    """Verify the bundle, then score and time each variant; write device_report.json; return it."""
+def time_all(kind: str, scored: list, paths: list[str], spec, base: str | None, sched):
+    """Every variant's engine-only and end-to-end calls in one interleaved session (pipeline/eval/timing.py), with
+    tegrastats running; returns the Timing, each variant's TimedVariant and the power/temperature summary."""
     import numpy as np
 
+    from pipeline.eval.bench import TimedVariant, TimingInputs, timed_calls, tracked_ratios
+    from pipeline.eval.timing import time_interleaved
+
+    inputs = TimingInputs.load(paths, spec)
+    items, tvs, events = {}, {}, []
+    try:
+        for v, r, _, _ in scored:
+            tv = tvs[v["name"]] = TimedVariant.split(v["name"], base)
+            c = timed_calls(r, inputs, spec)
+            if kind == "tensorrt":  # engine-only from CUDA events around the execute call
+                c["engine"] = CudaEventTimer(r, np.ascontiguousarray(inputs.tensors[0]))
+                events.append(c["engine"])
+            items[tv.engine], items[tv.end_to_end] = c["engine"], c["end_to_end"]
+        with TegraStats() as ts:
+            t = time_interleaved(items, tracked_ratios(tvs), sched, label="bench: timing")
+    finally:
+        for ev in events:
+            ev.close()
+    print(f"  timing: {t.summary['stop']} after {t.summary['rounds']} rounds ({t.summary['wall_s']:.0f} s)",
+          flush=True)
+    return t, tvs, {**ts.summary(), "scope": "the whole interleaved timing session (every variant)"}
+
+
+def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None = None,
+          engine_cache: str | Path | None = None, warmup: int | None = None, threads: int | None = None,
+          only: list[str] | None = None, timing: dict | None = None) -> dict:
+    """Verify the bundle, score each variant, then time all of them together (interleaved); write
+    device_report.json; return it. `timing` overrides the bundle's timer settings (per_round, min_rounds,
+    max_rounds, rel_width, cap_s)."""
     from pipeline.data.evalset import EvalSet
-    from pipeline.eval.bench import accuracy, latency
-    from pipeline.eval.detect import PrePost, letterbox
-    from pipeline.eval.timing import percentiles
+    from pipeline.eval.bench import accuracy, speedup_fields, timing_fields
+    from pipeline.eval.detect import PrePost
+    from pipeline.eval.timing import Schedule
 
     if runner not in RUNNERS:
         raise UserError(f"unknown runner '{runner}' (one of {', '.join(RUNNERS)})")
@@ -123,8 +159,7 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
         raise UserError("the eval set's digest differs from the manifest's", root / m["eval"]["dir"])
     spec = PrePost(**m["prepost"])
     cfg = m["bench"]
-    warmup = cfg["warmup"] if warmup is None else warmup
-    iters = cfg["iters"] if iters is None else iters
+    sched = Schedule.of(cfg, warmup=warmup, **(timing or {}))
     threads = cfg["threads"] if threads is None else threads
     variants = [v for v in m["variants"] if not only or v["name"] in only]
     skipped = [{"name": v["name"], "why": v["tensorrt"]["why"]} for v in variants
@@ -137,20 +172,19 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
     plans = build_engines(root, m, Path(engine_cache or DEFAULT_ENGINE_CACHE)) if runner == "tensorrt" else {}
     gt, cat_ids, names = es.ground_truth, es.category_ids, es.names
     paths = [i.path for i in es.images]
-    rows = []
+    scored = []  # accuracy of every variant first; then all of them are timed together
     for v in variants:
         if any(x["name"] == v["name"] for x in skipped):
             continue
         r = _runner(runner, root, v, plans, threads)
-        acc, dets = accuracy(r, es.images, gt, cat_ids, spec, label=v["name"])
-        with TegraStats() as ts:
-            lat = latency(r, paths, spec, warmup, iters)
-            if runner == "tensorrt":  # engine-only from CUDA events around the execute call
-                import cv2
-
-                x = letterbox(cv2.imread(paths[0], cv2.IMREAD_COLOR), spec)[0]
-                lat["engine"] = percentiles(cuda_event_latency(r, np.ascontiguousarray(x), warmup, iters))
-                lat["engine_timer"] = "CUDA events around execute_async_v3"
+        scored.append((v, r, *accuracy(r, es.images, gt, cat_ids, spec, label=v["name"])))
+    names_run = [v["name"] for v, *_ in scored]
+    base = "base-fp32" if "base-fp32" in names_run else (names_run[0] if names_run else None)
+    t, tvs, power = time_all(runner, scored, paths, spec, base, sched) if scored else (None, {}, {})
+    engine_timer = ("CUDA events around execute_async_v3" if runner == "tensorrt"
+                    else "perf_counter around runner.infer (host-side)")
+    rows = []
+    for v, r, acc, dets in scored:
         dev = v.get("dev_box") or {}
         rows.append({
             "name": v["name"], "precision": v["precision"], "note": v.get("note", ""),
@@ -159,35 +193,34 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
             "runner": r.describe(),
             "map50_95": acc["map50_95"], "map50": acc["map50"],
             "per_class_ap50_95": {names[cat_ids.index(k)]: a for k, a in acc["per_class_ap50_95"].items()},
-            "latency_ms": {"engine": lat["engine"], "end_to_end": lat["end_to_end"]},
-            "engine_timer": lat.get("engine_timer", "perf_counter around runner.infer (host-side)"),
-            "fps": lat["fps"], "timing": {k: lat[k] for k in ("batch", "warmup", "iters", "wall_s")},
+            **timing_fields(t, tvs[v["name"]]),
+            "engine_timer": engine_timer,
             "params": v.get("params"), "macs": v.get("macs"), "detections": len(dets),
-            "e2e_over_engine": lat["end_to_end"]["p50"] / lat["engine"]["p50"],
-            "power": ts.summary(),
+            "power": power,
             "dev_box": {"map50_95": dev.get("map50_95"), "map50": dev.get("map50"), "runner": dev.get("runner")},
             "map50_95_minus_dev_box": (acc["map50_95"] - dev["map50_95"]) if dev.get("map50_95") is not None
             else None,
         })
-        del r
-    base = next((x for x in rows if x["name"] == "base-fp32"), rows[0] if rows else None)
+    del scored  # the runners
+    by = {x["name"]: x for x in rows}
     for x in rows:
-        if base is None or not base.get("macs") or not x.get("macs"):
+        b = by.get(base)
+        if b is None or not b.get("macs") or not x.get("macs"):
             break
-        x["vs_base"] = {"against": base["name"], "macs_ratio": x["macs"] / base["macs"],
-                        "params_ratio": x["params"] / base["params"],
-                        "size_ratio": x["model"]["size_bytes"] / base["model"]["size_bytes"],
-                        "map50_95_delta": x["map50_95"] - base["map50_95"],
-                        "engine_p50_speedup": base["latency_ms"]["engine"]["p50"] / x["latency_ms"]["engine"]["p50"],
-                        "e2e_p50_speedup": base["latency_ms"]["end_to_end"]["p50"]
-                        / x["latency_ms"]["end_to_end"]["p50"]}
+        x["vs_base"] = {"against": b["name"], "macs_ratio": x["macs"] / b["macs"],
+                        "params_ratio": x["params"] / b["params"],
+                        "size_ratio": x["model"]["size_bytes"] / b["model"]["size_bytes"],
+                        "map50_95_delta": x["map50_95"] - b["map50_95"],
+                        **speedup_fields(t, tvs[x["name"]], tvs[b["name"]])}
     import platform
 
     report = {"schema": "yolo-edge/report/1", "run": m["run"], "recipe": m["recipe"],
               "dataset": {**m["dataset"], "digest": eval_digest},
               "device": {**state, "runner": runner}, "env": {"python": platform.python_version(),
                                                              "yolo_edge": _version()},
-              "prepost": spec.as_dict(), "bench": {"warmup": warmup, "iters": iters, "threads": threads},
+              "prepost": spec.as_dict(), "bench": {**asdict(sched), "threads": threads},
+              "timing": t.summary if t else None,
+              "power": power,
               "bundle": {"digest": mf.digest(root), "format": m["format"], "project": m["project"]},
               "comparable": state["comparable"],
               **({"not_comparable": state["not_comparable_because"]} if not state["comparable"] else {}),

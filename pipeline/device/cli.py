@@ -36,8 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--runner", choices=["tensorrt", "onnxruntime"], default="tensorrt")
     n.add_argument("--out", type=Path, default=Path("device_report.json"))
     n.add_argument("--engine-cache", type=Path, default=None)
-    n.add_argument("--warmup", type=int, default=None, help="default: the bundle's bench settings")
-    n.add_argument("--iters", type=int, default=None, help="default: the bundle's bench settings")
+    # the interleaved timer's settings (pipeline/eval/timing.py); each defaults to the bundle's bench settings
+    n.add_argument("--warmup", type=int, default=None, help="untimed calls per timed item first")
+    n.add_argument("--per-round", type=int, default=None, help="calls per timed item in each round")
+    n.add_argument("--min-rounds", type=int, default=None, help="rounds before the first stop check")
+    n.add_argument("--max-rounds", type=int, default=None, help="rounds at most")
+    n.add_argument("--rel-width", type=float, default=None,
+                   help="stop once every speed-up's 95%% interval width / estimate is at most this")
+    n.add_argument("--cap-s", type=float, default=None, help="seconds of timing at most")
     n.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: the bundle's)")
     n.add_argument("--variant", action="append", default=None, help="only this variant (repeatable)")
     sub.add_parser("info", help="the device state as JSON")
@@ -64,7 +70,8 @@ def run(argv: list[str] | None = None) -> int:
     elif a.cmd == "bench":
         from pipeline.device.bench import bench, summary_lines
 
-        rep = bench(a.bundle, a.runner, a.out, a.engine_cache, a.warmup, a.iters, a.threads, a.variant)
+        timing = {k: getattr(a, k) for k in ("per_round", "min_rounds", "max_rounds", "rel_width", "cap_s")}
+        rep = bench(a.bundle, a.runner, a.out, a.engine_cache, a.warmup, a.threads, a.variant, timing)
         print("\n".join(summary_lines(rep)))
         print(f"wrote {a.out}")
     elif a.cmd == "info":

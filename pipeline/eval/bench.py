@@ -1,10 +1,10 @@
-"""Accuracy and latency of any Runner on a list of images. numpy + OpenCV + pycocotools only: the Jetson
-bench imports this as it is."""
+"""Accuracy of any Runner on a list of images, and the calls the interleaved timer (pipeline/eval/timing.py) times.
+numpy + OpenCV + pycocotools only: the Jetson bench imports this as it is."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -14,7 +14,9 @@ from pipeline.backends.base import Runner
 from pipeline.data.evalset import EvalImage  # noqa: F401  (the evaluator's image: path + the dataset's id)
 from pipeline.eval.coco import coco_eval, to_coco_results
 from pipeline.eval.detect import PrePost, e2e_detections, letterbox, postprocess
-from pipeline.eval.timing import percentiles, time_calls
+from pipeline.eval.timing import Timing
+
+TIMING_IMAGES = 16  # distinct images (frames) the timed calls cycle through
 
 
 def _read(path: str) -> np.ndarray:
@@ -44,28 +46,41 @@ def accuracy(runner: Runner, images: Sequence[EvalImage], gt: dict, cat_ids: lis
     return coco_eval(gt, dets), dets
 
 
-def latency(runner: Runner, image_paths: Iterable[str], spec: PrePost, warmup: int, iters: int) -> dict:
-    """Engine-only (runner.infer on a ready tensor) and end-to-end (letterbox + infer + NMS on a decoded image in
-    memory; JPEG decoding is excluded, as a camera pipeline hands over raw frames). Interleaved image by image."""
-    imgs = [_read(p) for p in list(image_paths)[: max(1, min(iters, 16))]]
-    tensors = [letterbox(im, spec)[0] for im in imgs]
-    name = runner.input_name
+@dataclass(frozen=True)
+class TimingInputs:
+    """What the timed calls run on, decoded once and shared by every variant of a session: the first
+    TIMING_IMAGES eval images in memory (JPEG decoding is excluded, as a camera pipeline hands over raw frames) and
+    their letterboxed tensors. Call i of an item uses image i modulo their number."""
+    images: list[np.ndarray]
+    tensors: list[np.ndarray]
 
-    def engine(i: int):
+    @classmethod
+    def load(cls, image_paths: Iterable[str], spec: PrePost) -> TimingInputs:
+        images = [_read(p) for p in list(image_paths)[:TIMING_IMAGES]]
+        if not images:
+            raise ValueError("no images to time the models on")
+        return cls(images, [letterbox(im, spec)[0] for im in images])
+
+    def frames(self, frame_hw: tuple[int, int]) -> list[np.ndarray]:
+        """The images resized to a camera's frame size (what an end-to-end graph takes)."""
+        h, w = frame_hw
+        return [cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR) for im in self.images]
+
+
+def timed_calls(runner: Runner, inputs: TimingInputs, spec: PrePost) -> dict[str, Callable[[int], None]]:
+    """The interleaved timer's items for one model: engine-only (runner.infer on a ready tensor) and end-to-end
+    (letterbox + infer + NMS on a decoded image in memory)."""
+    imgs, tensors, name = inputs.images, inputs.tensors, runner.input_name
+
+    def engine(i: int) -> None:
         runner.infer({name: tensors[i % len(tensors)]})
 
-    def e2e(i: int):
+    def end_to_end(i: int) -> None:
         img = imgs[i % len(imgs)]
         x, undo = letterbox(img, spec)
         postprocess(runner.infer({name: x})[0], undo, img.shape[:2], spec)
 
-    t0 = time.perf_counter()
-    eng = time_calls(engine, warmup, iters)
-    end = time_calls(e2e, warmup, iters)
-    wall = time.perf_counter() - t0
-    e = percentiles(end)
-    return {"engine": percentiles(eng), "end_to_end": e, "fps": 1000.0 / e["mean"], "batch": 1,
-            "warmup": warmup, "iters": iters, "wall_s": wall}
+    return {"engine": engine, "end_to_end": end_to_end}
 
 
 def predict_e2e(runner_for, images: Sequence[EvalImage], cat_ids: list[int], label: str = "predict") -> list[dict]:
@@ -82,15 +97,61 @@ def predict_e2e(runner_for, images: Sequence[EvalImage], cat_ids: list[int], lab
     return dets
 
 
-def latency_e2e(runner: Runner, image_paths: Iterable[str], frame_hw: tuple[int, int], warmup: int,
-                iters: int) -> dict:
-    """An end-to-end graph's time per camera frame (the images resized to its frame size): engine-only and
-    end-to-end are the same call, the frame in memory to the final detections."""
-    h, w = frame_hw
-    frames = [cv2.resize(_read(p), (w, h), interpolation=cv2.INTER_LINEAR)
-              for p in list(image_paths)[: max(1, min(iters, 16))]]
+def timed_call_e2e(runner: Runner, frames: list[np.ndarray]) -> Callable[[int], None]:
+    """The timer's item for an end-to-end graph: one call on a camera-size frame in memory (TimingInputs.frames) to
+    the final detections; its engine-only and end-to-end time are this same call."""
     name = runner.input_name
-    t0 = time.perf_counter()
-    t = percentiles(time_calls(lambda i: runner.infer({name: frames[i % len(frames)]}), warmup, iters))
-    return {"engine": t, "end_to_end": t, "fps": 1000.0 / t["mean"], "batch": 1, "warmup": warmup, "iters": iters,
-            "wall_s": time.perf_counter() - t0, "frame_hw": [h, w]}
+
+    def call(i: int) -> None:
+        runner.infer({name: frames[i % len(frames)]})
+
+    return call
+
+
+@dataclass(frozen=True)
+class TimedVariant:
+    """A variant's items in an interleaved timing session, and what its ratios divide by."""
+    name: str
+    engine: str  # the item of its engine-only time
+    end_to_end: str  # the item of its end-to-end time (an end-to-end graph: the engine item itself)
+    over: str  # the engine-only item its e2e ÷ engine divides by (its own; an end-to-end graph's: its source's)
+    against: str | None = None  # the variant its speed-ups are measured against
+
+    @classmethod
+    def split(cls, name: str, against: str | None = None) -> TimedVariant:
+        """A model timed on a ready tensor and, separately, end to end around the runner."""
+        return cls(name, f"{name} engine", f"{name} e2e", f"{name} engine", against)
+
+    @classmethod
+    def graph(cls, name: str, source_engine: str, against: str | None = None) -> TimedVariant:
+        """An end-to-end graph: one item, its e2e ÷ engine over its source variant's engine-only item."""
+        return cls(name, name, name, source_engine, against)
+
+
+def tracked_ratios(tvs: Mapping[str, TimedVariant]) -> list[tuple[str, str]]:
+    """(numerator, denominator) items whose ratios the report states: each variant's engine-only and end-to-end
+    speed-up (base over variant) and its end-to-end over engine-only time."""
+    pairs = []
+    for v in tvs.values():
+        if v.against is not None and v.against != v.name:
+            b = tvs[v.against]
+            pairs += [(b.engine, v.engine), (b.end_to_end, v.end_to_end)]
+        pairs.append((v.end_to_end, v.over))
+    return [p for p in dict.fromkeys(pairs) if p[0] != p[1]]
+
+
+def timing_fields(t: Timing, v: TimedVariant) -> dict:
+    """A report row's latency_ms (engine, end_to_end: percentiles and the p50's 95% interval), fps, timing and
+    e2e_over_engine (+ its interval) from a session that timed it."""
+    e, r, s = t.items[v.end_to_end], t.ratio(v.end_to_end, v.over), t.summary
+    return {"latency_ms": {"engine": t.items[v.engine], "end_to_end": e}, "fps": 1000.0 / e["mean"],
+            "timing": {"batch": 1, "method": s["method"], "warmup": s["warmup"], "rounds": s["rounds"],
+                       "per_round": s["per_round"], "iters": e["n"], "wall_s": s["wall_s"]},
+            "e2e_over_engine": r["estimate"], "e2e_over_engine_ci": r["ci"]}
+
+
+def speedup_fields(t: Timing, v: TimedVariant, base: TimedVariant) -> dict:
+    """vs_base's speed-ups: base p50 over the variant's p50 (engine-only and end-to-end) with 95% intervals."""
+    eng, e2e = t.ratio(base.engine, v.engine), t.ratio(base.end_to_end, v.end_to_end)
+    return {"engine_p50_speedup": eng["estimate"], "engine_p50_speedup_ci": eng["ci"],
+            "e2e_p50_speedup": e2e["estimate"], "e2e_p50_speedup_ci": e2e["ci"]}

@@ -26,13 +26,28 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 
-VERSION = 1
-# Tolerances (measured on the shipped base at 320 px, 4 synthetic images: FP16 emulated 0.035 px / 2.6e-3, the real
-# file through ORT 0.007 px / 1.5e-3; INT8+FP16 score-weighted error 1.26x (emulated) and 0.98x (ORT) the INT8's).
-FP16_BOX_PX = 0.25  # box coordinates, on anchors that score > LIVE in FP32 (those that can become detections)
-FP16_SCORE = 1e-2  # class scores (probabilities), every anchor
-LIVE = 0.25
-INT8_FP16_RATIO = 1.5  # INT8+FP16 output error vs FP32 may be at most this times the INT8 (FP32 float parts) one
+VERSION = 2
+# The parity checks compare a strongly typed file with its FP32 model on PARITY_IMAGES eval images. They catch a
+# broken conversion (a layer lost, a wrong cast, an FP16 overflow), not FP16's or INT8's own rounding, which differs
+# from model to model and input size to input size; bench's mAP of each variant is the finer check. Each tolerance
+# sits over the largest honest value measured on 16 images (benchmarks/RESULTS.md, 2026-12-04): the shipped base at
+# 320 and 640 px, the pruned model fine-tuned under OMP_NUM_THREADS 1 and 2 and seeds 0-2, YOLO11n models trained on
+# the BCCD photos (416 and 640 px).
+PARITY_IMAGES = 16
+LIVE = 0.25  # anchors scoring above this in FP32 are those that can become detections
+# Box coordinates of live anchors, max abs difference, as a fraction of the input size: measured 1.0e-4 to 3.9e-4
+# (0.033-0.124 px at 320, 0.25 px at 640, 0.07-0.13 px on BCCD) and 6.5e-4 on a converged BCCD YOLO11n at 416 px
+# (0.271 px); 2.5e-3 is 3.8x the largest (0.8 px at 320, 1.6 px at 640).
+FP16_BOX_FRAC = 2.5e-3
+# Class scores (probabilities), max abs difference over every anchor: measured 0.004-0.018 (the largest: pruned at
+# 320; a maximum over ~25k anchors, so it grows with the image count); 0.06 is 3.3x that.
+FP16_SCORE = 6e-2
+# INT8 with FP16 around it: its output error vs FP32 (score-weighted, pipeline.quant.ort_qdq.output_error's
+# measure) may be at most INT8_FP16_RATIO times the INT8 file's own (FP32 around the Q/DQ). Not additive: FP16 in
+# front of a QuantizeLinear moves values across rounding boundaries, so the excess scales with the INT8 error itself
+# (FP16 alone adds ~1e-4 of it, recorded beside). Measured 0.93-1.22x on 16 images (the same models), 1.52x once on
+# 4 images; 2.0 is 1.6x the largest 16-image value, and a layer lost in the file reads 2.4x.
+INT8_FP16_RATIO = 2.0
 
 
 def _outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
@@ -105,20 +120,29 @@ def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray
     if kind == "fp16":
         d_emu, d_real = _diff(ref, emulated), _diff(ref, real)
         info.update({"parity_emulated": d_emu, "parity_ort": d_real,
-                     "tolerance": {"box_px_live": FP16_BOX_PX, "score": FP16_SCORE, "live_score": LIVE}})
-        worst = max(d_emu, d_real, key=lambda d: d["box_px_live"] / FP16_BOX_PX + d["score"] / FP16_SCORE)
-        if worst["box_px_live"] > FP16_BOX_PX or worst["score"] > FP16_SCORE:
+                     "weighted_error": {"emulated": _weighted_error(ref, emulated, imgsz),
+                                        "ort": _weighted_error(ref, real, imgsz)},
+                     "tolerance": {"box_px_live": FP16_BOX_FRAC * imgsz, "score": FP16_SCORE, "live_score": LIVE}})
+        box_tol = FP16_BOX_FRAC * imgsz
+        worst = max(d_emu, d_real, key=lambda d: d["box_px_live"] / box_tol + d["score"] / FP16_SCORE)
+        if worst["box_px_live"] > box_tol or worst["score"] > FP16_SCORE:
             raise UserError(f"FP16 output differs from FP32 by {worst['box_px_live']:.3f} px (boxes of anchors scoring "
-                            f"> {LIVE}) / {worst['score']:.2e} (scores); tolerance {FP16_BOX_PX} px / {FP16_SCORE}",
-                            dest)
+                            f"> {LIVE}) / {worst['score']:.2e} (scores); tolerance {box_tol:.2f} px ({FP16_BOX_FRAC:g} "
+                            f"of the {imgsz} px input) / {FP16_SCORE}", dest)
     else:
+        # what FP16 alone does to the same FP32 model (its float parts rounded, no Q/DQ), measured the same way
+        fp16_ref = work / f"{dest.stem}.fp16-alone.emulated.onnx"
+        fp16.convert_file(fp32_ref, fp16_ref, head_decode_nodes(onnx.load(str(fp32_ref)), list(exclude)), emulate=True)
+        e_fp16 = _weighted_error(ref, _outputs(fp16_ref, x), imgsz)
         base = _weighted_error(ref, _outputs(src, x), imgsz)
         e_emu, e_real = _weighted_error(ref, emulated, imgsz), _weighted_error(ref, real, imgsz)
-        info.update({"int8_error": base, "int8_fp16_error_emulated": e_emu, "int8_fp16_error_ort": e_real,
+        ratio = max(e_emu, e_real) / max(base, 1e-30)
+        info.update({"int8_error": base, "fp16_alone_error": e_fp16, "int8_fp16_error_emulated": e_emu,
+                     "int8_fp16_error_ort": e_real, "ratio_to_int8_error": ratio,
                      "tolerance": {"ratio_to_int8_error": INT8_FP16_RATIO}})
-        if max(e_emu, e_real) > INT8_FP16_RATIO * base + 1e-6:
-            raise UserError(f"INT8 with FP16 around it is {max(e_emu, e_real) / max(base, 1e-12):.2f}x the FP32-around "
-                            f"INT8 error vs FP32 (> {INT8_FP16_RATIO}x)", dest)
+        if not ratio <= INT8_FP16_RATIO:
+            raise UserError(f"INT8 with FP16 around it is {ratio:.2f}x the FP32-around INT8 error vs FP32 (> "
+                            f"{INT8_FP16_RATIO}x; FP16 alone adds {e_fp16:.1e} to {base:.1e})", dest)
     return info
 
 
@@ -138,7 +162,7 @@ def variant_sources(ctx: Context) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def parity_inputs(ctx: Context, n: int = 4) -> np.ndarray:
+def parity_inputs(ctx: Context, n: int = PARITY_IMAGES) -> np.ndarray:
     import cv2
 
     from pipeline.eval.detect import PrePost, letterbox
@@ -148,7 +172,7 @@ def parity_inputs(ctx: Context, n: int = 4) -> np.ndarray:
     return np.concatenate([letterbox(cv2.imread(str(p)), pp)[0] for p in parity_images(ctx, n)])
 
 
-def strongly_typed(ctx: Context, parity_n: int = 4) -> StageRecord:
+def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
     """The dev-box half: the strongly typed ONNX files and their parity, as the `engine` record."""
     srcs = variant_sources(ctx)
     inputs = {}
@@ -156,7 +180,7 @@ def strongly_typed(ctx: Context, parity_n: int = 4) -> StageRecord:
         inputs[f"{name}.src"] = ctx.output(*src)
         inputs[f"{name}.ref"] = ctx.output(*ref)
     config = {"variants": sorted(srcs), "exclude": list(ctx.recipe.quantize.exclude), "parity_images": parity_n,
-              "imgsz": ctx.recipe.model.imgsz, "tolerance": [FP16_BOX_PX, FP16_SCORE, LIVE, INT8_FP16_RATIO]}
+              "imgsz": ctx.recipe.model.imgsz, "tolerance": [FP16_BOX_FRAC, FP16_SCORE, LIVE, INT8_FP16_RATIO]}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         import shutil

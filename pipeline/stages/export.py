@@ -14,10 +14,10 @@ from pipeline.core.stage import Context, StageResult, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.eval.detect import PrePost, letterbox
 
-VERSION = 2
+VERSION = 3  # 3: parity on 8 images
 
 
-def parity_images(ctx: Context, n: int = 2) -> list[Path]:
+def parity_images(ctx: Context, n: int = 8) -> list[Path]:
     from pipeline.stages.data import eval_set
 
     return [Path(im.path) for im in eval_set(ctx, verify=False).images[:n]]
@@ -75,12 +75,13 @@ def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: 
 
 def run(ctx: Context, source_stage: str = "load", stage_name: str = "export") -> StageRecord:
     cfg = ctx.recipe.export
-    config = {**cfg.model_dump(exclude={"e2e"}), "imgsz": ctx.recipe.model.imgsz}  # e2e: bench builds those
+    # e2e: bench builds those
+    config = {**cfg.model_dump(exclude={"e2e"}), "imgsz": ctx.recipe.model.imgsz, "parity_images": 8}
     inputs = {"model": ctx.output(source_stage, "model")}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         metrics = export_checked(inputs["model"], out / "model.onnx", ctx.recipe.model.imgsz, cfg.opset,
-                                 cfg.simplify, parity_images(ctx), cfg.parity_atol, cfg.dfl_last_axis)
+                                 cfg.simplify, parity_images(ctx, 8), cfg.parity_atol, cfg.dfl_last_axis)
         (out / "export.json").write_text(json.dumps(metrics, indent=1))
         return StageResult(outputs={"onnx": "model.onnx"}, metrics=metrics,
                            requested={"opset": cfg.opset}, effective={"opset": metrics["opset"]})
