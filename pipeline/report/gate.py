@@ -415,7 +415,7 @@ def baseline_from_report(rep: dict, old: dict | None, reason: str, run_dir: Path
                 if m not in got:
                     continue
                 prev = (old_dev.get(r["name"]) or {}).get(m) or {}
-                if prev and prev.get("rule", "hand") not in RULES:  # a hand-set tolerance: kept
+                if prev.get("rule") == "hand" or prev and "rule" not in prev:  # a hand-set tolerance: kept
                     ms[m] = {"ref": got[m], **{k: prev[k] for k in ("tol", "rtol") if k in prev}, "rule": "hand"}
                     continue
                 sp = spreads.get((dev["id"], r["name"], m)) if spreads is not None else prev.get("spread")
