@@ -228,20 +228,18 @@ class Hogs:
         return False
 
 
-LOAD_ROUNDS = (30, 45)  # the load runs from the end of round 30 to the end of round 45; a session runs >= 60
+LOAD_FROM = 30  # the load starts after round 30 of a session of 60 and runs to its end
 
 
 def _session(small, large, load: bool) -> dict:
-    """One interleaved session of the two models; with `load`, CPU-bound processes run through LOAD_ROUNDS."""
+    """One interleaved session of the two models; with `load`, CPU-bound processes from round LOAD_FROM on."""
     with Hogs() as hogs:
         def on_round(n: int) -> None:
-            if load and n == LOAD_ROUNDS[0]:
+            if load and n == LOAD_FROM:
                 hogs.start()
-            elif load and n == LOAD_ROUNDS[1]:
-                hogs.stop()
 
         t = time_interleaved({"small": small, "large": large}, [("large", "small")],
-                             Schedule(warmup=5, per_round=3, min_rounds=60, rel_width=0.05, cap_s=20),
+                             Schedule(warmup=5, per_round=3, min_rounds=60, max_rounds=60, cap_s=60),
                              progress=False, on_round=on_round)
     r = t.ratio("large", "small")
     return {"estimate": r["estimate"], "ci": r["ci"], "rounds": t.summary["rounds"], "stop": t.summary["stop"],
@@ -260,21 +258,22 @@ def _one_after_the_other(small, large, calls: int = 60) -> float:
 
 
 def _line(name: str, r: dict) -> str:
-    load = f" ({r['hogs']} CPU-bound processes through rounds {LOAD_ROUNDS[0]}-{LOAD_ROUNDS[1]})" if r["hogs"] else ""
-    return (f"{name:>12}: large/small p50 {r['estimate']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}], {r['rounds']} "
+    load = f" ({r['hogs']} CPU-bound processes from round {LOAD_FROM} to the end)" if r["hogs"] else ""
+    return (f"{name:>12}: large/small {r['estimate']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}], {r['rounds']} "
             f"rounds, {r['stop']}; p50 small {r['small_p50']:.2f} ms, large {r['large_p50']:.2f} ms{load}")
 
 
 @pytest.mark.slow(seconds=45)
 def test_a_load_started_halfway_leaves_the_speedup_interval_where_a_quiet_run_puts_it(tmp_path):
-    """Two conv nets (~5 and ~10 ms a call, single-threaded ONNX Runtime) timed in interleaved sessions: quiet, with a
-    CPU-bound process per core through rounds 30-45 of at least 60, and quiet again. The loaded rounds are slow for
-    both models alike, so the loaded session's interval stays where the quiet sessions put theirs (the two quiet
-    ones bracket what the machine drifts by itself between sessions: other processes on a shared box move the ratio
-    too); the same load in one model's slot of one-after-the-other timing moves the ratio far out of it."""
+    """Two conv nets (~5 and ~10 ms a call, ONNX Runtime with the bench's 2 threads) timed in interleaved sessions of
+    60 rounds: quiet, with a CPU-bound process per core started halfway through and left running to the end, and
+    quiet again. The loaded rounds are slow for both models alike and each ratio is paired within its round, so the
+    loaded session's interval stays where the quiet sessions put theirs (the two quiet ones bracket what the machine
+    drifts by itself between sessions); the same load in one model's slot of one-after-the-other timing moves the
+    ratio far out of it."""
     from pipeline.backends.base import get_runner
 
-    runners = [get_runner("onnxruntime", conv_net(tmp_path / f"m{k}.onnx", k), threads=1) for k in (2, 4)]
+    runners = [get_runner("onnxruntime", conv_net(tmp_path / f"m{k}.onnx", k), threads=2) for k in (2, 4)]
     small, large = (infer_call(r) for r in runners)
     before = _session(small, large, load=False)
     loaded = _session(small, large, load=True)

@@ -18,7 +18,7 @@ from pipeline.core.store import StageRecord, atomic_path, sha256_file, write_jso
 from pipeline.eval.bootstrap import annotate_rows
 from pipeline.eval.detect import PrePost
 
-VERSION = 4  # 4: interleaved timing, mAP intervals, the CPU's vector units, cross-check tolerance 5 pt
+VERSION = 5  # 5: speed-ups as the median of per-round ratios (4: interleaved timing, mAP intervals, vector units)
 
 # The fp32 variants a second implementation scores too (ultralytics' validator on the checkpoint they were
 # exported from): the stage whose 'model' output that checkpoint is.
