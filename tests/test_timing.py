@@ -265,15 +265,15 @@ def _line(name: str, r: dict) -> str:
 
 @pytest.mark.slow(seconds=45)
 def test_a_load_started_halfway_leaves_the_speedup_interval_where_a_quiet_run_puts_it(tmp_path):
-    """Two conv nets (~5 and ~10 ms a call, ONNX Runtime with the bench's 2 threads) timed in interleaved sessions of
-    60 rounds: quiet, with a CPU-bound process per core started halfway through and left running to the end, and
-    quiet again. The loaded rounds are slow for both models alike and each ratio is paired within its round, so the
-    loaded session's interval stays where the quiet sessions put theirs (the two quiet ones bracket what the machine
-    drifts by itself between sessions); the same load in one model's slot of one-after-the-other timing moves the
-    ratio far out of it."""
+    """Two conv nets (~5 and ~10 ms a call, single-threaded ONNX Runtime, so that tests running beside this one on
+    other cores disturb it least) timed in interleaved sessions of 60 rounds: quiet, with a CPU-bound process per
+    core started halfway through and left running to the end, and quiet again. The loaded rounds are slow for both
+    models alike and each ratio is paired within its round, so the loaded session's interval stays where the quiet
+    sessions put theirs (the two quiet ones bracket what the machine drifts by itself between sessions); the same
+    load in one model's slot of one-after-the-other timing moves the ratio far out of it."""
     from pipeline.backends.base import get_runner
 
-    runners = [get_runner("onnxruntime", conv_net(tmp_path / f"m{k}.onnx", k), threads=2) for k in (2, 4)]
+    runners = [get_runner("onnxruntime", conv_net(tmp_path / f"m{k}.onnx", k), threads=1) for k in (2, 4)]
     small, large = (infer_call(r) for r in runners)
     before = _session(small, large, load=False)
     loaded = _session(small, large, load=True)
@@ -283,7 +283,7 @@ def test_a_load_started_halfway_leaves_the_speedup_interval_where_a_quiet_run_pu
         print("\n" + _line(name, r), end="")
     print(f"\none after the other, the same load in the large model's slot: {sequential:.3f}")
     lo, hi = min(before["ci"][0], after["ci"][0]), max(before["ci"][1], after["ci"][1])
-    assert loaded["hogs"] >= 1 and 1.3 < before["estimate"] < 2.5
+    assert loaded["hogs"] >= 1 and before["estimate"] > 1.1  # the larger model is the slower one
     assert loaded["ci"][0] <= hi and lo <= loaded["ci"][1], (before, loaded, after)
     assert sequential > hi, (sequential, before, after)
 
