@@ -87,7 +87,7 @@ def timed_call(fn: Callable[[int], object], i: int) -> float:
 def bootstrap_medians(samples: Mapping[str, np.ndarray], rounds: int, resamples: int,
                       rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Per item, the pooled median of its samples over `resamples` draws of `rounds` round indices (with
-    replacement); the same draws for every item, so a ratio of two items keeps its rounds paired."""
+    replacement): the bootstrap of each item's own p50 (ratios use `ratio_intervals`, paired within rounds)."""
     idx = rng.integers(0, rounds, (resamples, rounds))
     return {k: np.median(a[:rounds][idx].reshape(resamples, -1), axis=1) for k, a in samples.items()}
 
