@@ -63,7 +63,8 @@ def _preflight(ctx, stages: list[str]) -> None:
     if "data" in stages and ctx.recipe.data.source != "synthetic":
         from pipeline.data.formats import load_dataset
 
-        load_dataset(ctx.recipe.data.source).split(ctx.recipe.bench.split)
+        d = ctx.recipe.data
+        load_dataset(d.source, strict=d.strict, names=d.names).split(ctx.recipe.bench.split)
     if "load" in stages:
         from pipeline.adapters.ultralytics_yolo import check_model_spec, check_pruned_checkpoint
         from pipeline.stages.load import weights_spec
@@ -97,7 +98,8 @@ def stage(name: str, recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt,
 
 
 @app.command()
-def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO directory or COCO instances JSON"),
+def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO directory or instances JSON, or a "
+                                                          "Pascal VOC directory"),
           weights: str = typer.Option(..., "--weights", help="YOLO11 .pt checkpoint (or .yaml architecture)"),
           imgsz: int | None = typer.Option(None, help="input size (default: the recipe's)"),
           recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
@@ -112,7 +114,8 @@ def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO di
 
 
 @app.command()
-def init(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO directory or COCO instances JSON"),
+def init(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO directory or instances JSON, or a "
+                                                         "Pascal VOC directory"),
          weights: str = typer.Option(..., "--weights", help="YOLO11 .pt checkpoint (or .yaml architecture)"),
          device: str = typer.Option("cpu", "--device", help="where training runs: cpu, 0, cuda:0 (as ultralytics)"),
          out: Path | None = typer.Option(None, "--out", help="recipe to write (default models/<data>-<weights>.yaml)"),
@@ -236,22 +239,42 @@ def check_trt(path: Path, dynamic: bool = typer.Option(False, "--dynamic", help=
     typer.echo(f"{path}: passes TensorRT's explicit-quantization and strong-typing rules")
 
 
-@app.command("check-data")
-def check_data(path: Path):
-    """Validate a dataset (YOLO data yaml, COCO directory or instances JSON) and summarize it."""
-    from pipeline.data.formats import load_dataset
+StrictOpt = typer.Option(False, "--strict", help="refuse dirty boxes (no area, past the border) instead of dropping "
+                                                 "or clipping them")
+NamesOpt = typer.Option(None, "--names", help="a VOC set's classes in order, comma-separated (default: the names "
+                                              "its objects use, sorted)")
 
-    ds = load_dataset(path)
-    summary = {s: {"images": len(v), "boxes": sum(len(i.boxes) for i in v)} for s, v in ds.splits.items()}
-    typer.echo(json.dumps({"path": str(path), "classes": ds.nc, "names": ds.names, "splits": summary}, indent=1))
+
+def _names(names: str | None) -> list[str] | None:
+    return [n.strip() for n in names.split(",") if n.strip()] if names else None
+
+
+@app.command("check-data")
+def check_data(path: Path, strict: bool = StrictOpt, names: str | None = NamesOpt):
+    """Validate a dataset (YOLO data yaml, COCO directory or instances JSON, Pascal VOC directory) and summarize
+    it; dirty boxes are listed one warning line per file and counted."""
+    from pipeline.data.formats import load_dataset
+    from pipeline.stages.data import warn_dirty
+
+    ds = load_dataset(path, strict=strict, names=_names(names))
+    warn_dirty(ds)
+    summary = {s: {"images": len(v), "boxes": sum(len(i.boxes) for i in v),
+                   **({"ignore_regions": n} if (n := sum(len(i.crowd) for i in v)) else {})}
+               for s, v in ds.splits.items()}
+    typer.echo(json.dumps({"path": str(path), "classes": ds.nc, "names": ds.names, "splits": summary,
+                           "dirty_boxes": ds.dirty}, indent=1))
 
 
 @app.command()
-def convert(src: Path, dest: Path, to: str = typer.Option(..., help="yolo or coco")):
-    """Convert a dataset between COCO JSON and the YOLO txt layout (images are symlinked)."""
+def convert(src: Path, dest: Path, to: str = typer.Option(..., help="yolo or coco"), strict: bool = StrictOpt,
+            names: str | None = NamesOpt):
+    """Convert a dataset (COCO JSON, YOLO txt or Pascal VOC) to the YOLO txt layout or COCO JSON (images are
+    symlinked; VOC's difficult objects stay ignore regions in COCO and are left out of YOLO labels)."""
     from pipeline.data.formats import load_dataset, write_coco, write_yolo
+    from pipeline.stages.data import warn_dirty
 
-    ds = load_dataset(src)
+    ds = load_dataset(src, strict=strict, names=_names(names))
+    warn_dirty(ds)
     if to not in ("yolo", "coco"):
         raise UserError(f"--to must be yolo or coco, got '{to}'")
     typer.echo(str(write_yolo(ds, dest) if to == "yolo" else write_coco(ds, dest)))

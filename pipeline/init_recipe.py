@@ -87,10 +87,16 @@ def read_inputs(data: Path, weights: str, imgsz: int | None) -> Inputs:
         model = ua.build_from_yaml(weights, nc=ds.nc, names=ds.names)
         found = None
     else:
+        from pipeline.data.formats import is_voc
+        from pipeline.stages.load import model_names
+
         model = ua.load_detection_model(weights)
         nc = int(model.model[-1].nc)
         if nc != ds.nc:
             raise UserError(f"the model predicts {nc} classes but the dataset has {ds.nc}", weights)
+        mine = model_names(model)
+        if is_voc(data) and sorted(mine) == sorted(ds.names) and mine != ds.names:
+            ds = load_dataset(data, names=mine)  # a VOC set's class order is the checkpoint's
         found = _checkpoint_imgsz(model)
     if imgsz:
         size, src = imgsz, "--imgsz"
@@ -110,7 +116,9 @@ def recipe_values(name: str, data: Path, weights: str, inp: Inputs, device: str,
     """The recipe as a nested dict: what differs from the schema's defaults, and the keys in ALWAYS."""
     cpu = device.strip().lower() in ("", "cpu")
     workers = min(8, os.cpu_count() or 2)
-    v: dict = {"name": name, "data": {"source": str(data)},
+    from pipeline.data.formats import is_voc
+
+    v: dict = {"name": name, "data": {"source": str(data), **({"names": list(inp.names)} if is_voc(data) else {})},
                "model": {"arch" if inp.is_yaml else "weights": str(weights), "imgsz": inp.imgsz},
                "prune": {"sparsity": {"enabled": sparsity, **({} if cpu else {"device": device, "workers": workers})}},
                "finetune": {"epochs": finetune_epochs(inp.n_train),
@@ -121,7 +129,7 @@ def recipe_values(name: str, data: Path, weights: str, inp: Inputs, device: str,
 
 
 # written even where they equal the schema's default: what the recipe is about
-ALWAYS = ("name", "data.source", "model.weights", "model.arch", "model.imgsz", "finetune.epochs")
+ALWAYS = ("name", "data.source", "data.names", "model.weights", "model.arch", "model.imgsz", "finetune.epochs")
 
 
 def _prune_defaults(v: dict, default: dict, prefix: str = "") -> dict:

@@ -86,11 +86,11 @@ def test_yolo_validation_errors_name_the_file(tmp_path, synth_small):
         load_dataset(y)
     assert "val_00000.txt:1" in str(e.value)
     y = _yolo_ds(tmp_path / "b", synth_small, label_line="1 0.95 0.5 0.3 0.1")
-    with pytest.raises(UserError, match="outside the image"):
-        load_dataset(y)
+    with pytest.raises(UserError, match="outside the 320x320 image"):
+        load_dataset(y, strict=True)  # without strict: clipped (test_voc.py)
     y = _yolo_ds(tmp_path / "c", synth_small, label_line="1 0.5 0.5 0.0 0.1")
     with pytest.raises(UserError, match="degenerate"):
-        load_dataset(y)
+        load_dataset(y, strict=True)
     for k, line in enumerate(["1 nan 0.5 0.1 0.1", "1 0.5 0.5 inf 0.1", "1 0.5 0.5 0.1 -nan"]):
         y = _yolo_ds(tmp_path / f"n{k}", synth_small, label_line=line)
         with pytest.raises(UserError, match="non-finite number") as e:
@@ -157,7 +157,7 @@ def test_coco_validation_errors(tmp_path, synth_small):
                                    (cats_not_list, "'categories' must be a list")]):
         root = _coco_copy(tmp_path / str(i), synth_small, fn)
         with pytest.raises(UserError, match=msg) as e:
-            load_dataset(root)
+            load_dataset(root, strict=True)  # dirty boxes (outside, degenerate) are refused only with strict
         assert "instances_val.json" in str(e.value)
 
 

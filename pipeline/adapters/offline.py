@@ -57,7 +57,7 @@ def setup_offline(config_dir: str | Path | None = None) -> Path:
     src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
         if not (fonts / name).exists():
-            tmp = fonts / f".{name}.tmp"
+            tmp = fonts / f".{name}.{os.getpid()}.tmp"  # processes starting together each write their own
             shutil.copyfile(src, tmp)
             os.replace(tmp, fonts / name)
     _done = True

@@ -29,8 +29,10 @@ class SyntheticCfg(Strict):
 
 
 class DataCfg(Strict):
-    source: str = "synthetic"  # "synthetic", a YOLO data yaml, a COCO directory or a COCO instances JSON
+    source: str = "synthetic"  # "synthetic", a YOLO data yaml, a COCO directory or JSON, or a Pascal VOC directory
     synthetic: SyntheticCfg = SyntheticCfg()
+    strict: bool = False  # refuse dirty boxes (no area, past the border) instead of dropping/clipping them
+    names: list[str] | None = None  # a VOC set's classes in this order (default: the names its objects use, sorted)
 
 
 class ModelCfg(Strict):

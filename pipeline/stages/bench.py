@@ -34,6 +34,15 @@ CROSS_CHECK_MAX_PT = 5.0
 E2E_OF = ("base-fp32", "pruned-fp32", "pruned-int8")  # the variants an end-to-end graph is built from
 
 
+def _data_counts(ctx: Context) -> dict:
+    """What the data stage did to the dataset's boxes (dirty ones dropped or clipped) and the ignore regions it
+    kept, from its record."""
+    from pipeline.stages.data import meta
+
+    m = meta(ctx)
+    return {k: m[k] for k in ("dirty_boxes", "ignore_regions") if k in m}
+
+
 def _bench_e2e(ctx: Context, v: Variant, onnx_path: Path, images, gt: dict, cat_ids, spec, out: Path):
     """An end-to-end variant: the graph built from `onnx_path` for each val image size (mAP) and for the camera's
     frame size (latency; the file kept in the bench output as e2e/<variant>.onnx). Returns the accuracy, the
@@ -376,7 +385,8 @@ def run(ctx: Context) -> StageRecord:
         intervals = annotate_rows(rows, gt, {sc_name: dets for sc_name, dets in all_dets.items()},
                                   resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
         report = {"schema": "yolo-edge/report/1", "run": ctx.run_dir.name, "recipe": ctx.recipe.model_dump(),
-                  "dataset": {"split": cfg.split, "images": len(images), "digest": es_digest, "names": names},
+                  "dataset": {"split": cfg.split, "images": len(images), "digest": es_digest, "names": names,
+                              **_data_counts(ctx)},
                   "cross_check": cross, "timing": timing.summary, "map_intervals": intervals,
                   "device": device_info(), "env": lib_versions(), "env_vars": env_vars(),
                   "prepost": spec.as_dict(),
@@ -450,12 +460,19 @@ def delta_cell(d: dict, key: str = "map50_95_delta") -> str:
     return f"{100 * x:+.2f} pt" + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else "")
 
 
+def _dirt_note(ds: dict) -> str:
+    d, ign = ds.get("dirty_boxes") or {}, sum((ds.get("ignore_regions") or {}).values())
+    parts = ([f"{d['dropped']} dirty box(es) dropped and {d['clipped']} clipped in {d['files']} annotation file(s)"]
+             if d.get("files") else []) + ([f"{ign} ignore region(s) (difficult/crowd)"] if ign else [])
+    return (" Data: " + "; ".join(parts) + ".") if parts else ""
+
+
 def render_markdown(rep: dict) -> str:
     lines = [f"# yolo-edge report: {rep['run']}", "",
              f"Dataset: {rep['dataset']['images']} {rep['dataset']['split']} images, "
              f"{len(rep['dataset']['names'])} classes (digest {rep['dataset']['digest'][:12]}); "
              f"input {rep['prepost']['imgsz']}x{rep['prepost']['imgsz']}; device: {rep['device'].get('cpu', '?')}, "
-             f"{rep['device'].get('cpus')} CPUs.", "",
+             f"{rep['device'].get('cpus')} CPUs.{_dirt_note(rep['dataset'])}", "",
              "| variant | runner | mAP50-95 | mAP50 | Δ mAP50-95 | params | MACs (×base) | size | engine p50 ms "
              "| speed-up (engine) | e2e p50 / p90 / p99 ms | speed-up (e2e) | e2e ÷ engine | fps |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.core.stage import Context, StageResult, run_stage
+from rich.markup import escape
+
+from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.data.evalset import EvalSet, write_eval_set
 from pipeline.data.formats import Dataset, load_dataset, write_coco, write_yolo
@@ -19,7 +21,18 @@ VERSION = 2  # 2: the eval set (the source's image ids, not the YOLO copy's file
 
 
 def _user_dataset(ctx: Context) -> Dataset:
-    return load_dataset(ctx.recipe.data.source)
+    d = ctx.recipe.data
+    return load_dataset(d.source, strict=d.strict, names=d.names)
+
+
+def warn_dirty(ds: Dataset) -> None:
+    """One warning line per annotation file whose boxes were clipped or dropped."""
+    for w in ds.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+    if ds.warnings:
+        c = ds.dirty
+        console.print(f"{ds.source}: {c['dropped']} box(es) dropped and {c['clipped']} clipped in {c['files']} "
+                      f"file(s) (data.strict: true refuses them instead)", highlight=False)
 
 
 def run(ctx: Context) -> StageRecord:
@@ -28,6 +41,7 @@ def run(ctx: Context) -> StageRecord:
         config = {"source": "synthetic", "spec": SynthSpec(**ctx.recipe.data.synthetic.model_dump()).as_dict()}
     else:
         ds = _user_dataset(ctx)  # validates: a bad dataset fails here, before anything is written
+        warn_dirty(ds)
         config = {"source": str(Path(src).resolve()), "content": {s: ds.digest(s) for s in ds.splits}}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
@@ -44,7 +58,9 @@ def run(ctx: Context) -> StageRecord:
         EvalSet.load(out / "eval")  # read back as every consumer will: digests, ids, sizes
         meta = {"names": d.names, "category_ids": [d.cat_id(i) for i in range(d.nc)],
                 "splits": {s: len(v) for s, v in d.splits.items()},
-                "boxes": {s: sum(len(i.boxes) for i in v) for s, v in d.splits.items()}}
+                "boxes": {s: sum(len(i.boxes) for i in v) for s, v in d.splits.items()},
+                "ignore_regions": {s: sum(len(i.crowd) for i in v) for s, v in d.splits.items()},
+                "dirty_boxes": d.dirty}
         (out / "dataset.json").write_text(json.dumps(meta, indent=1))
         return StageResult(outputs={"yolo": "yolo", "coco": "coco", "eval": "eval", "meta": "dataset.json"},
                            metrics=meta)

@@ -24,6 +24,21 @@ def weights_spec(ctx: Context) -> str:
     return w
 
 
+def model_names(model) -> list[str]:
+    names = getattr(model, "names", None)
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names)]
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) else []
+
+
+def check_class_order(model, names: list[str], where) -> None:
+    """A checkpoint whose classes are the dataset's in another order would be scored against the wrong labels."""
+    mine = model_names(model)
+    if sorted(mine) == sorted(names) and mine != list(names):
+        raise UserError(f"the model's classes {mine} are the dataset's {list(names)} in another order: set "
+                        f"data.names to {mine}", where)
+
+
 def run(ctx: Context) -> StageRecord:
     spec = weights_spec(ctx)
     meta = data_stage.meta(ctx)
@@ -41,6 +56,7 @@ def run(ctx: Context) -> StageRecord:
             if nc != len(meta["names"]):
                 raise UserError(f"the model predicts {nc} classes but the dataset has {len(meta['names'])}",
                                 inputs["weights"])
+            check_class_order(model, meta["names"], inputs["weights"])
         else:
             model = ua.build_from_yaml(spec, nc=len(meta["names"]), names=meta["names"])
         stats = ua.model_stats(model, ctx.recipe.model.imgsz)
