@@ -52,7 +52,7 @@ report: venv ## re-render runs/<run>/report.json, report.md, tradeoff.png, histo
 status: venv ## list the stages of the default run and their state
 	$(CLI) status --recipe $(RECIPE) $(ARGS)
 
-base: venv ## retrain the shipped base (models/base/yolo11n-synth-next.pt): 60+60+15 (nbs 64) + 60 (nbs 16) + 5x60 + 90 + 150 + 150 (fine-tune settings) = 885 epochs and a 150-epoch convergence check, ~8 h on 2 cores; phases appended to base.phases continue the shipped weights (ARGS="--set base.device=0 --set base.workers=8" on a GPU: ~3 s an epoch on an H100, ~28 s on 2 CPU cores)
+base: venv ## retrain the shipped base (models/base/yolo11n-synth-next.pt): 60+60+15 (nbs 64) + 60 (nbs 16) + 5x60 + 90 + 150 + 150 (fine-tune settings) = 885 epochs and a 150-epoch convergence check, ~8 h on 2 cores; phases appended to base.phases continue the shipped weights (ARGS="--set base.device=0 --set base.workers=8" on a GPU: ~3 s an epoch on an H100, ~28 s on 2 CPU cores); RECIPE=models/bccd.yaml (bccd-s.yaml): the BCCD YOLO11n (YOLO11s) base, 160 (80) epochs at 416 px, ~2 s an epoch on an H200, ~30 s on 2 cores
 	$(CLI) base --recipe $(RECIPE) $(ARGS)
 
 sparse: venv ## retrain the shipped sparsity-trained weights the default prune cuts (prune.sparsity; models/base/yolo11n-synth-next.sparse.pt): 90 epochs of group regularization, a 150-epoch phase fading the planned cut's channels out and 150 epochs with them held at zero, ~3.7 h on 2 cores (ARGS="--set prune.sparsity.device=0 --set prune.sparsity.workers=8" on a GPU: ~4.5 s an epoch on an H100; only the phases that changed when the shipped file holds the ones before)

@@ -194,3 +194,33 @@ def test_oracle_scores_one_on_bccd_and_shifted_near_zero(bccd, tmp_path):
     assert acc["map50_95"] >= 0.99, acc
     acc, _ = _score(es, shift=1)
     assert acc["map50_95"] < 0.1, acc
+
+
+@pytest.mark.slow(seconds=150)
+def test_bench_scores_a_voc_test_split_and_agrees_with_ultralytics(bccd, tmp_path):
+    """`yolo-edge bench --data` on a VOC directory that holds only ImageSets/Main/test.txt scores that split
+    (--set bench.split=test) with the shipped BCCD base, within 1 pt of ultralytics' validator on the same images."""
+    from conftest import ROOT, cli
+
+    weights = ROOT / "models" / "base" / "yolo11n-bccd.pt"
+    if not weights.is_file():
+        pytest.skip(f"{weights} is absent")
+    voc = tmp_path / "voc"
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    for d in ("Annotations", "JPEGImages"):
+        (voc / d).symlink_to(bccd / d)
+    ids = (bccd / "ImageSets" / "Main" / "val.txt").read_text().split()
+    ids = ids[:39] + ["BloodImage_00338"] * ("BloodImage_00338" not in ids[:39])  # its zero-area box, counted
+    (voc / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
+    run = tmp_path / "run"
+    r = cli("bench", "--data", voc, "--weights", weights, "--run-dir", run, "--set", "bench.split=test",
+            "--set", "data.names=[RBC, WBC, Platelets]", "--set", "bench.cap_s=5", cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["dataset"]["split"] == "test" and rep["dataset"]["images"] == 40
+    assert rep["dataset"]["dirty_boxes"] == {"clipped": 0, "dropped": 1, "files": 1}
+    assert "1 dirty box(es) dropped" in (run / "report.md").read_text()
+    assert "BloodImage_00338.xml: box RBC [504, 337, 504, 337] has no area: dropped" in r.stderr
+    cc = rep["cross_check"]["variants"]["base-fp32"]
+    assert abs(cc["delta_pt"]) <= 1.0, cc
+    assert rep["variants"][0]["map50_95"] > 0.5  # the converged base, scored on its own classes' order
