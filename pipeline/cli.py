@@ -292,6 +292,20 @@ app.add_typer(history_app, name="history")
 
 
 @app.command()
+def compare(entries: list[str] = typer.Argument(..., help="RUN_DIR:VARIANT[=LABEL], two or more; the first is the "
+                                                           "reference"),
+            out: Path = typer.Option(Path("runs/compare"), "--out", help="where compare.json and compare.md go"),
+            threads: int = typer.Option(2, "--threads", help="ONNX Runtime threads per model"),
+            cap_s: float = typer.Option(90.0, "--cap-s", help="seconds of timing at most")):
+    """Put variants of different runs side by side (same eval set): paired mAP intervals from their stored
+    predictions, and every ONNX file timed again here in one interleaved session."""
+    from pipeline.report.compare import compare as run_compare
+    from pipeline.report.compare import render
+
+    typer.echo(render(run_compare(entries, out, threads=threads, schedule={"cap_s": cap_s})))
+
+
+@app.command()
 def gate(run_dir: Path = typer.Argument(..., help="a run directory with report.json (runs/<name>)"),
          baseline: Path | None = typer.Option(None, "--baseline", help="baseline yaml (default: the nightly "
                                               "matrix's for this run_dir, else benchmarks/baselines/<recipe>.yaml)"),

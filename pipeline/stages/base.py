@@ -53,6 +53,19 @@ def convergence(history: list[dict], check: list[dict], converged_gain: float, w
             "converged_gain": converged_gain, "converged": tail_c - tail_s < converged_gain}
 
 
+def _same_data(recorded, ctx: Context) -> bool:
+    """The record's data section is the recipe's, read through today's schema (keys added since take their
+    defaults)."""
+    from pydantic import ValidationError
+
+    from pipeline.core.config import DataCfg
+
+    try:
+        return DataCfg.model_validate(recorded).model_dump() == ctx.recipe.data.model_dump()
+    except ValidationError:
+        return False
+
+
 def _shipped_prefix(ctx: Context, dest: Path, phases: list[dict]) -> dict | None:
     """The record beside `dest` when it holds the first phases of `phases` for this recipe's model, data and
     training setup and `dest` is still the file it describes: `make base` then trains only the phases after them."""
@@ -65,7 +78,7 @@ def _shipped_prefix(ctx: Context, dest: Path, phases: list[dict]) -> dict | None
     if (not isinstance(done, list) or not done or done != phases[:len(done)] or rec.get("start") is not None
             or rec.get("arch") != str(ctx.recipe.model.arch) or rec.get("imgsz") != ctx.recipe.model.imgsz
             or rec.get("batch") != b.batch or rec.get("seed") != b.seed
-            or rec.get("data") != ctx.recipe.data.model_dump() or not dest.is_file()
+            or not _same_data(rec.get("data"), ctx) or not dest.is_file()
             or rec.get("sha256") != sha256_file(dest)):
         return None
     return rec
