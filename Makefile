@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv pipeline test test-fast bench status report base sparse data load prune finetune export calibrate \
-        quantize engine bundle deploy lint clean check-report check-trt modelopt-venv profile history nightly heldout gate baseline
+        quantize engine bundle deploy lint clean check-report check-trt modelopt-venv profile history nightly heldout gate baseline compare
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]*):.*## (.*)/\1\t\2/' | \
@@ -89,6 +89,10 @@ RUN ?= runs/default
 
 gate: venv ## compare a run with its baseline (RUN=runs/default; exit 2 on a regression, an unexplained gain, a missing variant or device)
 	$(CLI) gate $(RUN) $(ARGS)
+
+compare: venv ## variants of different runs side by side, re-timed together: make compare ENTRIES="runs/bccd:base-fp32 runs/bccd-s:pruned-fp32" (runs/compare/compare.{json,md})
+	@test -n "$(ENTRIES)" || { echo "make compare needs ENTRIES='RUN:VARIANT RUN:VARIANT ...'" >&2; exit 2; }
+	$(CLI) compare $(ENTRIES) $(ARGS)
 
 baseline: venv ## rewrite RUN's baseline from its report.json: make baseline RUN=runs/default REASON='why'
 	@test -n "$(REASON)" || { echo "make baseline needs REASON='why the references change'" >&2; exit 2; }
