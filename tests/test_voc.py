@@ -224,3 +224,24 @@ def test_bench_scores_a_voc_test_split_and_agrees_with_ultralytics(bccd, tmp_pat
     cc = rep["cross_check"]["variants"]["base-fp32"]
     assert abs(cc["delta_pt"]) <= 1.0, cc
     assert rep["variants"][0]["map50_95"] > 0.5  # the converged base, scored on its own classes' order
+
+
+@pytest.mark.slow(seconds=30)
+def test_init_pins_a_voc_sets_class_order_to_the_checkpoints(bccd, tmp_path):
+    from conftest import ROOT, cli
+
+    from pipeline.core.config import load_recipe
+
+    weights = ROOT / "models" / "base" / "yolo11n-bccd.pt"
+    if not weights.is_file():
+        pytest.skip(f"{weights} is absent")
+    out = tmp_path / "bccd.yaml"
+    r = cli("init", "--data", bccd, "--weights", weights, "--out", out, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = load_recipe(out)
+    assert rec.data.names == ["RBC", "WBC", "Platelets"]  # the checkpoint's order, not the sorted names
+    assert rec.model.imgsz == 416 and rec.prune.mode == "latency"
+    # the sorted order against the same checkpoint: one line, before anything is scored
+    r = cli("bench", "--data", bccd, "--weights", weights, "--run-dir", tmp_path / "run", cwd=ROOT)
+    assert r.returncode == 2 and "in another order: set data.names to ['RBC', 'WBC', 'Platelets']" in r.stderr
+    assert "Traceback" not in r.stderr
