@@ -176,8 +176,8 @@ class PruneCfg(Strict):
     enabled: bool = True
     macs_target: float | None = Field(0.5, gt=0, lt=1, description="fraction of the base MACs to keep")
     ratio: float | None = Field(None, gt=0, lt=1, description="a channel ratio instead of a MACs target")
-    tolerance: float = Field(0.02, gt=0, lt=1)
-    macs_at_most: bool = True  # the target is a ceiling: land in [target - tolerance, target] instead of ± tolerance
+    tolerance: float = Field(0.02, gt=0, lt=1)  # relative to the target: 0.02 of 0.5 is +-0.01x the base's MACs
+    macs_at_most: bool = True  # the target is a ceiling: land in [target * (1 - tolerance), target], not +- tolerance
     importance: Literal["l1", "l2", "taylor", "bn_scale", "lamp"] = "l2"
     global_pruning: bool = False
     isomorphic: bool = False
