@@ -187,10 +187,11 @@ class PruneCfg(Strict):
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
     taylor_batches: int = Field(4, ge=1)
     # where to prune: uniform ratios; per-group ratios from a sensitivity scan; or from measured latency per point.
-    # latency (the measured best: on BCCD's photos 0.82 of a 2.03x MACs cut became ONNX Runtime speed, where uniform
-    # ratios with round_to 8 converted 0.74) costs a scan (a held-out evaluation per group, 69 on YOLO11n, and two
-    # ONNX Runtime profiles) and times the CPU it runs on, not the Jetson's TensorRT: the cut can differ between
-    # machines (the run's prune/plan.json records it). uniform is deterministic and takes seconds.
+    # latency is the measured best: on BCCD's photos at 0.49x MACs, timed side by side (`yolo-edge compare`), the
+    # latency-mode cut with round_to 16 ran 1.78x [1.68, 1.86] faster than the base, uniform ratios with round_to 8
+    # 1.52x [1.48, 1.57] (0.88 vs 0.75 of the MACs cut). It costs a scan (a held-out evaluation per group, 69 on
+    # YOLO11n, and two ONNX Runtime profiles) and times the CPU it runs on, not the Jetson's TensorRT: the cut can
+    # differ between machines (the run's prune/plan.json records it). uniform is deterministic and takes seconds.
     mode: Literal["uniform", "sensitivity", "latency"] = "latency"
     sensitivity: SensitivityCfg = SensitivityCfg()
     steps: int = Field(1, ge=1)  # iterative: prune in k steps toward the target, fine-tuning between steps
