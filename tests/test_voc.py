@@ -5,7 +5,6 @@ evaluation path against an oracle on BCCD's real photos (skipped without ../shar
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import cv2
