@@ -386,6 +386,8 @@ def test_the_shipped_base_is_the_recipes_converged_base(tmp_path, recipe_file):
     recipe = load_recipe(ROOT / "models" / recipe_file, [])
     ctx = Context(run_dir=tmp_path, recipe=recipe, recipe_path=ROOT / "models" / recipe_file)
     dest = ROOT / recipe.model.weights
+    if recipe_file == "bccd-s.yaml" and not dest.is_file():
+        pytest.skip(f"{dest} is not shipped (19 MB): `make base RECIPE=models/bccd-s.yaml` trains it")
     rec = _shipped_prefix(ctx, dest, recipe_phases(recipe.base))
     assert rec is not None, f"{dest.with_suffix('.json')} does not describe {dest} as the default recipe trains it"
     assert len(rec["phases"]) == len(recipe.base.phases) and rec["epochs"] == sum(p.epochs for p in recipe.base.phases)
