@@ -10,19 +10,21 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 NIGHTLY_EPOCHS ?= 60
 export PYTHONDONTWRITEBYTECODE := 1
+# the stages, read from the stage registry (pipeline/stages/order.py), in the order a run takes them
+STAGES := $(shell sed -n 's/^STAGES = (\(.*\))$$/\1/p' pipeline/stages/order.py | tr -d '",')
 
 .DEFAULT_GOAL := help
-.PHONY: help venv pipeline test test-fast bench status report base sparse data load prune finetune export calibrate \
-        quantize engine bundle deploy lint clean check-report check-trt modelopt-venv profile history nightly heldout gate baseline compare
+.PHONY: help venv pipeline test test-fast status report base sparse $(STAGES) deploy lint clean check-report check-trt modelopt-venv profile history nightly heldout gate baseline compare
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]*):.*## (.*)/\1\t\2/' | \
 	  awk -F'\t' '{n = split($$1, t, " "); for (i = 1; i <= n; i++) printf "  make %-12s %s\n", t[i], $$2}'
+	@for s in $(STAGES); do printf "  make %-12s %s\n" $$s "run the $$s stage of RECIPE (the stages before it must have run)"; done
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[train,dev]'
 	@touch $@
 
 venv: $(VENV)/.installed ## create the virtual environment (.venv) with everything installed
@@ -36,7 +38,7 @@ test: venv ## run the test suite, one pytest-xdist worker per core (at most 4; T
 test-fast: venv ## the sub-minute inner loop: every test not marked slow (no training, no stage runs through the CLI)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-data load prune finetune export calibrate quantize bundle engine bench: venv ## run one stage of the default recipe
+$(STAGES): venv  # one target per stage
 	$(CLI) stage $@ --recipe $(RECIPE) $(ARGS)
 
 HOSTS ?=
@@ -70,8 +72,8 @@ profile: venv ## where the time goes: ONNX Runtime op-type profile of base vs pr
 history: venv ## record the latest runs/default results in benchmarks/history.db (HISTORY=...; idempotent)
 	$(CLI) history record runs/default --history $(HISTORY)
 
-check-trt: venv ## check an INT8 Q/DQ ONNX against TensorRT's rules: make check-trt FILE=model.onnx
-	$(CLI) check-trt $(FILE)
+check-trt: venv ## check an ONNX file against TensorRT's operator table and rules: make check-trt FILE=model.onnx [TRT=10|11]
+	$(CLI) check-trt $(FILE) --trt $(TRT)
 
 modelopt-venv: ## NVIDIA ModelOpt in its own venv (.venv-modelopt) for quantize.backend=modelopt
 	@test -x .venv-modelopt/bin/python || python3 -m venv .venv-modelopt
@@ -85,6 +87,7 @@ clean: ## remove run directories (keeps the venv)
 	rm -rf runs .pytest_cache
 
 HISTORY ?= benchmarks/history.db
+TRT ?= 10
 RUN ?= runs/default
 
 gate: venv ## compare a run with its baseline (RUN=runs/default; exit 2 on a regression, an unexplained gain, a missing variant or device)

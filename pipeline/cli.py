@@ -8,20 +8,15 @@ from pathlib import Path
 
 import typer
 
-from pipeline.core.errors import StageNotImplemented, UserError
+from pipeline.core.errors import UserError
+from pipeline.stages.order import RECORDS, STAGES, entry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, fine-tune, quantize and benchmark YOLO11 for NVIDIA Jetson.")
 
-ALL_STAGES = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "bundle", "engine", "bench"]
-STATUS_ROWS = ["data", "load", "prune", "finetune", "export", "export-pruned", "calibrate", "quantize", "bundle",
-               "engine", "bench"]
-IMPLEMENTED = ["data", "load", "prune", "finetune", "export", "calibrate", "quantize", "engine", "bench", "bundle"]
-PLANNED: dict[str, str] = {}
 # `run` includes the engine stage: it writes the strongly typed FP16/INT8 ONNX files (bench scores them) and builds
 # the TensorRT engines where TensorRT is importable; elsewhere it says so in one line and the run goes on. `make
 # engine` (`yolo-edge stage engine`) asks for the build itself, and exits 2 where TensorRT is missing.
-DEFAULT_RUN = IMPLEMENTED
 DEFAULT_RECIPE = Path("models/default.yaml")
 
 RecipeOpt = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="recipe yaml (models/*.yaml)")
@@ -38,24 +33,19 @@ def _ctx(recipe: Path, sets: list[str] | None, run_dir: Path | None, force: bool
 
 
 def _run_stages(ctx, stages: list[str], build_required: bool = False) -> None:
-    from pipeline.stages import bench, bundle, calibrate, data, engine, export, finetune, load, prune, quantize
-
-    fns = {"data": data.run, "load": load.run, "prune": prune.run, "finetune": finetune.run, "export": export.run_all,
-           "calibrate": calibrate.run, "quantize": quantize.run,
-           "engine": lambda c: engine.run(c, require_build=build_required), "bench": bench.run,
-           "bundle": bundle.run}
     if not ctx.recipe.prune.enabled:
         stages = [s for s in stages if s not in ("prune", "finetune")]
     if not ctx.recipe.quantize.enabled:
         stages = [s for s in stages if s not in ("calibrate", "quantize")]
     for s in stages:
-        if s not in ALL_STAGES:
-            raise UserError(f"unknown stage '{s}' (stages: {', '.join(ALL_STAGES)})")
-        if s not in IMPLEMENTED:
-            raise StageNotImplemented(f"stage '{s}' is not implemented yet ({PLANNED[s]})")
+        if s not in STAGES:
+            raise UserError(f"unknown stage '{s}' (stages: {', '.join(STAGES)})")
     _preflight(ctx, stages)
     for s in stages:
-        fns[s](ctx)
+        if s == "engine":
+            entry(s)(ctx, require_build=build_required)
+        else:
+            entry(s)(ctx)
 
 
 def _preflight(ctx, stages: list[str]) -> None:
@@ -81,7 +71,7 @@ def _preflight(ctx, stages: list[str]) -> None:
 
 @app.command()
 def run(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
-        stages: str = typer.Option(",".join(DEFAULT_RUN), help="comma-separated stages, in pipeline order"),
+        stages: str = typer.Option(",".join(STAGES), help="comma-separated stages, in pipeline order"),
         force: bool = typer.Option(False, "--force", help="re-run stages even when cached")):
     """Run the pipeline (or some stages of it) for a recipe; cached stages are skipped."""
     ctx = _ctx(recipe, sets, run_dir, force)
@@ -158,10 +148,7 @@ def status(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: P
 
     ctx = _ctx(recipe, sets, run_dir)
     typer.echo(f"run: {ctx.run_dir}")
-    for s in STATUS_ROWS:
-        if s in PLANNED:
-            typer.echo(f"  {s:10s} not implemented yet ({PLANNED[s]})")
-            continue
+    for s in RECORDS:
         rec = ctx.record(s)
         if rec is None:
             typer.echo(f"  {s:10s} not run")
@@ -180,7 +167,7 @@ def base(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Pat
     """Train the default base model from its yaml on the recipe's data (what the shipped checkpoint is), then
     (base.check_epochs) show whether more epochs still raise its mAP."""
     from pipeline.stages import data as data_stage
-    from pipeline.stages.base import train_base
+    from pipeline.stages.base_training import train_base
 
     ctx = _ctx(recipe, sets, run_dir)
     data_stage.run(ctx)
@@ -226,17 +213,22 @@ def engine_cmd(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_di
 
 @app.command("check-trt")
 def check_trt(path: Path, dynamic: bool = typer.Option(False, "--dynamic", help="allow dynamic input shapes "
-                                                                                "(you will give a profile)")):
-    """Check an INT8 Q/DQ or FP16 ONNX (ours or any tool's) against TensorRT's explicit-quantization and
-    strong-typing rules."""
-    from pipeline.quant.trt_check import check_file
+                                                                                "(you will give a profile)"),
+              trt: str = typer.Option("10", "--trt", help="the TensorRT whose ONNX operator table applies: 10 "
+                                                          "(JetPack 6; the stored 10.6 table) or 11")):
+    """Check an ONNX file (ours or any tool's, FP32, FP16 or INT8 Q/DQ) against TensorRT's ONNX operator table (ops,
+    opsets, types, checkable restrictions) and its explicit-quantization and strong-typing rules."""
+    from pipeline.quant.trt_check import check, load
+    from pipeline.quant.trt_ops import check_ops, matrix
 
-    v = check_file(path, dynamic_ok=dynamic)
+    model, mx = load(path), matrix(trt)
+    v = check_ops(model, trt) + check(model, dynamic_ok=dynamic, require_reduced=False)
     if v:
         for x in v[:20]:
             typer.echo(f"  {x}", err=True)
-        raise UserError(f"TensorRT would refuse it: {len(v)} violation(s), first: {v[0]}", path)
-    typer.echo(f"{path}: passes TensorRT's explicit-quantization and strong-typing rules")
+        raise UserError(f"{mx.label} would refuse it: {len(v)} violation(s), first: {v[0]}", path)
+    typer.echo(f"{path}: passes {mx.label}'s ONNX operator table (onnx-tensorrt {mx.source['commit'][:10]}), its "
+               f"explicit-quantization and strong-typing rules")
 
 
 StrictOpt = typer.Option(False, "--strict", help="refuse dirty boxes (no area, past the border) instead of dropping "
@@ -280,7 +272,7 @@ def convert(src: Path, dest: Path, to: str = typer.Option(..., help="yolo or coc
     typer.echo(str(write_yolo(ds, dest) if to == "yolo" else write_coco(ds, dest)))
 
 
-# --- the trade-off picture and the nightly gate (issue 24): pipeline/report/ ---------------------------------------
+# --- the trade-off picture and the nightly gate: pipeline/report/ -----------------------------------------------------
 
 HistoryOpt = typer.Option(None, "--history", help="history database (default benchmarks/history.db, or "
                                                   "$YOLO_EDGE_HISTORY)")
@@ -358,17 +350,6 @@ def history_record(run_dir: Path = typer.Argument(Path("runs/default")), history
     typer.echo(f"{db}: {new} of {total} rows new ({run_dir})")
 
 
-@history_app.command("import")
-def history_import(files: list[Path] = typer.Argument(..., help="benchmarks/history/*.json (the old format)"),
-                   history: Path | None = HistoryOpt):
-    """Import the dated JSON history files into the database (idempotent)."""
-    from pipeline.report import history as hist
-
-    db = history or hist.default_db()
-    new, total = hist.import_json(files, db)
-    typer.echo(f"{db}: {new} of {total} rows new from {len(files)} file(s); {hist.count(db)} rows in all")
-
-
 @app.command()
 def nightly(matrix: Path = typer.Option(Path("benchmarks/matrix.yaml"), "--matrix", help="what runs nightly"),
             history: Path | None = HistoryOpt, sets: list[str] | None = SetOpt,
@@ -381,7 +362,7 @@ def nightly(matrix: Path = typer.Option(Path("benchmarks/matrix.yaml"), "--matri
     def run_entry(e: dict) -> None:
         ctx = _ctx(Path(e["recipe"]), list(e.get("sets") or []) + list(sets or []), Path(e["run_dir"]),
                    force=bool(e.get("force", False)))
-        _run_stages(ctx, DEFAULT_RUN)
+        _run_stages(ctx, list(STAGES))
 
     failed = run_matrix(matrix, history or hist.default_db(), run_entry, only, echo=typer.echo)
     if failed:
@@ -418,7 +399,7 @@ def deploy_cmd(hosts: list[str] = typer.Option(..., "--host", help="[name=]user@
                            runner=runner, timeout=timeout, bench_args=bench_args, log=lambda s: typer.echo(s, err=True))
     failed = [o for o in outcomes if not o.ok]
     if rep is not None:
-        from pipeline.deploy import render_devices
+        from pipeline.report.markdown import render_devices
 
         typer.echo(render_devices({"devices": {o.host.name: rep["devices"][o.host.name] for o in outcomes if o.ok}}))
     if failed:  # one line naming every failed host (the others' reports are merged)
@@ -429,8 +410,11 @@ def deploy_cmd(hosts: list[str] = typer.Option(..., "--host", help="[name=]user@
 
 
 def main() -> None:
+    from pipeline.adapters.offline import offline
+
     try:
-        app(standalone_mode=False)
+        with offline():  # ultralytics offline for the command (it is imported only inside commands)
+            app(standalone_mode=False)
     except UserError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         sys.exit(2)

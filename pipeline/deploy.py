@@ -4,9 +4,9 @@ Per host (hosts run in parallel; one failing is reported for that host and the o
   1. ssh: make the remote directory, see whether the bundle (by its manifest digest) is already there;
   2. copy it when it is not: rsync where both ends have it, else scp -r (YOLO_EDGE_DEPLOY_COPY=scp forces scp), into
      a fresh partial directory renamed into place (a copy cut off never looks complete);
-  3. install: a venv on the device that sees JetPack's TensorRT (`python3 -m venv --system-site-packages`), the
-     bundle's wheel with --no-deps plus the `device` extra's requirements (the wheel's base dependencies include
-     torch, which the device never needs); skipped when that venv already holds this wheel. `--remote-python PATH`
+  3. install: a venv on the device that sees JetPack's TensorRT (`python3 -m venv --system-site-packages`) and the
+     bundle's wheel with its own dependencies (the device runtime: no torch, no ultralytics; those are the `train`
+     extra); skipped when that venv already holds this wheel. `--remote-python PATH`
      uses an interpreter that already has yolo-edge instead (the tests: the "device" is this machine);
   4. `python -m pipeline.device.cli bench` (engines cached on the device), fetch device_report.json;
 then every successful host's report is merged into runs/<run>/report.json under "devices" in one atomic write (and
@@ -122,68 +122,100 @@ def _q(path: str) -> str:
     return shlex.quote(path)
 
 
+@dataclass
+class _Paths:
+    """Where one host keeps things: <rd>/bundles/<digest>, <rd>/venv, <rd>/engines, <rd>/reports/<digest>/."""
+    rd: str
+    digest: str
+
+    def __post_init__(self):
+        self.bundle = f"{self.rd}/bundles/{self.digest}"
+        self.partial = f"{self.rd}/bundles/{self.digest}.partial-{uuid.uuid4().hex[:8]}"
+        self.report = f"{self.rd}/reports/{self.digest}/{uuid.uuid4().hex[:12]}.json"
+        self.venv = f"{self.rd}/venv"
+
+
+def _connect(rem: Remote, at: _Paths) -> str:
+    """Make the directories; say whether the bundle is there already and whether the host has rsync."""
+    return rem.run("connect", f"mkdir -p {_q(at.rd)}/bundles {_q(at.rd)}/reports/{at.digest} {_q(at.rd)}/engines && "
+                              f"(test -f {_q(at.bundle)}/manifest.json && echo have-bundle || true) && "
+                              f"(command -v rsync >/dev/null && echo have-rsync || true)")
+
+
+def _copy(rem: Remote, bundle: Path, at: _Paths, rsync: bool) -> None:
+    """The bundle into a fresh partial directory, renamed into place (a copy cut off never looks complete)."""
+    rem.copy_dir(bundle, at.partial, rsync=rsync)
+    rem.run("copy", f"if [ -e {_q(at.bundle)}/manifest.json ]; then rm -rf {_q(at.partial)}; "
+                    f"else rm -rf {_q(at.bundle)} && mv -T {_q(at.partial)} {_q(at.bundle)}; fi")
+
+
+def _install(rem: Remote, at: _Paths, m: dict, timeout: float) -> bool:
+    """The bundle's wheel in the host's venv (made with JetPack's site packages visible), skipped when the venv
+    holds this wheel already (by its sha256). Returns whether it was skipped."""
+    venv, wheel, sha = _q(at.venv), _q(f"{at.bundle}/{m['wheel']}"), shlex.quote(m["files"][m["wheel"]]["sha256"])
+    marker = _q(f"{at.venv}/.yolo-edge-wheel")
+    out = rem.run("install", (
+        f"if [ \"$(cat {marker} 2>/dev/null)\" = {sha} ]; then echo already-installed; else "
+        f"(test -x {venv}/bin/python || python3 -m venv --system-site-packages {venv}) && "
+        # this exact wheel (a rebuilt 0.1.0 too), then whatever it requires that the venv (and JetPack's site
+        # packages: TensorRT, numpy) does not have yet
+        f"{venv}/bin/python -m pip install -q --no-deps --force-reinstall {wheel} && "
+        f"{venv}/bin/python -m pip install -q {wheel} && "
+        f"echo {sha} > {marker}; fi"), timeout=max(timeout, 1800))
+    return "already-installed" in out
+
+
+def _bench(rem: Remote, at: _Paths, py: str, runner: str, bench_args: list[str], timeout: float) -> dict:
+    """`yolo-edge-device bench` on the host (engines cached there), its device_report.json fetched and checked."""
+    rem.run("bench", f"{_q(py)} -m pipeline.device.cli bench {_q(at.bundle)} --runner {shlex.quote(runner)} "
+                     f"--out {_q(at.report)} --engine-cache {_q(at.rd)}/engines " + shlex.join(bench_args),
+            timeout=max(timeout, 3600))
+    text = rem.run("fetch", f"cat {_q(at.report)}")
+    try:
+        rep = json.loads(text)
+    except json.JSONDecodeError:
+        raise StepError("fetch", "device_report.json is not JSON") from None
+    if rep.get("bundle", {}).get("digest") != at.digest:
+        raise StepError("fetch", f"the device report is for bundle {rep.get('bundle', {}).get('digest')}, not "
+                                 f"{at.digest}")
+    return rep
+
+
 def deploy_one(host: Host, bundle: Path, m: dict, digest: str, *, ssh_args: list[str], remote_dir: str,
                remote_python: str | None, runner: str, timeout: float, bench_args: list[str]) -> Outcome:
     o = Outcome(host)
     rem = Remote(host, ssh_args, timeout)
-    rd = remote_dir.format(name=host.name.replace(":", "_").replace("/", "_"))
-    bdir, partial = f"{rd}/bundles/{digest}", f"{rd}/bundles/{digest}.partial-{uuid.uuid4().hex[:8]}"
-    out = f"{rd}/reports/{digest}/{uuid.uuid4().hex[:12]}.json"
+    at = _Paths(remote_dir.format(name=host.name.replace(":", "_").replace("/", "_")), digest)
     t0 = time.time()
     try:
-        probe = rem.run("connect", f"mkdir -p {_q(rd)}/bundles {_q(rd)}/reports/{digest} {_q(rd)}/engines && "
-                                   f"(test -f {_q(bdir)}/manifest.json && echo have-bundle || true) && "
-                                   f"(command -v rsync >/dev/null && echo have-rsync || true)")
+        probe = _connect(rem, at)
         o.steps["connect_s"] = time.time() - t0
         if "have-bundle" in probe:
             o.skipped.append("copy")
         else:
             t = time.time()
-            use_rsync = "have-rsync" in probe and shutil.which("rsync") is not None
-            rem.copy_dir(bundle, partial, rsync=use_rsync and os.environ.get("YOLO_EDGE_DEPLOY_COPY") != "scp")
-            o.steps["copy_tool"] = "rsync" if use_rsync and os.environ.get("YOLO_EDGE_DEPLOY_COPY") != "scp" else "scp"
-            rem.run("copy", f"if [ -e {_q(bdir)}/manifest.json ]; then rm -rf {_q(partial)}; "
-                            f"else rm -rf {_q(bdir)} && mv -T {_q(partial)} {_q(bdir)}; fi")
+            rsync = ("have-rsync" in probe and shutil.which("rsync") is not None
+                     and os.environ.get("YOLO_EDGE_DEPLOY_COPY") != "scp")
+            _copy(rem, bundle, at, rsync)
+            o.steps["copy_tool"] = "rsync" if rsync else "scp"
             o.steps["copy_s"] = time.time() - t
         py = remote_python
         if py is None:
             t = time.time()
-            venv, wheel = f"{rd}/venv", f"{bdir}/{m['wheel']}"
-            reqs = " ".join(shlex.quote(r) for r in m.get("device_requirements") or [])
-            marker = f"{venv}/.yolo-edge-wheel"
-            out_s = rem.run("install", (
-                f"if [ \"$(cat {_q(marker)} 2>/dev/null)\" = {shlex.quote(m['files'][m['wheel']]['sha256'])} ]; "
-                f"then echo already-installed; else "
-                f"(test -x {_q(venv)}/bin/python || python3 -m venv --system-site-packages {_q(venv)}) && "
-                f"{_q(venv)}/bin/python -m pip install -q --no-deps --force-reinstall {_q(wheel)} && "
-                + (f"{_q(venv)}/bin/python -m pip install -q {reqs} && " if reqs else "")
-                + f"echo {shlex.quote(m['files'][m['wheel']]['sha256'])} > {_q(marker)}; fi"), timeout=max(timeout,
-                                                                                                       1800))
-            if "already-installed" in out_s:
+            if _install(rem, at, m, timeout):
                 o.skipped.append("install")
             o.steps["install_s"] = time.time() - t
-            py = f"{venv}/bin/python"
+            py = f"{at.venv}/bin/python"
         t = time.time()
-        rem.run("bench", f"{_q(py)} -m pipeline.device.cli bench "
-                         f"{_q(bdir)} --runner {shlex.quote(runner)} --out {_q(out)} "
-                         f"--engine-cache {_q(rd)}/engines " + shlex.join(bench_args), timeout=max(timeout, 3600))
+        o.report, o.ok = _bench(rem, at, py, runner, bench_args, timeout), True
         o.steps["bench_s"] = time.time() - t
-        text = rem.run("fetch", f"cat {_q(out)}")
-        try:
-            rep = json.loads(text)
-        except json.JSONDecodeError:
-            raise StepError("fetch", "device_report.json is not JSON") from None
-        if rep.get("bundle", {}).get("digest") != digest:
-            raise StepError("fetch", f"the device report is for bundle {rep.get('bundle', {}).get('digest')}, not "
-                                     f"{digest}")
-        o.report, o.ok = rep, True
     except StepError as e:
         o.error = str(e)
     o.steps["total_s"] = time.time() - t0
     return o
 
 
-def merge(report_path: Path, outcomes: list[Outcome], bundle_digest: str) -> dict:
+def merge(report_path: Path, outcomes: list[Outcome]) -> dict:
     """Every successful host's report into report.json's "devices" section, one atomic write."""
     rep = json.loads(report_path.read_text())
     dev_rows = {v["name"]: v for v in rep.get("variants", [])}
@@ -208,36 +240,12 @@ def merge(report_path: Path, outcomes: list[Outcome], bundle_digest: str) -> dic
     return rep
 
 
-def render_devices(rep: dict) -> str:
-    lines = ["", "## Devices", ""]
-    for name, d in (rep.get("devices") or {}).items():
-        dv = d["device"]
-        lines.append(f"**{name}**: {dv.get('model')}, L4T {(dv.get('l4t') or {}).get('release', '-')}, TensorRT "
-                     f"{dv.get('tensorrt') or '-'}, CUDA {dv.get('cuda') or '-'}, nvpmodel "
-                     f"{(dv.get('nvpmodel') or {}).get('mode', '-')}, runner {dv.get('runner')}; "
-                     + ("clocks locked" if d["comparable"] else f"**not comparable**: {d.get('not_comparable')}"))
-        lines += ["", "| variant | mAP50-95 (device) | mAP50-95 (dev box) | equal | engine p50 / p90 / p99 ms | "
-                      "e2e p50 / p90 / p99 ms | fps | power W (mean) | temp max °C |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for v in d["variants"]:
-            g, e = v["latency_ms"]["engine"], v["latency_ms"]["end_to_end"]
-            pw = v.get("power", {}).get("power_mean_mw")
-            tmax = max((v.get("power", {}).get("temp_max_c") or {}).values(), default=None)
-            dev = v.get("dev_box_map50_95")
-            lines.append(f"| {v['name']} | {v['map50_95']:.4f} | {'-' if dev is None else format(dev, '.4f')} | "
-                         f"{'yes' if v.get('map_equals_dev_box') else 'no'} | {g['p50']:.2f} / {g['p90']:.2f} / "
-                         f"{g['p99']:.2f} | {e['p50']:.2f} / {e['p90']:.2f} / {e['p99']:.2f} | {v['fps']:.1f} | "
-                         f"{'-' if pw is None else format(pw / 1000, '.2f')} | {'-' if tmax is None else tmax} |")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
 def deploy(ctx, hosts: list[str], *, ssh_args: str = "", remote_dir: str = "yolo-edge",
            remote_python: str | None = None, runner: str = "tensorrt", timeout: float = 120,
            bench_args: list[str] | None = None, log=print) -> tuple[dict | None, list[Outcome]]:
     """Bundle (the stage: cached when unchanged), verify it here, deploy to every host in parallel, merge."""
+    from pipeline.report.markdown import render_devices, render_markdown
     from pipeline.stages import bundle as bundle_stage
-    from pipeline.stages.bench import render_markdown
 
     if not hosts:
         raise UserError("no --host given (make deploy HOSTS='user@jetson ...')")
@@ -270,7 +278,7 @@ def deploy(ctx, hosts: list[str], *, ssh_args: str = "", remote_dir: str = "yolo
                 + ("" if o.report["comparable"] else f"; not comparable: {o.report.get('not_comparable')}"))
     rep = None
     if any(o.ok for o in outcomes):
-        rep = merge(report_path, outcomes, digest)
+        rep = merge(report_path, outcomes)
         with atomic_path(ctx.run_dir / "report.md") as tmp:
             tmp.write_text(render_markdown(rep) + render_devices(rep))
         from pipeline.report.render import render_run

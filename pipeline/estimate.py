@@ -1,5 +1,5 @@
 """Rough stage durations for a recipe on this machine, scaled from one timed training batch and one timed CPU
-forward (pipeline/adapters/timing.py): what `yolo-edge init` prints as its plan, and what the prune stage says
+forward (pipeline/adapters/train_timing.py): what `yolo-edge init` prints as its plan, and what the prune stage says
 sparsity training will cost before it starts.
 
 The scale factors are this project's own measurements on its 2-core dev box (README: "Pipeline cost"; sparsity
@@ -20,12 +20,20 @@ VAL_PER_IMAGE = 0.5  # a validation image costs this many training-batch images 
 EPOCH_FIXED_S = 1.0  # per epoch: dataloader restart, last.pt written
 RUN_FIXED_S = 5.0  # per training run: trainer setup, label caches, the final validation's setup
 SPARSITY_FACTOR = 1.3  # group regularization per step, fade bookkeeping, the fold back (README: ~30 vs ~23 s)
-GROUPS = 69  # YOLO11n's dependency groups (the sensitivity and latency scans prune each alone)
+
+
+def prunable_groups(model, imgsz: int) -> int:
+    """How many dependency groups of `model` (an ultralytics DetectionModel) the pruner can cut: 69 on YOLO11n,
+    more on the deeper scales (m, l, x repeat their blocks)."""
+    from pipeline.adapters import prune_plan as pp
+    from pipeline.adapters import yolo11_prune as yp
+
+    return len(pp.groups(yp.prepare(model), imgsz))
 
 
 @dataclass
 class Timing:
-    """What the timed batch measured (adapters/timing.time_train_batch)."""
+    """What the timed batch measured (adapters/train_timing.time_train_batch)."""
 
     step_s: float  # forward + loss + backward of one batch on the training device
     load_s: float  # assembling one batch (augmentation, collate) in one process
@@ -60,9 +68,10 @@ class Stage:
     what: str
 
 
-def plan(recipe, t: Timing, n_train: int, n_val: int, n_images: int | None = None) -> list[Stage]:
+def plan(recipe, t: Timing, n_train: int, n_val: int, n_images: int | None = None, groups: int = 0) -> list[Stage]:
     """What `yolo-edge run` does for this recipe, stage by stage, with rough durations. n_train / n_val: the
-    train and bench-split image counts; n_images: all images (the data stage reads them all)."""
+    train and bench-split image counts; n_images: all images (the data stage reads them all); groups: the model's
+    prunable dependency groups (`prunable_groups`), which the sensitivity and latency scans prune one by one."""
     r = recipe
     I = t.infer_img_s  # noqa: E741 - one CPU forward, the unit of the CPU-bound stages
     n_images = n_images if n_images is not None else n_train + n_val
@@ -93,7 +102,7 @@ def plan(recipe, t: Timing, n_train: int, n_val: int, n_images: int | None = Non
         sec = 20 + 100 * I  # the bisection's trial cuts (~15 on YOLO11n with macs_at_most), each counted
         what = f"cut channels ({p.mode}) to {target}, round_to {p.round_to}"
         if p.mode != "uniform":
-            sec += GROUPS * n_eval * I * 1.3 + (3 * p.sensitivity.latency_runs * I if p.mode == "latency" else 0)
+            sec += groups * n_eval * I * 1.3 + (3 * p.sensitivity.latency_runs * I if p.mode == "latency" else 0)
             what += f", after a per-group scan on {n_eval} held-out train images"
         if p.reconstruct.enabled or p.mode != "uniform" or p.steps > 1:
             sec += 2 * n_eval * I * 1.3
@@ -151,7 +160,7 @@ def sparsity_eta(ctx, model_path, data_dir, epochs: int) -> str:
     from pathlib import Path
 
     from pipeline.adapters import ultralytics_yolo as ua
-    from pipeline.adapters.timing import time_train_batch
+    from pipeline.adapters.train_timing import time_train_batch
     from pipeline.core.errors import UserError
     from pipeline.stages.data import meta
 

@@ -6,7 +6,7 @@ settings, a gentle fine-tune among them): the data, the model and its input size
 the number of train images, the device, sparsity training when asked for, and INT8 off when the train split is too
 small to calibrate on. It is validated by load_recipe before it is written (temp file + rename), and an existing
 file is never overwritten without --force. The durations come from one timed training batch of the model on the
-data (pipeline/adapters/timing.py) scaled by pipeline/estimate.py.
+data (pipeline/adapters/train_timing.py) scaled by pipeline/estimate.py.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import yaml
 from pipeline.core.config import Recipe, load_recipe
 from pipeline.core.errors import UserError
 from pipeline.core.store import atomic_path
+from pipeline.stages.order import STAGES
 
 # Fine-tune length: about FT_IMAGES_SEEN training images seen (~1900 optimizer steps at batch 16, a step every batch),
 # i.e. ceil(FT_IMAGES_SEEN / train images) epochs, within [FT_MIN_EPOCHS, FT_MAX_EPOCHS]. 30k is what `make nightly`
@@ -177,7 +178,7 @@ def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu",
          imgsz: int | None = None, force: bool = False) -> tuple[Path, str]:
     """Write the recipe; returns (its path, the plan to print)."""
     from pipeline import estimate
-    from pipeline.adapters.timing import time_train_batch, torch_device
+    from pipeline.adapters.train_timing import time_train_batch, torch_device
     from pipeline.data.formats import write_yolo
 
     out = Path(out) if out else default_out(data, weights)
@@ -198,11 +199,12 @@ def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu",
         data_yaml = write_yolo(sample, Path(td) / "yolo")  # the trainer's layout (image symlinks), one batch of it
         t = time_train_batch(inp.model, data_yaml, inp.imgsz, b, device)  # batch: min(b, train images)
     timing = estimate.Timing.of(t, recipe.finetune.workers)
-    stages = estimate.plan(recipe, timing, inp.n_train, inp.n_val, inp.n_images)
+    groups = estimate.prunable_groups(inp.model, inp.imgsz) if recipe.prune.mode != "uniform" else 0
+    stages = estimate.plan(recipe, timing, inp.n_train, inp.n_val, inp.n_images, groups)
     # with sparsity training on: what it would cost when it is off
     with_sparsity = Recipe.model_validate(_set_in(values, ("prune", "sparsity", "enabled"), True))
-    sparse_s = next(s.seconds for s in estimate.plan(with_sparsity, timing, inp.n_train, inp.n_val, inp.n_images)
-                    if s.name == "sparsity")
+    sparse_s = next(s.seconds for s in estimate.plan(with_sparsity, timing, inp.n_train, inp.n_val, inp.n_images,
+                                                     groups) if s.name == "sparsity")
     sp = recipe.prune.sparsity
     sp_epochs = sum(p.epochs for p in sp.phases)
 
@@ -230,13 +232,6 @@ def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu",
     return out, _plan_text(out, recipe, stages, timing, sparse_s, sp_epochs, inp)
 
 
-def _run_stages() -> list[str]:
-    """The stages a plain `yolo-edge run` runs (the CLI's list: it grows as stages are implemented)."""
-    from pipeline import cli
-
-    return list(getattr(cli, "DEFAULT_RUN", cli.IMPLEMENTED))
-
-
 def _set_in(d: dict, path: tuple[str, ...], value) -> dict:
     import copy
 
@@ -254,7 +249,7 @@ def _plan_text(out: Path, recipe: Recipe, stages, timing, sparse_s: float, sp_ep
     total = sum(s.seconds for s in stages)
     lines = [f"wrote {out}: `yolo-edge run --recipe {out}` will, roughly, on this machine:"]
     by = {s.name: s for s in stages}
-    for name in _run_stages():  # in the run's order; sparsity training is the prune stage's first part
+    for name in STAGES:  # in the run's order; sparsity training is the prune stage's first part
         for s in ([by["sparsity"]] if name == "prune" and "sparsity" in by else []) + [by.get(name)]:
             if s is not None:
                 lines.append(f"  {s.name:<10} ~{human(s.seconds):<9} {s.what}")

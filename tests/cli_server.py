@@ -30,7 +30,7 @@ def _child(req: dict) -> None:
         os.environ.clear()
         os.environ.update(req["env"])
         sys.argv = list(req["argv"])
-        from pipeline.cli import main  # the console script's entry point
+        from pipeline.entry import main  # the console script's entry point
 
         try:
             main()

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.eval.coco import coco_eval, to_coco_results
 from pipeline.eval.detect import PrePost, letterbox, postprocess
-from pipeline.quant import e2e, trt_check
+from pipeline.quant import e2e, trt_check, trt_ops
 
 S, NC, N = 64, 5, 84  # the toy detector's input size, classes, anchors
 FRAMES = [(320, 320), (480, 640), (720, 1280)]
@@ -109,6 +109,10 @@ def test_graph_interface_static_and_standard_ops(tmp_path):
     assert {o.domain for o in m.opset_import} <= {"", "ai.onnx"}
     assert {n.op_type for n in m.graph.node if n.name.startswith("e2e/")} <= E2E_OPS
     assert not trt_check.check_types(m)  # strict typing: TensorRT inserts no casts
+    for resize in ("cv2", "onnx"):  # TensorRT's ONNX operator tables: every op, type and checkable restriction
+        e2e.build_e2e(toy, tmp_path / f"{resize}.onnx", (720, 1280), PrePost(imgsz=S, max_det=100), resize=resize)
+        for trt in ("10", "11"):
+            assert trt_ops.check_ops(onnx.load(str(tmp_path / f"{resize}.onnx")), trt) == [], (resize, trt)
     # NMS/TopK constants are initializers (TensorRT needs K and the NMS thresholds at build time)
     inits = {t.name for t in m.graph.initializer}
     for n in m.graph.node:
@@ -230,4 +234,5 @@ def test_int8_e2e_matches_python_path(int8_onnx, tmp_path, val_synth):
     e2e.build_e2e(int8_onnx, tmp_path / "q_e2e.onnx", (720, 1280), PrePost(imgsz=320))
     m = onnx.load(str(tmp_path / "q_e2e.onnx"))
     assert not trt_check.check(m), trt_check.check(m)  # still a file TensorRT's explicit quantization builds
+    assert trt_ops.check_ops(m, "10") == [] and trt_ops.check_ops(m, "11") == []
     assert sum(n.op_type == "DequantizeLinear" for n in m.graph.node) > 50

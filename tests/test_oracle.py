@@ -18,8 +18,8 @@ from pipeline.backends.base import Runner
 from pipeline.core.config import Recipe
 from pipeline.core.stage import Context
 from pipeline.data.formats import load_dataset, write_yolo
-from pipeline.eval.bench import accuracy
 from pipeline.eval.detect import PrePost, letterbox
+from pipeline.eval.measure import accuracy
 
 SPEC = PrePost(imgsz=320)
 

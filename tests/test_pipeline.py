@@ -305,7 +305,7 @@ def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settin
 def test_convergence_compares_tail_means_not_a_best_epoch():
     """A plateau whose epochs scatter ±0.4 pt is converged although its best epoch beats the shipped final one by more
     than the threshold; a run that still climbs is not; the shipped side is the last phase's own tail."""
-    from pipeline.stages.base import convergence
+    from pipeline.stages.base_training import convergence
 
     rng = random.Random(0)
     shipped = [{"phase": 1, "map50_95": 0.5}] * 5 + [{"phase": 2, "map50_95": 0.78 + rng.gauss(0, 0.004)}
@@ -324,7 +324,7 @@ def test_convergence_compares_tail_means_not_a_best_epoch():
 def test_a_longer_run_that_raises_the_base_is_reported_as_not_converged(tmp_path):
     """A base that passed make base's check but was raised by a longer single-schedule run (the record's
     longer_checks) is reported as not converged, with both runs named."""
-    from pipeline.stages.bench import render_markdown
+    from pipeline.report.markdown import render_markdown
     from pipeline.stages.load import training_summary
 
     rec = {"epochs": 495, "converged": False,
@@ -381,7 +381,7 @@ def test_the_shipped_base_is_the_recipes_converged_base(tmp_path, recipe_file):
     it says converged from a check of one more schedule like the last phase, and a kept check is the file it names."""
     from pipeline.core.config import load_recipe
     from pipeline.core.stage import Context
-    from pipeline.stages.base import _shipped_prefix, check_as_phase, check_file, recipe_phases
+    from pipeline.stages.base_training import _shipped_prefix, check_as_phase, check_file, recipe_phases
 
     recipe = load_recipe(ROOT / "models" / recipe_file, [])
     ctx = Context(run_dir=tmp_path, recipe=recipe, recipe_path=ROOT / "models" / recipe_file)

@@ -202,7 +202,7 @@ def test_a_search_reuses_a_trial_only_when_every_group_keeps_the_same_channels(r
 
     prep = yp.prepare(_randomized("yolo11n.yaml", seed=5))
     spec = yp.PruneSpec(macs_target=0.5, round_to=round_to)
-    trials = yp._Trials(prep, 320, spec)
+    trials = yp._Trials(prep, 320, spec, yp.macs_params(prep, 320)[0])
     wide, grps = yp._wide_convs(prep), pp.groups(prep, 320)
     rng = random.Random(round_to)
     w = {g.root: rng.random() for g in grps}

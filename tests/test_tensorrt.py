@@ -14,7 +14,7 @@ OK, WHY = tensorrt_available()
 
 
 def test_unavailable_runner_is_refused_with_the_reason():
-    from pipeline.backends.base import get_runner
+    from pipeline.backends.factory import get_runner
     from pipeline.core.errors import UserError
 
     if OK:

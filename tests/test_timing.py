@@ -1,4 +1,4 @@
-"""The interleaved timer (pipeline/eval/timing.py): ratio estimates and their bootstrap intervals on callables of
+"""The interleaved timer (pipeline/eval/interleaved.py): ratio estimates and their bootstrap intervals on callables of
 known cost (reporting their own milliseconds from a simulated machine, or busy waits timed by the timer), the stop
 rules, the shuffled order; the bench's ratios and which way round they go; and (slow, wall time of real ONNX Runtime
 runners) an injected slowdown, and a CPU-bound process started halfway through a session, which must leave the
@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.eval.timing import Schedule, time_interleaved, timed_call
+from pipeline.eval.interleaved import Schedule, time_interleaved, timed_call
 
 
 def busy(ms: float):
@@ -189,7 +189,8 @@ def infer_call(runner, channels: int = 64, size: int = 80):
 
 @pytest.mark.slow(seconds=5)  # wall time of a real runner: a box busy with other work moves its median
 def test_an_injected_slowdown_is_measured_as_that_factor(tmp_path):
-    from pipeline.backends.base import SlowedRunner, get_runner
+    from pipeline.backends.base import SlowedRunner
+    from pipeline.backends.factory import get_runner
 
     inner = get_runner("onnxruntime", conv_net(tmp_path / "m.onnx", 2), threads=1)
     slowed = SlowedRunner(inner, 1.3)
@@ -271,7 +272,7 @@ def test_a_load_started_halfway_leaves_the_speedup_interval_where_a_quiet_run_pu
     models alike and each ratio is paired within its round, so the loaded session's interval stays where the quiet
     sessions put theirs (the two quiet ones bracket what the machine drifts by itself between sessions); the same
     load in one model's slot of one-after-the-other timing moves the ratio far out of it."""
-    from pipeline.backends.base import get_runner
+    from pipeline.backends.factory import get_runner
 
     runners = [get_runner("onnxruntime", conv_net(tmp_path / f"m{k}.onnx", k), threads=1) for k in (2, 4)]
     small, large = (infer_call(r) for r in runners)
@@ -296,7 +297,7 @@ def reports(ms: float):
 
 
 def test_bench_rows_take_speedups_as_base_over_variant_with_their_intervals():
-    from pipeline.eval.bench import TimedVariant, speedup_fields, timing_fields, tracked_ratios
+    from pipeline.eval.measure import TimedVariant, speedup_fields, timing_fields, tracked_ratios
 
     tvs = {"base-fp32": TimedVariant.split("base-fp32", "base-fp32"),
            "pruned-fp32": TimedVariant.split("pruned-fp32", "base-fp32")}

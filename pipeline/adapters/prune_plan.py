@@ -236,8 +236,9 @@ def as_dicts(grps: list[Group]) -> list[dict]:
 
 
 class Evaluator:
-    """mAP50-95 of an in-memory model (PyTorch eager) on a fixed set of held-out images: letterboxed once,
-    scored by pycocotools, post-processed exactly as bench does."""
+    """mAP50-95 of an in-memory model (PyTorch eager, in batches) on a fixed set of held-out images: letterboxed
+    once, post-processed and scored as bench scores a runner (eval.measure.detections, pycocotools), against the
+    dataset's own ground truth for them."""
 
     def __init__(self, images, dataset, spec):
         import cv2
@@ -247,23 +248,17 @@ class Evaluator:
         self.spec = spec
         self.cat_ids = [dataset.cat_id(i) for i in range(dataset.nc)]
         self.items = []
-        self.gt = {"images": [], "annotations": [], "categories": [{"id": dataset.cat_id(i), "name": n}
-                                                                    for i, n in enumerate(dataset.names)]}
         for im in images:
             img = cv2.imread(str(im.path))
             x, undo = letterbox(img, spec)
             self.items.append((im.id, x, undo, img.shape[:2]))
-            self.gt["images"].append({"id": im.id, "file_name": str(im.path), "width": im.width, "height": im.height})
-            for c, bx, by, bw, bh in im.boxes:
-                self.gt["annotations"].append({"id": len(self.gt["annotations"]) + 1, "image_id": im.id,
-                                               "category_id": dataset.cat_id(c), "bbox": [bx, by, bw, bh],
-                                               "area": bw * bh, "iscrowd": 0})
+        self.gt = dataset.coco_dict_of(images)
 
     def __call__(self, model: nn.Module, batch: int = 16) -> float:
         import numpy as np
 
-        from pipeline.eval.coco import coco_eval, to_coco_results
-        from pipeline.eval.detect import postprocess
+        from pipeline.eval.coco import coco_eval
+        from pipeline.eval.measure import detections
 
         model = model.eval()
         dets = []
@@ -273,7 +268,7 @@ class Evaluator:
                 out = model(torch.from_numpy(np.concatenate([x for _, x, _, _ in chunk])))
             out = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
             for (iid, _, undo, shape), o in zip(chunk, out):
-                dets += to_coco_results(postprocess(o[None], undo, shape, self.spec), iid, self.cat_ids)
+                dets += detections(o[None], undo, shape, iid, self.cat_ids, self.spec)
         return coco_eval(self.gt, dets)["map50_95"]
 
 

@@ -11,11 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.adapters.log_filter import collapsed_repeats, silenced
-from pipeline.adapters.offline import cpu_threads, setup_offline
-
-setup_offline()
-
 import torch
 import ultralytics
 import yaml
@@ -23,6 +18,8 @@ from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import LOGGER
 
+from pipeline.adapters.log_filter import collapsed_repeats, silenced
+from pipeline.adapters.offline import cpu_threads
 from pipeline.core.errors import UserError
 from pipeline.core.store import atomic_path
 
@@ -306,7 +303,8 @@ class KeepArchitectureTrainer(DetectionTrainer):
                 self._regularizer = yp.sparsity_regularizer(student, self.args.imgsz, self.sparsity)
             scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
             self._regularizer.reg = self.sparsity * scale
-            self._regularizer.regularize(student)
+            with yp.fast_index_mapping():
+                self._regularizer.regularize(student)
         super().optimizer_step()
         if self.fade:
             self._fade_step()

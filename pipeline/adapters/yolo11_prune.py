@@ -8,6 +8,7 @@ A MACs target is reached by bisection over the channel ratio, `round_to` honoure
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -32,17 +33,12 @@ SEARCH_MAX_RATIO = 0.7
 IMPORTANCE = ("l1", "l2", "taylor", "bn_scale", "lamp")
 
 
-_TENSORS_REGISTERED = [0]  # parameters and buffers (re)assigned on any module in this process, ever
+_TENSORS_REGISTERED = [0]  # parameters and buffers (re)assigned on any module inside fast_index_mapping blocks
+_PATCH = {"depth": 0, "undo": None, "memo": True}
 
 
 def _count_registration(module, name, value):
     _TENSORS_REGISTERED[0] += 1
-
-
-# Torch-Pruning replaces a pruned layer's tensors by assignment (`layer.weight = Parameter(...)`, `bn.running_mean =
-# ...`), which goes through these process-wide hooks; nothing it does changes a shape in place.
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
 
 
 def _memoized(update):
@@ -62,14 +58,46 @@ def _memoized(update):
     return update_index_mapping
 
 
-def memoize_index_mapping(enabled: bool = True) -> None:
-    """Install (or remove) the memo on Torch-Pruning's index-mapping refresh; installed on import."""
+def _install_memo():
+    """Swap in the memo and the two process-wide torch hooks that count tensor assignments (Torch-Pruning replaces a
+    pruned layer's tensors by assignment, `layer.weight = Parameter(...)`, which goes through them; nothing it does
+    changes a shape in place). Returns the function that takes both out again."""
     im = tp.dependency.index_mapping
-    plain = getattr(im.update_index_mapping, "unmemoized", im.update_index_mapping)
-    im.update_index_mapping = _memoized(plain) if enabled else plain
+    plain = im.update_index_mapping
+    _TENSORS_REGISTERED[0] += 1  # shapes may have changed since the last block: every graph refreshes once
+    hooks = [torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration),
+             torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)]
+    im.update_index_mapping = _memoized(plain)
+
+    def undo():
+        im.update_index_mapping = plain
+        for h in hooks:
+            h.remove()
+
+    return undo
 
 
-memoize_index_mapping()
+@contextlib.contextmanager
+def fast_index_mapping():
+    """Within this block (re-entrant), Torch-Pruning's index-mapping refresh is memoized and torch counts tensor
+    assignments; the outermost block's exit restores both. The pruning entry points here open it themselves;
+    outside it, Torch-Pruning and torch are as installed."""
+    if _PATCH["depth"] == 0 and _PATCH["memo"]:
+        _PATCH["undo"] = _install_memo()
+    _PATCH["depth"] += 1
+    try:
+        yield
+    finally:
+        _PATCH["depth"] -= 1
+        if _PATCH["depth"] == 0 and _PATCH["undo"] is not None:
+            _PATCH["undo"]()
+            _PATCH["undo"] = None
+
+
+def memoize_index_mapping(enabled: bool = True) -> None:
+    """Whether fast_index_mapping blocks opened from now on install the memo (on by default; off: Torch-Pruning's
+    own refresh on every call, for comparison)."""
+    _PATCH["memo"] = enabled
 
 
 class AttentionPruner(tp.pruner.function.BasePruningFunc):
@@ -283,8 +311,9 @@ def prune_at_ratio(prepared: DetectionModel, imgsz: int, spec: PruneSpec, ratio:
     """Prune a copy of `prepared` at one channel ratio (per-layer overrides in ratio_dict, by module name).
     Returns (model, history)."""
     m = copy.deepcopy(prepared)
-    p = _pruner(m, imgsz, spec, ratio, grads_fn, ratio_dict)
-    p.step()
+    with fast_index_mapping():
+        p = _pruner(m, imgsz, spec, ratio, grads_fn, ratio_dict)
+        p.step()
     return m.eval(), p.pruning_history()
 
 
@@ -296,6 +325,11 @@ def prune(model: DetectionModel, imgsz: int, spec: PruneSpec, grads_fn=None, log
         v = getattr(spec, k)
         if v is not None and not 0 < v < 1:
             raise UserError(f"prune.{k} must lie strictly between 0 and 1, got {v}")
+    with fast_index_mapping():  # one block for the whole search: every attempt's pruner reuses the memo
+        return _prune(model, imgsz, spec, grads_fn, log)
+
+
+def _prune(model: DetectionModel, imgsz: int, spec: PruneSpec, grads_fn, log) -> tuple:
     t0 = time.time()
     prepared = prepare(model)
     base_macs, base_params = macs_params(prepared, imgsz)
@@ -349,7 +383,8 @@ class _Trials:
     reuses that measurement instead of pruning again. An attempt that lands in the band always prunes (its model
     is the result). With global or isomorphic ranking the counts are not a per-group rule: every attempt prunes."""
 
-    def __init__(self, prepared, imgsz: int, spec: PruneSpec):
+    def __init__(self, prepared, imgsz: int, spec: PruneSpec, base_macs: int, grads_fn=None):
+        self.prepared, self.imgsz, self.base_macs, self.grads_fn = prepared, imgsz, base_macs, grads_fn
         self.spec, self.seen, self.groups = spec, {}, None
         if spec.global_pruning or spec.isomorphic:
             return
@@ -367,6 +402,20 @@ class _Trials:
         rd = ratio_dict or self.spec.ratio_dict or {}
         return tuple(kept_channels(channels, next((rd[n] for n in names if n in rd), ratio), self.spec.round_to,
                                    self.spec.max_layer_ratio) for channels, names in self.groups)
+
+    def prune(self, ratio: float, ratio_dict: dict | None):
+        """(model, history, MACs fraction) of the cut at `ratio` / `ratio_dict`; (None, None, the fraction) when an
+        earlier attempt kept the same channels and missed the band."""
+        low, high, _ = _band(self.spec)
+        key = self.key(ratio, ratio_dict)
+        frac = self.seen.get(key)
+        if frac is not None and not low <= frac <= high:
+            return None, None, frac
+        m, h = prune_at_ratio(self.prepared, self.imgsz, self.spec, ratio, self.grads_fn, ratio_dict)
+        frac = macs_params(m, self.imgsz)[0] / self.base_macs
+        if key is not None:
+            self.seen[key] = frac
+        return m, h, frac
 
 
 def _bisect_widest(attempt_wide, wlo: float, whi: float, spec, iters: int):
@@ -394,18 +443,10 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     low, high, band = _band(spec)
     trials = []
 
-    known = _Trials(prepared, imgsz, spec)
+    known = _Trials(prepared, imgsz, spec, base_macs, grads_fn)
 
     def attempt(r, rd=None):
-        key = known.key(r, rd)
-        frac = known.seen.get(key)
-        if frac is not None and not low <= frac <= high:
-            m = h = None  # the same channels as an earlier attempt: its MACs
-        else:
-            m, h = prune_at_ratio(prepared, imgsz, spec, r, grads_fn, rd)
-            frac = macs_params(m, imgsz)[0] / base_macs
-            if key is not None:
-                known.seen[key] = frac
+        m, h, frac = known.prune(r, rd)
         trials.append({"ratio": round(r, 5), "wide_ratio": round(max(rd.values()), 5) if rd else None,
                        "macs_fraction": round(frac, 5), **({"same_channels_as_before": True} if m is None else {})})
         log(f"  ratio {r:.4f}" + (f", widest tier {max(rd.values()):.4f}" if rd else "") +
@@ -464,18 +505,10 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     wmin = min(v for v in w.values() if v > 0) / max(w.values())
     trials = []
 
-    known = _Trials(prepared, imgsz, spec)
+    known = _Trials(prepared, imgsz, spec, base_macs, grads_fn)
 
     def attempt(a, rd, wide_ratio=None):
-        key = known.key(0.0, rd)
-        frac = known.seen.get(key)
-        if frac is not None and not low <= frac <= high:
-            m = h = None  # the same channels as an earlier attempt: its MACs
-        else:
-            m, h = prune_at_ratio(prepared, imgsz, spec, 0.0, grads_fn, rd)
-            frac = macs_params(m, imgsz)[0] / base_macs
-            if key is not None:
-                known.seen[key] = frac
+        m, h, frac = known.prune(0.0, rd)
         mean = sum(rd.values()) / max(len(rd), 1)
         trials.append({"alpha": round(a, 8), "mean_ratio": round(mean, 5), "macs_fraction": round(frac, 5),
                        **({"wide_ratio": round(wide_ratio, 5)} if wide_ratio is not None else {}),
@@ -532,8 +565,9 @@ def replay(base_model: DetectionModel, history: list, imgsz: int) -> DetectionMo
     """Apply a saved Torch-Pruning history (one step, or several in order, each on a freshly built dependency
     graph as the pruner saw it) to the unpruned model: the pruned architecture, without its weights."""
     m = prepare(base_model)
-    for step in as_steps(history):
-        dependency_graph(m, imgsz).load_pruning_history(step)
+    with fast_index_mapping():
+        for step in as_steps(history):
+            dependency_graph(m, imgsz).load_pruning_history(step)
     return m.eval()
 
 

@@ -35,21 +35,6 @@ class Runner(ABC):
         return {"runner": self.name}
 
 
-def get_runner(kind: str, model_path, **kw) -> Runner:
-    if kind == "onnxruntime":
-        from pipeline.backends.onnxruntime import OnnxRuntimeRunner as cls
-    elif kind == "tensorrt":
-        from pipeline.backends.tensorrt import TensorRTRunner as cls
-    else:
-        raise ValueError(f"unknown runner {kind}")
-    ok, why = cls.is_available()
-    if not ok:
-        from pipeline.core.errors import UserError
-
-        raise UserError(f"runner '{kind}' is not available here: {why}")
-    return cls(model_path, **kw)
-
-
 class SlowedRunner(Runner):
     """Fault injection: another runner whose every `infer` call really takes `factor` × its own duration (the call,
     then a busy wait for the extra time, measured per call with perf_counter), so the timer and the gate see a

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import UserError
-from pipeline.eval.timing import Schedule
+from pipeline.eval.interleaved import Schedule
 
 
 class Strict(BaseModel):
@@ -51,6 +51,10 @@ class TrainSetup(Strict):
     seed: int = 0
     workers: int = Field(2, ge=0)
     device: str = "cpu"  # as ultralytics takes it: cpu, 0, cuda:0, 0,1
+
+    def trainer_args(self) -> dict:
+        """These settings as the adapter's train/finetune keyword arguments."""
+        return {"batch": self.batch, "nbs": self.nbs, "seed": self.seed, "workers": self.workers, "device": self.device}
 
     @field_validator("device", mode="before")
     @classmethod
@@ -108,6 +112,11 @@ class DistillLoss(Strict):
     head_weight: float = Field(1.0, ge=0)  # KD on the Detect head's outputs (class scores + DFL distributions)
     feature_weight: float = Field(0.0, ge=0)  # ultralytics' own neck-feature distillation (its `dis`; it uses 6.0)
     temperature: float = Field(1.0, gt=0)
+
+    def trainer_args(self) -> dict:
+        """The loss weights as the adapter's finetune keyword arguments (the teacher is passed beside them)."""
+        return {"feature_weight": self.feature_weight,
+                "head_kd": {"head_weight": self.head_weight, "temperature": self.temperature}}
 
 
 class DistillCfg(DistillLoss):
@@ -218,6 +227,12 @@ class FinetuneCfg(TrainCfg):
     warmup_bias_lr: float = Field(0.0, ge=0)
     distill: DistillCfg = DistillCfg(enabled=True)
 
+    def trainer_args(self) -> dict:
+        """The optimizer and schedule as well as the setup (the length and the distillation are passed beside)."""
+        return {**super().trainer_args(), "optimizer": self.optimizer, "close_mosaic": self.close_mosaic,
+                "warmup_epochs": self.warmup_epochs, "warmup_bias_lr": self.warmup_bias_lr,
+                **({"lr0": self.lr0} if self.lr0 is not None else {})}
+
 
 class CalibCfg(Strict):
     source: str = "train"  # "train": a seeded sample of the train split; or a text file of image paths (calib/)
@@ -290,7 +305,7 @@ class BenchCfg(Strict):
     conf: float = Field(0.001, ge=0, le=1)
     iou: float = Field(0.7, gt=0, le=1)
     max_det: int = Field(300, ge=1)
-    # latency: every variant timed together in shuffled rounds (pipeline/eval/timing.py, which says what the
+    # latency: every variant timed together in shuffled rounds (pipeline/eval/interleaved.py, which says what the
     # defaults rest on) until each speed-up and e2e ÷ engine ratio's 95% interval is within ±rel_width/2
     warmup: int = Field(Schedule.warmup, ge=0)  # untimed calls per timed item first
     per_round: int = Field(Schedule.per_round, ge=1)  # calls per item in each round

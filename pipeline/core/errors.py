@@ -15,9 +15,5 @@ class UserError(Exception):
         super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
 
 
-class StageNotImplemented(UserError):
-    pass
-
-
 class UnreachableTarget(UserError):
     """A MACs/params target the search cannot land within its tolerance."""

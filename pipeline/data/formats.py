@@ -78,8 +78,13 @@ class Dataset:
         return imgs
 
     def coco_dict(self, split: str) -> dict:
+        return self.coco_dict_of(self.split(split))
+
+    def coco_dict_of(self, images_of: list) -> dict:
+        """COCO instances JSON of these images (any of the dataset's): boxes, and difficult/crowd objects as
+        iscrowd=1 ignore regions."""
         images, anns = [], []
-        for im in self.split(split):
+        for im in images_of:
             images.append({"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height})
             for crowd, group in ((0, im.boxes), (1, im.crowd)):
                 for c, x, y, w, h in group:

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--runner", choices=["tensorrt", "onnxruntime"], default="tensorrt")
     n.add_argument("--out", type=Path, default=Path("device_report.json"))
     n.add_argument("--engine-cache", type=Path, default=None)
-    # the interleaved timer's settings (pipeline/eval/timing.py); each defaults to the bundle's bench settings
+    # the interleaved timer's settings (pipeline/eval/interleaved.py); each defaults to the bundle's bench settings
     n.add_argument("--warmup", type=int, default=None, help="untimed calls per timed item first")
     n.add_argument("--per-round", type=int, default=None, help="calls per timed item in each round")
     n.add_argument("--min-rounds", type=int, default=None, help="rounds before the first stop check")
@@ -61,14 +61,14 @@ def run(argv: list[str] | None = None) -> int:
               f"digest {mf.digest(root)[:12]}); variants: {', '.join(v['name'] for v in m['variants'])}")
     elif a.cmd == "build":
         from pipeline.device import manifest as mf
-        from pipeline.device.bench import DEFAULT_ENGINE_CACHE, build_engines
+        from pipeline.device.bundle_bench import DEFAULT_ENGINE_CACHE, build_engines
 
         root = mf.resolve(a.bundle)
         m = mf.verify(root)
         build_engines(root, m, a.engine_cache or DEFAULT_ENGINE_CACHE, workspace_mib=a.workspace_mib,
                       dla_core=a.dla_core, opt_level=a.opt_level)
     elif a.cmd == "bench":
-        from pipeline.device.bench import bench, summary_lines
+        from pipeline.device.bundle_bench import bench, summary_lines
 
         timing = {k: getattr(a, k) for k in ("per_round", "min_rounds", "max_rounds", "rel_width", "cap_s")}
         rep = bench(a.bundle, a.runner, a.out, a.engine_cache, a.warmup, a.threads, a.variant, timing)

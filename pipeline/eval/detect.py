@@ -27,20 +27,37 @@ class PrePost:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_recipe(cls, recipe) -> PrePost:
+        """The recipe's input size and bench thresholds: what every stage that runs the detector uses."""
+        b = recipe.bench
+        return cls(imgsz=recipe.model.imgsz, conf=b.conf, iou=b.iou, max_det=b.max_det)
 
-def letterbox(img_bgr: np.ndarray, spec: PrePost) -> tuple[np.ndarray, tuple]:
-    """Returns the NCHW float32 tensor and (gain_x, gain_y, pad_x, pad_y) to undo it."""
-    s = spec.imgsz
-    h0, w0 = img_bgr.shape[:2]
+
+def letterbox_geometry(frame_hw: tuple[int, int], imgsz: int) -> dict:
+    """The letterbox of a frame of frame_hw into imgsz x imgsz, as ultralytics' LetterBox rounds it: the resized size,
+    the pads (top, bottom, left, right), the gains and the (x, y) offset that undo it. The end-to-end graph
+    (quant/e2e.py) is built from these same numbers."""
+    h0, w0 = frame_hw
+    s = imgsz
     r = min(s / h0, s / w0)
     new_w, new_h = max(round(w0 * r), 1), max(round(h0 * r), 1)
     dw, dh = (s - new_w) / 2, (s - new_h) / 2
-    img = cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR) if (new_w, new_h) != (w0, h0) else img_bgr
     top, bottom = round(dh - 0.1), round(dh + 0.1)
     left, right = round(dw - 0.1), round(dw + 0.1)
+    return {"new_hw": (new_h, new_w), "pads": (top, bottom, left, right), "gain": (new_w / w0, new_h / h0),
+            "pad_xy": (left, top)}
+
+
+def letterbox(img_bgr: np.ndarray, spec: PrePost) -> tuple[np.ndarray, tuple]:
+    """Returns the NCHW float32 tensor and (gain_x, gain_y, pad_x, pad_y) to undo it."""
+    h0, w0 = img_bgr.shape[:2]
+    geo = letterbox_geometry((h0, w0), spec.imgsz)
+    (new_h, new_w), (top, bottom, left, right) = geo["new_hw"], geo["pads"]
+    img = cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR) if (new_w, new_h) != (w0, h0) else img_bgr
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(spec.pad_value,) * 3)
     x = np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255.0
-    return x, (new_w / w0, new_h / h0, left, top)
+    return x, (*geo["gain"], left, top)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: int) -> np.ndarray:

@@ -53,23 +53,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.core.errors import UserError
 from pipeline.eval.detect import E2E_OUTPUTS as OUTPUTS
-from pipeline.eval.detect import PrePost, e2e_detections
+from pipeline.eval.detect import PrePost, e2e_detections, letterbox_geometry
 
 PREFIX = "det/"
 TRT_TOPK_MAX = 3840  # TopK's K must be less than this (onnx-tensorrt operators.md, TensorRT 10.x)
-
-
-def letterbox_geometry(frame_hw: tuple[int, int], imgsz: int) -> dict:
-    """detect.letterbox's sizes for a frame of frame_hw, computed the same way (same rounding)."""
-    h0, w0 = frame_hw
-    s = imgsz
-    r = min(s / h0, s / w0)
-    new_w, new_h = max(round(w0 * r), 1), max(round(h0 * r), 1)
-    dw, dh = (s - new_w) / 2, (s - new_h) / 2
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    return {"new_hw": (new_h, new_w), "pads": (top, bottom, left, right), "gain": (new_w / w0, new_h / h0),
-            "pad_xy": (left, top)}
 
 
 def _model_io(model: onnx.ModelProto) -> tuple[int, int, int]:
@@ -137,46 +124,28 @@ def _cv2_linear(node, const, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -
     return node("Cast", [v], "pre/float", to=TensorProto.FLOAT)
 
 
-def build_e2e(model_onnx: Path, dest: Path, frame_hw: tuple[int, int], spec: PrePost,
-              max_det: int | None = None, resize: str = "cv2") -> dict:
-    """Writes the end-to-end ONNX to `dest`; returns a description (sizes, thresholds, opset).
+class _Nodes:
+    """The nodes and initializers the wrapper puts around the detector's own graph."""
 
-    resize: 'cv2' (default) reproduces cv2.resize's uint8 INTER_LINEAR bit for bit with integer ops; 'onnx' uses
-    the Resize op (one TensorRT resize layer; exact for integer downscale factors, else within 1/255)."""
-    model_onnx, dest = Path(model_onnx), Path(dest)
-    det = onnx.load(str(model_onnx))
-    s, nc, n = _model_io(det)
-    if s != spec.imgsz:
-        raise UserError(f"detector input is {s}x{s} but the spec's imgsz is {spec.imgsz}", model_onnx)
-    k = int(max_det if max_det is not None else spec.max_det)
-    if not 0 < k < TRT_TOPK_MAX:
-        raise UserError(f"max_det {k} out of range: TensorRT's TopK needs 0 < K < {TRT_TOPK_MAX}")
-    k_eff = min(k, nc * n)
-    h0, w0 = (int(v) for v in frame_hw)
-    if h0 <= 0 or w0 <= 0:
-        raise UserError(f"frame size {frame_hw} is not a positive (H, W)")
-    geo = letterbox_geometry((h0, w0), s)
-    (nh, nw), (top, bottom, left, right) = geo["new_hw"], geo["pads"]
-    gx, gy = geo["gain"]
-    opset = {o.domain or "ai.onnx": o.version for o in det.opset_import}.get("ai.onnx", 17)
-    opset = max(opset, 13)
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
 
-    det = onnx.compose.add_prefix(det, PREFIX)
-    det_in, det_out = det.graph.input[0].name, det.graph.output[0].name
-
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-
-    def const(name: str, arr) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+    def const(self, name: str, arr) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
         return name
 
-    def node(op: str, inputs: list[str], outputs: list[str] | str, **attrs) -> str:
+    def node(self, op: str, inputs: list[str], outputs: list[str] | str, **attrs) -> str:
         outs = [outputs] if isinstance(outputs, str) else outputs
-        nodes.append(helper.make_node(op, inputs, outs, name=f"e2e/{outs[0]}", **attrs))
+        self.nodes.append(helper.make_node(op, inputs, outs, name=f"e2e/{outs[0]}", **attrs))
         return outs[0]
 
-    # ---- letterbox: detect.letterbox in ONNX ops
+
+def _letterbox(b: _Nodes, frame_hw: tuple[int, int], geo: dict, spec: PrePost, resize: str, det_in: str) -> None:
+    """detect.letterbox in ONNX ops: the uint8 frame to the detector's input tensor `det_in`."""
+    node, const = b.node, b.const
+    h0, w0 = frame_hw
+    (nh, nw), (top, bottom, left, right) = geo["new_hw"], geo["pads"]
     if (nh, nw) == (h0, w0):  # letterbox skips cv2.resize at the same size
         x = node("Cast", ["frame"], "pre/float", to=TensorProto.FLOAT)
     elif resize == "cv2":
@@ -201,9 +170,16 @@ def build_e2e(model_onnx: Path, dest: Path, frame_hw: tuple[int, int], spec: Pre
                          const("pre/padval", np.array(spec.pad_value, np.float32))], "pre/padded", mode="constant")
     x = node("Gather", [x, const("pre/rgb", np.array([2, 1, 0], np.int64))], "pre/rgb_img", axis=1)  # BGR -> RGB
     node("Div", [x, const("pre/255", np.array(255.0, np.float32))], det_in)
-    n_pre = len(nodes)
 
-    # ---- the detector's graph follows (prefixed); its output det_out is (1, 4 + nc, N)
+
+def _select(b: _Nodes, det_out: str, nc: int, n: int, k: int, k_eff: int, frame_hw: tuple[int, int], geo: dict,
+            spec: PrePost) -> None:
+    """NMS on the detector's output det_out (1, 4 + nc, N), then the best k detections in the frame's pixels: the
+    graph's outputs num_dets, boxes, scores, classes."""
+    node, const = b.node, b.const
+    h0, w0 = frame_hw
+    left, top = geo["pad_xy"]
+    gx, gy = geo["gain"]
     # ---- NMS: boxes (1, N, 4) xywh, scores (1, nc, N)
     xywh = node("Slice", [det_out, const("post/s0", np.array([0], np.int64)), const("post/s4", np.array([4], np.int64)),
                           const("post/ax1", np.array([1], np.int64))], "post/xywh_t")  # (1, 4, N)
@@ -260,6 +236,13 @@ def build_e2e(model_onnx: Path, dest: Path, frame_hw: tuple[int, int], spec: Pre
     node("Unsqueeze", [out_scores, "post/ax0"], "scores")
     node("Unsqueeze", [out_cls, "post/ax0"], "classes")
 
+
+
+def _assemble(det: onnx.ModelProto, b: _Nodes, n_pre: int, frame_hw: tuple[int, int], k: int,
+              opset: int) -> onnx.ModelProto:
+    """One graph in topological order (letterbox, the detector, NMS and selection), shape-inferred and checked."""
+    h0, w0 = frame_hw
+    nodes, inits = b.nodes, b.inits
     g = det.graph
     graph = helper.make_graph(  # topological order: letterbox, detector, NMS and selection
         nodes[:n_pre] + list(g.node) + nodes[n_pre:], "yolo_e2e",
@@ -275,6 +258,39 @@ def build_e2e(model_onnx: Path, dest: Path, frame_hw: tuple[int, int], spec: Pre
     model.ir_version = det.ir_version
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_e2e(model_onnx: Path, dest: Path, frame_hw: tuple[int, int], spec: PrePost,
+              max_det: int | None = None, resize: str = "cv2") -> dict:
+    """Writes the end-to-end ONNX to `dest`; returns a description (sizes, thresholds, opset).
+
+    resize: 'cv2' (default) reproduces cv2.resize's uint8 INTER_LINEAR bit for bit with integer ops; 'onnx' uses
+    the Resize op (one TensorRT resize layer; exact for integer downscale factors, else within 1/255)."""
+    model_onnx, dest = Path(model_onnx), Path(dest)
+    det = onnx.load(str(model_onnx))
+    s, nc, n = _model_io(det)
+    if s != spec.imgsz:
+        raise UserError(f"detector input is {s}x{s} but the spec's imgsz is {spec.imgsz}", model_onnx)
+    k = int(max_det if max_det is not None else spec.max_det)
+    if not 0 < k < TRT_TOPK_MAX:
+        raise UserError(f"max_det {k} out of range: TensorRT's TopK needs 0 < K < {TRT_TOPK_MAX}")
+    k_eff = min(k, nc * n)
+    h0, w0 = (int(v) for v in frame_hw)
+    if h0 <= 0 or w0 <= 0:
+        raise UserError(f"frame size {frame_hw} is not a positive (H, W)")
+    geo = letterbox_geometry((h0, w0), s)
+    (nh, nw), (top, bottom, left, right) = geo["new_hw"], geo["pads"]
+    gx, gy = geo["gain"]
+    opset = {o.domain or "ai.onnx": o.version for o in det.opset_import}.get("ai.onnx", 17)
+    opset = max(opset, 13)
+
+    det = onnx.compose.add_prefix(det, PREFIX)
+    b = _Nodes()
+    _letterbox(b, (h0, w0), geo, spec, resize, det.graph.input[0].name)
+    n_pre = len(b.nodes)  # the detector's graph follows (prefixed)
+    _select(b, det.graph.output[0].name, nc, n, k, k_eff, (h0, w0), geo, spec)
+    model = _assemble(det, b, n_pre, (h0, w0), k, opset)
     dest.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dest))
     return {"frame_hw": [h0, w0], "imgsz": s, "resized_hw": [nh, nw], "pads_tblr": [top, bottom, left, right],

@@ -14,7 +14,7 @@ Why not onnxconverter-common's `convert_float_to_float16(keep_io_types=True)` (m
 list (the FP32 decode) it raises "The downstream node of the second cast node should be graph output", and without
 one it writes an invalid model (Resize's `scales` input turned float16, which the ONNX schema forbids; ORT refuses
 to load it). ModelOpt's AutoCast lives in its own venv (.venv-modelopt) and is not installed on every dev box. This
-pass is ~150 lines driven by the ONNX schemas themselves: a position is converted only where its type parameter
+pass is ~170 lines driven by the ONNX schemas themselves: a position is converted only where its type parameter
 admits tensor(float16), and concrete `tensor(float)` inputs (Resize scales) stay FP32.
 """
 
@@ -72,6 +72,150 @@ def _positions(n: onnx.NodeProto, schema, types: dict[str, int]):
             [kind(schema.outputs, i, x) for i, x in enumerate(n.output)])
 
 
+class _Rewrite:
+    """One FP16 conversion of a shape-inferred model, in place, in four steps: decide each float node's precision
+    (`plan`), store the weights and constants FP16 readers take in FP16 (`weights`), insert the Casts between FP16
+    and FP32 tensors (`wire`), and give the graph's outputs back in FP32 (`fp32_outputs`)."""
+
+    def __init__(self, model: onnx.ModelProto, keep_fp32, emulate: bool):
+        self.model, self.g, self.emulate = model, model.graph, emulate
+        self.opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"]
+        self.types = _types(model)
+        for n in self.g.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.types[n.output[0]] = n.attribute[0].t.data_type
+        self.keep = set(keep_fp32)
+        self.rep = Fp16Report()
+        self.half_in: dict[int, set[int]] = {}  # node index -> input positions that take FP16
+        self.half_out: dict[str, bool] = {}  # tensor -> produced in FP16
+        self.consumers: dict[str, list[tuple[int, int]]] = {}
+        for k, n in enumerate(self.g.node):
+            for i, x in enumerate(n.input):
+                self.consumers.setdefault(x, []).append((k, i))
+        self.renamed: dict[tuple[str, int], str] = {}  # (node, input) -> the FP16 copy of a weight it reads
+        self.done_weights: set[str] = set()
+        self.casts: dict[tuple[str, int], str] = {}
+        self.new_nodes: list[onnx.NodeProto] = []
+
+    def plan(self) -> None:
+        for k, n in enumerate(self.g.node):
+            if n.op_type == "Constant":
+                continue
+            try:
+                schema = onnx.defs.get_schema(n.op_type, self.opset, n.domain or "")
+            except onnx.defs.SchemaError:
+                schema = None
+            ins, outs = _positions(n, schema, self.types) if schema is not None else ([], [])
+            is_float = any(p is not None for p in ins + outs) or (schema is None and any(
+                self.types.get(x) == FLOAT for x in list(n.input) + list(n.output)))
+            if not is_float:
+                continue
+            if n.name in self.keep or n.op_type in KEEP_OPS or schema is None or "block" in ins + outs:
+                self.rep.fp32_nodes.append(n.name)
+                continue
+            self.rep.fp16_nodes += 1
+            self.half_in[k] = {i for i, p in enumerate(ins) if p == "half"}
+            for i, p in enumerate(outs):
+                if p == "half":
+                    self.half_out[n.output[i]] = True
+
+    def _wants_half(self, x: str) -> list[bool]:
+        return [i in self.half_in.get(k, ()) for k, i in self.consumers.get(x, [])]
+
+    def _to_half(self, a: np.ndarray) -> np.ndarray:
+        self.rep.clipped_weights += int(np.sum(np.abs(a) > FP16_MAX))
+        h = np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16)
+        self.rep.flushed_weights += int(np.sum((a != 0) & (h == 0)))
+        return h.astype(np.float32) if self.emulate else h
+
+    def weights(self) -> None:
+        """Weights and constants: stored FP16 when every consumer reads FP16, a second FP16 copy when some do."""
+        g = self.g
+        inits = {t.name: t for t in g.initializer}
+        const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.attribute
+                       and n.attribute[0].name == "value" and n.attribute[0].t.data_type == FLOAT}
+        new_inits = []
+        for name, t in list(inits.items()):
+            if t.data_type != FLOAT:
+                continue
+            w = self._wants_half(name)
+            if not any(w):
+                continue
+            h = numpy_helper.from_array(self._to_half(numpy_helper.to_array(t)), name if all(w) else name + "__fp16")
+            if all(w):
+                t.CopyFrom(h)
+            else:
+                new_inits.append(h)
+                for (k, i), wh in zip(self.consumers[name], w):
+                    if wh:
+                        self.renamed[(k, i)] = h.name
+        g.initializer.extend(new_inits)
+        for name, n in const_nodes.items():
+            w = self._wants_half(name)
+            if w and all(w):
+                a = numpy_helper.to_array(n.attribute[0].t)
+                n.attribute[0].t.CopyFrom(numpy_helper.from_array(self._to_half(a), n.attribute[0].t.name))
+                self.half_out[name] = True
+        self.done_weights = {n for n, t in inits.items()
+                             if t.data_type == HALF or self.emulate and any(self._wants_half(n))}
+
+    def _cast(self, x: str, to: int) -> str:
+        key = (x, to)
+        if key not in self.casts:
+            out = f"{x}__to_{'fp16' if to == HALF else 'fp32'}"
+            if self.emulate:  # round to FP16 and come back: the value the real file would hold, in FP32
+                mid = out + "__h"
+                self.new_nodes.append(helper.make_node("Cast", [x], [mid], name=mid + "_cast", to=HALF))
+                self.new_nodes.append(helper.make_node("Cast", [mid], [out], name=out + "_cast", to=FLOAT))
+            else:
+                self.new_nodes.append(helper.make_node("Cast", [x], [out], name=out + "_cast", to=to))
+            self.rep.casts += 1
+            self.casts[key] = out
+        return self.casts[key]
+
+    def wire(self) -> None:
+        """Every node in order, a Cast before each input whose producer's precision is not the one it reads."""
+        produced_half = self.half_out.get
+        for k, n in enumerate(self.g.node):
+            for i, x in enumerate(n.input):
+                if (k, i) in self.renamed:
+                    n.input[i] = self.renamed[(k, i)]
+                    continue
+                if not x or x in self.done_weights or self.types.get(x) != FLOAT and not produced_half(x, False):
+                    continue
+                want = i in self.half_in.get(k, ())
+                have = produced_half(x, False)
+                if want and not have:
+                    n.input[i] = self._cast(x, HALF)
+                elif have and not want:
+                    n.input[i] = self._cast(x, FLOAT)
+            self.new_nodes.append(n)
+            if self.emulate and k in self.half_in:  # an FP16 op's outputs are FP16 values
+                for j, o in enumerate(n.output):
+                    if produced_half(o, False):
+                        n.output[j] = o + "__raw"
+                        mid = o + "__h"
+                        self.new_nodes.append(helper.make_node("Cast", [o + "__raw"], [mid], name=mid + "_cast",
+                                                               to=HALF))
+                        self.new_nodes.append(helper.make_node("Cast", [mid], [o], name=o + "_round", to=FLOAT))
+
+    def fp32_outputs(self) -> None:
+        """FP32 graph outputs: the producer writes name__fp16, a Cast writes name."""
+        for o in self.g.output:
+            if not self.half_out.get(o.name, False):
+                continue
+            raw = o.name + "__fp16"
+            for n in self.new_nodes:
+                for j, x in enumerate(n.output):
+                    if x == o.name:
+                        n.output[j] = raw
+                for j, x in enumerate(n.input):
+                    if x == o.name:
+                        n.input[j] = raw
+            self.new_nodes.append(helper.make_node("Cast", [raw], [o.name], name=o.name + "__to_fp32_cast", to=FLOAT))
+            self.rep.casts += 1
+
+
 def convert(src: onnx.ModelProto, keep_fp32: list[str] | tuple = (), emulate: bool = False
             ) -> tuple[onnx.ModelProto, Fp16Report]:
     """FP16 everywhere the schema allows, except nodes named in `keep_fp32` and KEEP_OPS; FP32 graph I/O.
@@ -79,140 +223,18 @@ def convert(src: onnx.ModelProto, keep_fp32: list[str] | tuple = (), emulate: bo
     emulate=True writes the *same* graph in FP32 with every FP16 weight and FP16 activation rounded to FP16 (a Cast
     pair where the real file stores FP16): what ONNX Runtime's CPU runs where it lacks an FP16 kernel."""
     model = onnx.shape_inference.infer_shapes(src, check_type=True, strict_mode=True)
-    g = model.graph
-    opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"]
-    types = _types(model)
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            types[n.output[0]] = n.attribute[0].t.data_type
-    keep = set(keep_fp32)
-    rep = Fp16Report()
-    half_in: dict[int, set[int]] = {}  # node index -> input positions that take FP16
-    half_out: dict[str, bool] = {}  # tensor -> produced in FP16
-    consumers: dict[str, list[tuple[int, int]]] = {}
-    for k, n in enumerate(g.node):
-        for i, x in enumerate(n.input):
-            consumers.setdefault(x, []).append((k, i))
-    for k, n in enumerate(g.node):
-        if n.op_type == "Constant":
-            continue
-        try:
-            schema = onnx.defs.get_schema(n.op_type, opset, n.domain or "")
-        except onnx.defs.SchemaError:
-            schema = None
-        ins, outs = _positions(n, schema, types) if schema is not None else ([], [])
-        is_float = any(p is not None for p in ins + outs) or (schema is None and any(
-            types.get(x) == FLOAT for x in list(n.input) + list(n.output)))
-        if not is_float:
-            continue
-        if n.name in keep or n.op_type in KEEP_OPS or schema is None or "block" in ins + outs:
-            rep.fp32_nodes.append(n.name)
-            continue
-        rep.fp16_nodes += 1
-        half_in[k] = {i for i, p in enumerate(ins) if p == "half"}
-        for i, p in enumerate(outs):
-            if p == "half":
-                half_out[n.output[i]] = True
-
-    def wants_half(x: str) -> list[bool]:
-        return [i in half_in.get(k, ()) for k, i in consumers.get(x, [])]
-
-    inits = {t.name: t for t in g.initializer}
-    const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.attribute
-                   and n.attribute[0].name == "value" and n.attribute[0].t.data_type == FLOAT}
-
-    def to_half(a: np.ndarray) -> np.ndarray:
-        rep.clipped_weights += int(np.sum(np.abs(a) > FP16_MAX))
-        h = np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16)
-        rep.flushed_weights += int(np.sum((a != 0) & (h == 0)))
-        return h.astype(np.float32) if emulate else h
-
-    # weights and constants: stored FP16 when every consumer reads FP16, a second FP16 copy when some do
-    renamed: dict[tuple[str, int], str] = {}
-    new_inits = []
-    for name, t in list(inits.items()):
-        if t.data_type != FLOAT:
-            continue
-        w = wants_half(name)
-        if not any(w):
-            continue
-        h = numpy_helper.from_array(to_half(numpy_helper.to_array(t)), name if all(w) else name + "__fp16")
-        if all(w):
-            t.CopyFrom(h)
-        else:
-            new_inits.append(h)
-            for (k, i), wh in zip(consumers[name], w):
-                if wh:
-                    renamed[(k, i)] = h.name
-    g.initializer.extend(new_inits)
-    for name, n in const_nodes.items():
-        w = wants_half(name)
-        if w and all(w):
-            a = numpy_helper.to_array(n.attribute[0].t)
-            n.attribute[0].t.CopyFrom(numpy_helper.from_array(to_half(a), n.attribute[0].t.name))
-            half_out[name] = True
-    done_weights = {n for n, t in inits.items() if t.data_type == HALF or emulate and any(wants_half(n))}
-
-    def produced_half(x: str) -> bool:
-        return half_out.get(x, False)
-
-    casts: dict[tuple[str, int], str] = {}
-    new_nodes: list[onnx.NodeProto] = []
-
-    def cast(x: str, to: int) -> str:
-        key = (x, to)
-        if key not in casts:
-            out = f"{x}__to_{'fp16' if to == HALF else 'fp32'}"
-            if emulate:  # round to FP16 and come back: the value the real file would hold, in FP32
-                mid = out + "__h"
-                new_nodes.append(helper.make_node("Cast", [x], [mid], name=mid + "_cast", to=HALF))
-                new_nodes.append(helper.make_node("Cast", [mid], [out], name=out + "_cast", to=FLOAT))
-            else:
-                new_nodes.append(helper.make_node("Cast", [x], [out], name=out + "_cast", to=to))
-            rep.casts += 1
-            casts[key] = out
-        return casts[key]
-
-    for k, n in enumerate(g.node):
-        for i, x in enumerate(n.input):
-            if (k, i) in renamed:
-                n.input[i] = renamed[(k, i)]
-                continue
-            if not x or x in done_weights or types.get(x) != FLOAT and not produced_half(x):
-                continue
-            want = i in half_in.get(k, ())
-            have = produced_half(x)
-            if want and not have:
-                n.input[i] = cast(x, HALF)
-            elif have and not want:
-                n.input[i] = cast(x, FLOAT)
-        new_nodes.append(n)
-        if emulate and k in half_in:  # an FP16 op's outputs are FP16 values
-            for j, o in enumerate(n.output):
-                if produced_half(o):
-                    n.output[j] = o + "__raw"
-                    mid = o + "__h"
-                    new_nodes.append(helper.make_node("Cast", [o + "__raw"], [mid], name=mid + "_cast", to=HALF))
-                    new_nodes.append(helper.make_node("Cast", [mid], [o], name=o + "_round", to=FLOAT))
+    rw = _Rewrite(model, keep_fp32, emulate)
+    rw.plan()
+    rw.weights()
+    rw.wire()
     if not emulate:
-        for o in g.output:
-            if produced_half(o.name):  # FP32 graph outputs: the producer writes name__fp16, a Cast writes name
-                raw = o.name + "__fp16"
-                for n in new_nodes:
-                    for j, x in enumerate(n.output):
-                        if x == o.name:
-                            n.output[j] = raw
-                    for j, x in enumerate(n.input):
-                        if x == o.name:
-                            n.input[j] = raw
-                new_nodes.append(helper.make_node("Cast", [raw], [o.name], name=o.name + "__to_fp32_cast", to=FLOAT))
-                rep.casts += 1
-    del g.node[:]
-    g.node.extend(new_nodes)
-    del g.value_info[:]
+        rw.fp32_outputs()
+    del model.graph.node[:]
+    model.graph.node.extend(rw.new_nodes)
+    del model.graph.value_info[:]
     out = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     onnx.checker.check_model(out, full_check=True)
-    return out, rep
+    return out, rw.rep
 
 
 def convert_file(src: Path, dest: Path, keep_fp32: list[str] | tuple = (), emulate: bool = False) -> Fp16Report:

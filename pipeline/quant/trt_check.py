@@ -42,9 +42,10 @@ QDQ = ("QuantizeLinear", "DequantizeLinear")
 class Violation:
     node: str
     rule: str
+    op: str = ""
 
     def __str__(self) -> str:
-        return f"node '{self.node}': {self.rule}"
+        return f"node '{self.node}'" + (f" ({self.op})" if self.op else "") + f": {self.rule}"
 
 
 def check_types(model: onnx.ModelProto) -> list[Violation]:
@@ -83,7 +84,9 @@ def has_fp16(model: onnx.ModelProto) -> bool:
         for n in model.graph.node)
 
 
-def check(model: onnx.ModelProto, dynamic_ok: bool = False) -> list[Violation]:
+def check(model: onnx.ModelProto, dynamic_ok: bool = False, require_reduced: bool = True) -> list[Violation]:
+    """The explicit-quantization and strong-typing rules; `require_reduced` also refuses a file with neither Q/DQ nor
+    FP16 tensors (where an INT8 or FP16 file is expected)."""
     v: list[Violation] = check_types(model)
     opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}.get("ai.onnx", 0)
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -141,13 +144,14 @@ def check(model: onnx.ModelProto, dynamic_ok: bool = False) -> list[Violation]:
                         v.append(Violation(n.name, f"per-channel scale on axis {ax} (size {scale.size}) of the "
                                                    f"{c.op_type} weight; TensorRT needs the output-channel axis "
                                                    f"{want}"))
-    if n_qdq == 0 and not has_fp16(model):
+    if require_reduced and n_qdq == 0 and not has_fp16(model):
         v.append(Violation("<model>", "no QuantizeLinear/DequantizeLinear nodes (and no FP16 tensors): not an "
                                       "explicitly quantized or strongly typed reduced-precision model"))
     return v
 
 
-def check_file(path: str | Path, dynamic_ok: bool = False) -> list[Violation]:
+def load(path: str | Path) -> onnx.ModelProto:
+    """An ONNX file, or one line naming it and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise UserError("ONNX file not found", path)
@@ -157,7 +161,11 @@ def check_file(path: str | Path, dynamic_ok: bool = False) -> list[Violation]:
         raise UserError(f"not an ONNX model ({type(e).__name__})", path) from None
     if not model.ir_version or not model.graph.node:  # protobuf reads an empty file (and some others) as a model
         raise UserError("not an ONNX model (no IR version or no graph nodes)", path)
-    return check(model, dynamic_ok)
+    return model
+
+
+def check_file(path: str | Path, dynamic_ok: bool = False) -> list[Violation]:
+    return check(load(path), dynamic_ok)
 
 
 def assert_buildable(path: str | Path) -> None:

@@ -3,7 +3,7 @@
 Each entry names a run and one of its variants (`runs/bccd:base-fp32`, optionally `=label`). Every entry must have
 been scored on the same evaluation set (the report's dataset digest): the mAP intervals are paired over those
 images (pipeline/eval/bootstrap.py) from the predictions each run stored, and every ONNX file is timed again here,
-all in one interleaved session (pipeline/eval/timing.py), so the speed ratios are measured side by side on one
+all in one interleaved session (pipeline/eval/interleaved.py), so the speed ratios are measured side by side on one
 machine, never taken from runs made at other times. The first entry is the reference of every Δ and ratio."""
 
 from __future__ import annotations
@@ -72,11 +72,11 @@ def accuracy(entries: list[Entry], resamples: int, seed: int) -> dict:
 def timing(entries: list[Entry], threads: int, schedule: dict):
     """Every entry's ONNX file timed engine-only in one interleaved session on the first run's eval images, each at
     its own input size; ratios: the first entry's time over each other's (speed-up)."""
-    from pipeline.backends.base import get_runner
+    from pipeline.backends.factory import get_runner
     from pipeline.data.evalset import EvalSet
-    from pipeline.eval.bench import TimingInputs, timed_calls
     from pipeline.eval.detect import PrePost
-    from pipeline.eval.timing import Schedule, time_interleaved
+    from pipeline.eval.interleaved import Schedule, time_interleaved
+    from pipeline.eval.measure import TimingInputs, timed_calls
 
     es = EvalSet.load(entries[0].run / "data" / "eval", verify=False)
     calls, keep = {}, []

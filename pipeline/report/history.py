@@ -134,38 +134,6 @@ def record(run_dir: str | Path, db: str | Path = DEFAULT_DB, commit: str | None 
         con.close()
 
 
-def import_json(files: list[Path], db: str | Path = DEFAULT_DB, recipe: str = "default") -> tuple[int, int]:
-    """Import the dated JSON files benchmarks/record.py wrote before the database (a list of {time, device,
-    variants: [{name, map50_95, ..., vs_base, engine_p50_ms, e2e_p50_ms}]}). Their recipe was not recorded: all were
-    the default recipe's runs (`make history` of runs/default, `make nightly`), so `recipe` names it; commit and
-    digest stay NULL. Idempotent (each entry's uid is its file and index)."""
-    from pipeline.report.rows import host_id
-
-    rows = []
-    for f in sorted(Path(x) for x in files):
-        for i, e in enumerate(json.loads(f.read_text())):
-            dev = e.get("device") or {}
-            for v in e.get("variants") or []:
-                m = {k: float(v[k]) for k in ("map50_95", "map50", "params", "macs", "fps", "engine_p50_ms",
-                                              "e2e_p50_ms", "e2e_over_engine") if isinstance(v.get(k), (int, float))}
-                if "e2e_over_engine" not in m and m.get("engine_p50_ms"):
-                    m["e2e_over_engine"] = m["e2e_p50_ms"] / m["engine_p50_ms"]  # as bench defines it
-                for k, x in (v.get("vs_base") or {}).items():
-                    if isinstance(x, (int, float)) and not (v["name"] == "base-fp32" and k.endswith("speedup")):
-                        m[k] = float(x)
-                for k, x in m.items():
-                    rows.append({"run_uid": f"json:{f.name}#{i}", "run": recipe, "time": e["time"],
-                                 "commit_sha": None, "recipe": recipe, "recipe_digest": None, "versions": None,
-                                 "device": host_id(dev), "device_state": json.dumps(dev, sort_keys=True),
-                                 "variant": v["name"], "metric": k, "value": x,
-                                 "source": f"benchmarks/history/{f.name}"})
-    con = connect(db)
-    try:
-        return insert(con, rows), len(rows)
-    finally:
-        con.close()
-
-
 def series(db: str | Path, recipe: str | None, device: str, metrics: list[str]) -> dict:
     """{metric: {variant: [(datetime, value)]}} for one recipe and device, oldest first."""
     if not Path(db).is_file():

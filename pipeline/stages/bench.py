@@ -17,6 +17,7 @@ from pipeline.core.stage import Context, StageResult, console, lib_versions, run
 from pipeline.core.store import StageRecord, atomic_path, sha256_file, write_json
 from pipeline.eval.bootstrap import annotate_rows
 from pipeline.eval.detect import PrePost
+from pipeline.report.markdown import render_devices, render_markdown
 
 VERSION = 5  # 5: speed-ups as the median of per-round ratios (4: interleaved timing, mAP intervals, vector units)
 
@@ -47,9 +48,10 @@ def _bench_e2e(ctx: Context, v: Variant, onnx_path: Path, images, gt: dict, cat_
     """An end-to-end variant: the graph built from `onnx_path` for each val image size (mAP) and for the camera's
     frame size (latency; the file kept in the bench output as e2e/<variant>.onnx). Returns the accuracy, the
     detections, the frame-size graph's runner (timed later with the others) and the graph's description."""
-    from pipeline.backends.base import get_runner, slowed
-    from pipeline.eval.bench import predict_e2e
+    from pipeline.backends.base import slowed
+    from pipeline.backends.factory import get_runner
     from pipeline.eval.coco import coco_eval
+    from pipeline.eval.measure import predict_e2e
     from pipeline.quant.e2e import build_e2e
 
     cfg, e2e = ctx.recipe.bench, ctx.recipe.export.e2e
@@ -195,11 +197,6 @@ def variants(ctx: Context) -> list[Variant]:
     return cands
 
 
-def prepost(ctx: Context) -> PrePost:
-    b = ctx.recipe.bench
-    return PrePost(imgsz=ctx.recipe.model.imgsz, conf=b.conf, iou=b.iou, max_det=b.max_det)
-
-
 def env_vars() -> dict:
     """The settings of the environment that change a run's numbers: OMP_NUM_THREADS as the user set it (ultralytics
     sets it to 1 at import when unset)."""
@@ -262,10 +259,10 @@ class Scored:
 
 def time_variants(cfg, scored: list[Scored], paths: list[str], spec: PrePost, frame_hw: tuple[int, int],
                   bases: dict[str, str]):
-    """Every variant's engine-only and end-to-end calls timed in one interleaved session (pipeline/eval/timing.py);
+    """Every variant's engine-only and end-to-end calls timed in one interleaved session (pipeline/eval/interleaved.py);
     returns the Timing and each variant's TimedVariant."""
-    from pipeline.eval.bench import TimedVariant, TimingInputs, timed_call_e2e, timed_calls, tracked_ratios
-    from pipeline.eval.timing import Schedule, time_interleaved
+    from pipeline.eval.interleaved import Schedule, time_interleaved
+    from pipeline.eval.measure import TimedVariant, TimingInputs, timed_call_e2e, timed_calls, tracked_ratios
 
     inputs = TimingInputs.load(paths, spec)
     frames = inputs.frames(frame_hw) if any(sc.v.e2e_of for sc in scored) else []
@@ -289,10 +286,105 @@ def time_variants(cfg, scored: list[Scored], paths: list[str], spec: PrePost, fr
     return t, tvs
 
 
+def _load_eval_set(inputs: dict, split: str, out: Path):
+    """The data stage's eval set, its images re-hashed and its ground truth checked against them; the ground truth
+    copied beside the predictions."""
+    from pipeline.data.evalset import EvalSet
+
+    es = EvalSet.load(inputs["eval"])
+    if es.split != split:
+        raise UserError(f"the eval set holds the '{es.split}' split, bench.split is '{split}': re-run the data stage",
+                        inputs["eval"])
+    shutil.copyfile(inputs["eval"] / "ground_truth.json", out / "ground_truth.json")
+    return es
+
+
+def _score(ctx: Context, vs: list[Variant], inputs: dict, es, spec: PrePost, out: Path) -> list[Scored]:
+    """Every variant's accuracy on the eval set (predictions/<variant>.json written); their runners kept for timing."""
+    from pipeline.backends.base import slowed
+    from pipeline.backends.factory import get_runner
+    from pipeline.eval.measure import accuracy
+
+    cfg = ctx.recipe.bench
+    gt, cat_ids = es.ground_truth, es.category_ids
+    (out / "predictions").mkdir()
+    scored = []
+    for v in vs:
+        onnx_path = inputs[f"{v.name}.onnx"]
+        info = json.loads(inputs[f"{v.name}.info"].read_text())
+        if v.e2e_of:
+            acc, dets, runner, e2e_info = _bench_e2e(ctx, v, onnx_path, es.images, gt, cat_ids, spec, out)
+            scored.append(Scored(v, onnx_path, info, acc, dets, runner, e2e_info))
+        else:
+            runner = slowed(get_runner(cfg.runner, onnx_path, threads=cfg.threads), cfg.inject_slowdown.get(v.name))
+            acc, dets = accuracy(runner, es.images, gt, cat_ids, spec, label=v.name)
+            scored.append(Scored(v, onnx_path, info, acc, dets, runner))
+        (out / "predictions" / f"{v.name}.json").write_text(json.dumps(dets))
+    return scored
+
+
+def _row(ctx: Context, sc: Scored, es, timed: dict, out: Path) -> dict:
+    """One variant's report row (without its comparison against its base)."""
+    cfg, v, e2e_info = ctx.recipe.bench, sc.v, sc.e2e_info
+    rel = lambda p: os.path.relpath(p, ctx.run_dir)  # noqa: E731
+    model_file, model_at = sc.onnx_path, ctx.stage_dir(v.model_stage) / sc.onnx_path.name
+    if v.e2e_of:  # the end-to-end file itself, kept in the bench output
+        model_file, model_at = out / "e2e" / e2e_info["file"], ctx.stage_dir("bench") / "e2e" / e2e_info["file"]
+    names, cat_ids = es.names, es.category_ids
+    return {
+        "name": v.name, "precision": v.precision, "note": v.note,
+        "model": {"path": rel(model_at), "sha256": sha256_file(model_file), "size_bytes": model_file.stat().st_size},
+        "runner": sc.runner.describe(),
+        "map50_95": sc.acc["map50_95"], "map50": sc.acc["map50"],
+        "per_class_ap50_95": {names[cat_ids.index(k)]: a for k, a in sc.acc["per_class_ap50_95"].items()},
+        **timed,
+        "params": sc.info["params"], "macs": sc.info["macs"],
+        "predictions": rel(ctx.stage_dir("bench") / "predictions" / f"{v.name}.json"),
+        "ground_truth": rel(ctx.stage_dir("bench") / "ground_truth.json"),
+        "detections": len(sc.dets),
+        **({"training": sc.info["training"]} if sc.info.get("training") else {}),
+        **({"e2e": {**e2e_info, "over": f"{v.e2e_of}'s engine-only p50 (the model on a ready tensor)"}}
+           if e2e_info else {}),
+        **({"injected_slowdown": cfg.inject_slowdown[v.name]} if v.name in cfg.inject_slowdown else {}),
+    }
+
+
+def _int8_drop(ctx: Context, by: dict[str, dict], n_images: int) -> None:
+    """What the accuracy-aware INT8 search certified on its tuning images, beside what the val split shows (on the
+    pruned-int8 row, in place)."""
+    q = ctx.record("quantize")
+    aa = q.metrics.get("pruned_int8", {}) if q is not None else {}
+    if not ("tuning_drop" in aa and "pruned-int8" in by and "pruned-fp32" in by):
+        return
+    val = by["pruned-fp32"]["map50_95"] - by["pruned-int8"]["map50_95"]
+    by["pruned-int8"]["int8_drop"] = {
+        "tuning": aa["tuning_drop"], "tuning_se": aa["tuning_drop_se"], "tuning_images": aa["tuning_images"],
+        "val": val, "val_images": n_images, "budget": aa["max_drop"], "noise_z": aa["noise_z"],
+        "within_budget_on_tuning": aa["within_budget"], "within_budget_on_val": val <= aa["max_drop"]}
+    by["pruned-int8"]["note"] += (
+        f"; drop vs pruned-fp32: {100 * aa['tuning_drop']:.2f} ± {100 * aa['tuning_drop_se']:.2f} pt on "
+        f"{aa['tuning_images']} tuning images (the search's estimate), {100 * val:.2f} pt on the "
+        f"{n_images} val images (budget {100 * aa['max_drop']:.2f})")
+
+
+def _vs_base(rows: list[dict], bases: dict[str, str], timing, tvs: dict) -> None:
+    """Each row against its base row: MACs, params and size ratios, the mAP change, the speed-ups (in place)."""
+    from pipeline.eval.measure import speedup_fields
+
+    by = {r["name"]: r for r in rows}
+    for r in rows:
+        base = by[bases[r["name"]]]
+        r["vs_base"] = {"against": base["name"], "macs_ratio": r["macs"] / base["macs"],
+                        "params_ratio": r["params"] / base["params"],
+                        "size_ratio": r["model"]["size_bytes"] / base["model"]["size_bytes"],
+                        "map50_95_delta": r["map50_95"] - base["map50_95"],
+                        **speedup_fields(timing, tvs[r["name"]], tvs[base["name"]])}
+
+
 def run(ctx: Context) -> StageRecord:
     vs = variants(ctx)
     cfg = ctx.recipe.bench
-    spec = prepost(ctx)
+    spec = PrePost.from_recipe(ctx.recipe)
     check_injection(cfg, vs)
     inputs = {"eval": ctx.output("data", "eval"), "data": ctx.output("data", "yolo")}
     for v in vs:
@@ -305,87 +397,23 @@ def run(ctx: Context) -> StageRecord:
               "e2e": ctx.recipe.export.e2e.model_dump()}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
-        from pipeline.backends.base import get_runner, slowed
-        from pipeline.data.evalset import EvalSet
-        from pipeline.eval.bench import accuracy, speedup_fields, timing_fields
+        from pipeline.eval.measure import timing_fields
 
-        es = EvalSet.load(inputs["eval"])  # images re-hashed, ground truth checked against them
-        es_digest = es.digest
-        if es.split != cfg.split:
-            raise UserError(f"the eval set holds the '{es.split}' split, bench.split is '{cfg.split}': re-run the "
-                            f"data stage", inputs["eval"])
-        gt = es.ground_truth
-        shutil.copyfile(inputs["eval"] / "ground_truth.json", out / "ground_truth.json")
-        images, cat_ids, names = es.images, es.category_ids, es.names
-        (out / "predictions").mkdir()
-        scored = []  # accuracy of every variant first; then all of them are timed together
-        for v in vs:
-            onnx_path = inputs[f"{v.name}.onnx"]
-            info = json.loads(inputs[f"{v.name}.info"].read_text())
-            if v.e2e_of:
-                acc, dets, runner, e2e_info = _bench_e2e(ctx, v, onnx_path, images, gt, cat_ids, spec, out)
-                scored.append(Scored(v, onnx_path, info, acc, dets, runner, e2e_info))
-            else:
-                runner = slowed(get_runner(cfg.runner, onnx_path, threads=cfg.threads),
-                                cfg.inject_slowdown.get(v.name))
-                acc, dets = accuracy(runner, images, gt, cat_ids, spec, label=v.name)
-                scored.append(Scored(v, onnx_path, info, acc, dets, runner))
-            (out / "predictions" / f"{v.name}.json").write_text(json.dumps(dets))
+        es = _load_eval_set(inputs, cfg.split, out)
+        scored = _score(ctx, vs, inputs, es, spec, out)  # accuracy of every variant first; then timed together
         bases = speed_bases(vs)
-        timing, tvs = time_variants(cfg, scored, [i.path for i in images], spec,
+        timing, tvs = time_variants(cfg, scored, [i.path for i in es.images], spec,
                                     tuple(ctx.recipe.export.e2e.frame_hw), bases)
-        rows = []
-        rel = lambda p: os.path.relpath(p, ctx.run_dir)
-        for sc in scored:
-            v, onnx_path, e2e_info = sc.v, sc.onnx_path, sc.e2e_info
-            model_file, model_at = onnx_path, ctx.stage_dir(v.model_stage) / onnx_path.name
-            if v.e2e_of:  # the end-to-end file itself, kept in the bench output
-                model_file, model_at = out / "e2e" / e2e_info["file"], ctx.stage_dir("bench") / "e2e" / e2e_info["file"]
-            rows.append({
-                "name": v.name, "precision": v.precision, "note": v.note,
-                "model": {"path": rel(model_at), "sha256": sha256_file(model_file),
-                          "size_bytes": model_file.stat().st_size},
-                "runner": sc.runner.describe(),
-                "map50_95": sc.acc["map50_95"], "map50": sc.acc["map50"],
-                "per_class_ap50_95": {names[cat_ids.index(k)]: a for k, a in sc.acc["per_class_ap50_95"].items()},
-                **timing_fields(timing, tvs[v.name]),
-                "params": sc.info["params"], "macs": sc.info["macs"],
-                "predictions": rel(ctx.stage_dir("bench") / "predictions" / f"{v.name}.json"),
-                "ground_truth": rel(ctx.stage_dir("bench") / "ground_truth.json"),
-                "detections": len(sc.dets),
-                **({"training": sc.info["training"]} if sc.info.get("training") else {}),
-                **({"e2e": {**e2e_info, "over": f"{v.e2e_of}'s engine-only p50 (the model on a ready tensor)"}}
-                   if e2e_info else {}),
-                **({"injected_slowdown": cfg.inject_slowdown[v.name]} if v.name in cfg.inject_slowdown else {}),
-            })
+        rows = [_row(ctx, sc, es, timing_fields(timing, tvs[sc.v.name]), out) for sc in scored]
         all_dets = {sc.v.name: sc.dets for sc in scored}
         del scored  # the runners
         cross = cross_check(ctx, rows, inputs, out)
-        q = ctx.record("quantize")
-        aa = q.metrics.get("pruned_int8", {}) if q is not None else {}
-        by = {r["name"]: r for r in rows}
-        if "tuning_drop" in aa and "pruned-int8" in by and "pruned-fp32" in by:
-            # what the accuracy-aware search certified on its tuning images, beside what the val split shows
-            val = by["pruned-fp32"]["map50_95"] - by["pruned-int8"]["map50_95"]
-            by["pruned-int8"]["int8_drop"] = {
-                "tuning": aa["tuning_drop"], "tuning_se": aa["tuning_drop_se"], "tuning_images": aa["tuning_images"],
-                "val": val, "val_images": len(images), "budget": aa["max_drop"], "noise_z": aa["noise_z"],
-                "within_budget_on_tuning": aa["within_budget"], "within_budget_on_val": val <= aa["max_drop"]}
-            by["pruned-int8"]["note"] += (
-                f"; drop vs pruned-fp32: {100 * aa['tuning_drop']:.2f} ± {100 * aa['tuning_drop_se']:.2f} pt on "
-                f"{aa['tuning_images']} tuning images (the search's estimate), {100 * val:.2f} pt on the "
-                f"{len(images)} val images (budget {100 * aa['max_drop']:.2f})")
-        for r in rows:
-            base = by[bases[r["name"]]]
-            r["vs_base"] = {"against": base["name"], "macs_ratio": r["macs"] / base["macs"],
-                            "params_ratio": r["params"] / base["params"],
-                            "size_ratio": r["model"]["size_bytes"] / base["model"]["size_bytes"],
-                            "map50_95_delta": r["map50_95"] - base["map50_95"],
-                            **speedup_fields(timing, tvs[r["name"]], tvs[base["name"]])}
-        intervals = annotate_rows(rows, gt, {sc_name: dets for sc_name, dets in all_dets.items()},
-                                  resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
+        _int8_drop(ctx, {r["name"]: r for r in rows}, len(es.images))
+        _vs_base(rows, bases, timing, tvs)
+        intervals = annotate_rows(rows, es.ground_truth, all_dets, resamples=cfg.bootstrap_resamples,
+                                  seed=cfg.bootstrap_seed)
         report = {"schema": "yolo-edge/report/1", "run": ctx.run_dir.name, "recipe": ctx.recipe.model_dump(),
-                  "dataset": {"split": cfg.split, "images": len(images), "digest": es_digest, "names": names,
+                  "dataset": {"split": cfg.split, "images": len(es.images), "digest": es.digest, "names": es.names,
                               **_data_counts(ctx)},
                   "cross_check": cross, "timing": timing.summary, "map_intervals": intervals,
                   "device": device_info(), "env": lib_versions(), "env_vars": env_vars(),
@@ -421,116 +449,9 @@ def publish(ctx: Context) -> Path:
                 console.print(f"[yellow]bench: device {name}'s results were for other model files: dropped from "
                               f"report.json (`make deploy` measures these)[/yellow]")
     write_json(ctx.run_dir / "report.json", report)
-    from pipeline.deploy import render_devices
-
     with atomic_path(ctx.run_dir / "report.md") as tmp:
         tmp.write_text(render_markdown(report) + (render_devices(report) if report.get("devices") else ""))
     from pipeline.report.render import render_run
 
     render_run(ctx.run_dir)  # tradeoff.png, history.png, report.html beside report.json
     return ctx.run_dir / "report.json"
-
-
-def times(x: float, ci: list[float] | None = None) -> str:
-    """A ratio as the report shows it: 1.62× [1.55, 1.70] (with its 95% interval when there is one)."""
-    return f"{x:.2f}×" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-
-def speedup_cell(r: dict, kind: str) -> str:
-    """A row's engine or e2e speed-up over its base, with its interval (the base itself: 1×, no interval)."""
-    vb = r.get("vs_base", {})
-    own = vb.get("against") == r["name"]
-    return times(vb.get(f"{kind}_p50_speedup", 1), None if own else vb.get(f"{kind}_p50_speedup_ci"))
-
-
-def timing_line(t: dict | None) -> str:
-    """How the latencies were taken and why the timing stopped (the report's `timing` block)."""
-    if not t:
-        return ""
-    return (f"Timing: every variant in one session, interleaved ({t['items']} timed calls): {t['warmup']} warm-up "
-            f"calls each, then {t['rounds']} rounds of {t['per_round']} calls per item, {t['order']}, so a passing "
-            f"load reaches every variant alike; [lo, hi] = 95% bootstrap interval over rounds. Stopped: {t['stop']} "
-            f"after {t['wall_s']:.0f} s (target ±{50 * t['rel_width']:g}%, cap {t['cap_s']:g} s, at most "
-            f"{t['max_rounds']} rounds).")
-
-
-def delta_cell(d: dict, key: str = "map50_95_delta") -> str:
-    """'-0.07 pt [-1.38, +1.21]': a mAP difference in points with its paired 95% interval where there is one."""
-    x, ci = d.get(key, 0.0), d.get(f"{key}_ci")
-    return f"{100 * x:+.2f} pt" + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else "")
-
-
-def _dirt_note(ds: dict) -> str:
-    d, ign = ds.get("dirty_boxes") or {}, sum((ds.get("ignore_regions") or {}).values())
-    parts = ([f"{d['dropped']} dirty box(es) dropped and {d['clipped']} clipped in {d['files']} annotation file(s)"]
-             if d.get("files") else []) + ([f"{ign} ignore region(s) (difficult/crowd)"] if ign else [])
-    return (" Data: " + "; ".join(parts) + ".") if parts else ""
-
-
-def render_markdown(rep: dict) -> str:
-    lines = [f"# yolo-edge report: {rep['run']}", "",
-             f"Dataset: {rep['dataset']['images']} {rep['dataset']['split']} images, "
-             f"{len(rep['dataset']['names'])} classes (digest {rep['dataset']['digest'][:12]}); "
-             f"input {rep['prepost']['imgsz']}x{rep['prepost']['imgsz']}; device: {rep['device'].get('cpu', '?')}, "
-             f"{rep['device'].get('cpus')} CPUs.{_dirt_note(rep['dataset'])}", "",
-             "| variant | runner | mAP50-95 | mAP50 | Δ mAP50-95 | params | MACs (×base) | size | engine p50 ms "
-             "| speed-up (engine) | e2e p50 / p90 / p99 ms | speed-up (e2e) | e2e ÷ engine | fps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rep["variants"] + rep.get("e2e_variants", []):
-        vb = r.get("vs_base", {})
-        e, g = r["latency_ms"]["end_to_end"], r["latency_ms"]["engine"]
-        ratio = times(r["e2e_over_engine"], r.get("e2e_over_engine_ci")) if "e2e_over_engine" in r else "–"
-        lines.append(
-            f"| {r['name']} | {r['runner']['runner']} | {r['map50_95']:.4f} | {r['map50']:.4f} | "
-            f"{delta_cell(vb)} | {r['params'] / 1e6:.3f} M | "
-            f"{r['macs'] / 1e9:.3f} G ({vb.get('macs_ratio', 1):.2f}×) | {r['model']['size_bytes'] / 1e6:.2f} MB | "
-            f"{g['p50']:.2f} | {speedup_cell(r, 'engine')} | "
-            f"{e['p50']:.2f} / {e['p90']:.2f} / {e['p99']:.2f} | "
-            f"{speedup_cell(r, 'e2e')} | "
-            f"{ratio} | {r['fps']:.1f} |")
-    lines += ["", "Latency: batch 1, ONNX Runtime CPU unless the runner says otherwise; engine = inference on a ready "
-              "tensor, e2e = letterbox + inference + NMS on a decoded frame (Python around the runner; for the "
-              "`-e2e` variants all of it inside the one graph, on a camera-size frame); e2e ÷ engine = that over the "
-              "engine-only time (for `-e2e` variants: over their source variant's engine-only time). mAP: "
-              "pycocotools on the predictions and ground truth named in report.json."]
-    if rep.get("timing"):
-        lines += ["", timing_line(rep["timing"])]
-    mi = rep.get("map_intervals")
-    if mi:
-        lines.append(f"- mAP intervals: 95% {mi['method']}; {mi['resamples']} resamples of the {mi['images']} "
-                     f"images (seed {mi['seed']}). Δ mAP50-95 is against the row's base (base-fp32; the e2e rows: "
-                     f"base-fp32-e2e); a quantized row's change against the FP32 model it was made from:")
-        lines += [f"  - {r['name']} vs {r['vs_fp32']['against']}: {delta_cell(r['vs_fp32'])}"
-                  for r in rep["variants"] if r.get("vs_fp32")]
-    cc = (rep.get("cross_check") or {}).get("variants") or {}
-    if cc:
-        lines.append("- cross-check, " + rep["cross_check"]["evaluator"] + " on the same split: " + "; ".join(
-            f"{k} {v['ultralytics']:.4f} vs bench {v['bench']:.4f} ({v['delta_pt']:+.2f} pt)" for k, v in cc.items())
-            + f" (the run fails beyond ±{rep['cross_check']['max_delta_pt']:g} pt)")
-    for r in rep["variants"] + rep.get("e2e_variants", []):
-        vb = r.get("vs_base", {})
-        if r["precision"] == "fp32" and vb.get("macs_ratio", 1) < 0.99 and not r.get("e2e"):
-            red = 1 / vb["macs_ratio"]
-            lines.append(f"- {r['name']}: {red:.2f}x fewer MACs, engine "
-                         f"{times(vb['engine_p50_speedup'], vb.get('engine_p50_speedup_ci'))} faster: "
-                         f"{vb['engine_p50_speedup'] / red:.2f} of the MACs reduction became speed on this runner")
-    for r in rep["variants"] + rep.get("e2e_variants", []):
-        if r.get("injected_slowdown"):
-            lines.append(f"- {r['name']}: **injected slowdown ×{r['injected_slowdown']:g}** (bench.inject_slowdown): "
-                         f"its runner was made slower on purpose; its latency is not the model's own")
-        if r.get("note"):
-            lines.append(f"- {r['name']}: {r['note']}")
-        t = r.get("training") if r["precision"] == "fp32" and not r.get("e2e") else None
-        if t and t.get("check_epochs"):
-            how = f" (mean of the last {t['check_window']} epochs of each run)" if t.get("check_window") else ""
-            longer = "".join(f"; a run of {x['epochs']} more epochs (one schedule, {x['where']}) changed it by "
-                             f"{x['gain']:+.4f}" for x in t.get("longer_checks") or [])
-            by_check = t.get("check_converged", t["converged"])
-            like = ("one more schedule like its last phase" if t.get("check_settings") == "last_phase" else
-                    "the fine-tune settings")
-            lines.append(f"- {r['name']}: trained {t['epochs']} epochs; {t['check_epochs']} more ({like}) changed "
-                         f"its val mAP50-95 by {t['check_gain']:+.4f}{how}"
-                         + (f": converged by that check{longer}: {'converged' if t['converged'] else 'NOT converged'}"
-                            if longer and by_check else
-                            f": {'converged' if t['converged'] else 'NOT converged'}{longer}"))
-    return "\n".join(lines) + "\n"

@@ -28,10 +28,10 @@ from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, run_stage
 from pipeline.core.store import StageRecord, sha256_file, sha256_json, sha256_tree
 from pipeline.device import manifest as mf
+from pipeline.stages.order import RECORDS
 
 VERSION = 1
 NAME = "yolo-edge-bundle"
-LINEAGE = ("data", "load", "prune", "finetune", "export", "export-pruned", "calibrate", "quantize", "engine", "bench")
 
 
 def source_root() -> Path:
@@ -83,19 +83,88 @@ def build_wheel(root: Path, dest: Path) -> Path:
     return wheels[0]
 
 
-def device_requirements(root: Path) -> list[str]:
-    """The `device` extra of pyproject.toml: what the device installs beside the wheel (which is installed with
-    --no-deps: the project's base dependencies include torch and ultralytics, which the device never needs)."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    meta = tomllib.loads((root / "pyproject.toml").read_text())
-    return list(meta["project"]["optional-dependencies"]["device"])
-
-
 def _variant_build_precision(v: dict) -> str:
     return {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}.get(v["precision"], "fp32")
+
+
+def _model_rows(ctx: Context, variants: list[dict], inputs: dict, tree: Path) -> list[dict]:
+    """Every variant's ONNX file copied under models/ (the file bench scored, by sha256; never a pickle) and its
+    manifest row: what it is, how the device builds it, what the dev box measured."""
+    rows = []
+    q = ctx.record("quantize")
+    for v in variants:
+        src = inputs[f"{v['name']}.model"]
+        why = mf.pickle_reason(src)
+        if why:
+            raise UserError(f"variant {v['name']}: {why}", src)
+        if sha256_file(src) != v["model"]["sha256"]:
+            raise UserError(f"variant {v['name']}: the file differs from the one bench scored (sha256): re-run "
+                            f"bench", src)
+        rel = f"models/{v['name']}{src.suffix}"
+        shutil.copyfile(src, tree / rel)
+        rows.append({"name": v["name"], "precision": v["precision"], "file": rel, "sha256": v["model"]["sha256"],
+                     "size": v["model"]["size_bytes"], "params": v.get("params"), "macs": v.get("macs"),
+                     "note": v.get("note", ""), "build": {"precision": _variant_build_precision(v)},
+                     "dev_box": {"map50_95": v["map50_95"], "map50": v["map50"], "runner": v["runner"],
+                                 "engine_p50_ms": v["latency_ms"]["engine"]["p50"],
+                                 "e2e_p50_ms": v["latency_ms"]["end_to_end"]["p50"]}})
+        chk = str(((q.metrics if q else {}).get(v["name"].replace("-", "_")) or {}).get("trt_check", ""))
+        if chk.startswith("refused"):  # e.g. the ultralytics INT8 peer: scored on ONNX Runtime only
+            rows[-1]["tensorrt"] = {"buildable": False, "why": chk}
+    return rows
+
+
+def _copy_eval_set(ctx: Context, src: Path, dest: Path):
+    """The eval set bench scored, self-contained under dest (images/, eval_set.json with base "."), checked to be
+    the same eval set by digest. Returns (the source EvalSet, the number of images)."""
+    from pipeline.data.evalset import SCHEMA as EVAL_SCHEMA
+    from pipeline.data.evalset import EvalSet
+
+    es = EvalSet.load(src)
+    if ctx.record("bench").inputs["eval"]["digest"] != sha256_tree(src):
+        raise UserError("the eval set differs from the one bench scored (digest): re-run bench", src)
+    meta = json.loads((src / "eval_set.json").read_text())
+    used, recs = set(), []
+    for n, (im, rec) in enumerate(zip(es.images, meta["images"])):
+        name = Path(im.file_name).name
+        if name in used:
+            name = f"{n:06d}_{name}"
+        used.add(name)
+        shutil.copyfile(im.path, dest / "images" / name)
+        recs.append({**rec, "file": f"images/{name}"})
+    shutil.copyfile(src / "ground_truth.json", dest / "ground_truth.json")
+    (dest / "eval_set.json").write_text(json.dumps({**meta, "schema": EVAL_SCHEMA, "base": ".", "images": recs},
+                                                   indent=1))
+    if EvalSet.load(dest).digest != es.digest:  # the copy is the same eval set
+        raise UserError("the bundled eval set's digest differs from the source's", dest)
+    return es, len(recs)
+
+
+def _manifest(ctx: Context, report: dict, rows: list[dict], es, n_images: int, wheel: Path, tree: Path,
+              root: Path, source: str) -> dict:
+    from pipeline import __version__
+
+    cfg = ctx.recipe.bench
+    return {
+        "schema": mf.SCHEMA, "format": mf.FORMAT, "created": time.time(), "run": report["run"],
+        "project": {"name": "yolo-edge", "version": __version__, **git_commit(root), "source_digest": source},
+        "recipe": {"name": ctx.recipe.name, "digest": sha256_json(ctx.recipe.model_dump())},
+        "variants": rows,
+        "classes": es.names, "category_ids": es.category_ids,
+        "input": {"shape": [1, 3, ctx.recipe.model.imgsz, ctx.recipe.model.imgsz], "dtype": "float32",
+                  "layout": "NCHW", "color": "RGB", "scale": "1/255", "letterbox_pad": report["prepost"]["pad_value"]},
+        "prepost": report["prepost"],
+        "prepost_spec": "ultralytics LetterBox (centered, bilinear, pad 114) -> RGB /255 NCHW float32; output "
+                        "(1, 4+nc, N) xywh + class scores; multi-label class-aware NMS (conf, iou, max_det, "
+                        "max_nms, max_wh) -> boxes scaled back to the frame (pipeline.eval.detect)",
+        "bench": {**cfg.model_dump(), "runner": cfg.runner},
+        "dataset": {"split": es.split, "images": n_images, "digest": es.digest, "names": es.names},
+        "eval": {"dir": "eval", "images": n_images, "digest": es.digest},
+        "wheel": wheel.relative_to(tree).as_posix(),
+        "lineage": {s: {"key": r.key, "stage_version": r.stage_version, "finished": r.finished}
+                    for s in RECORDS if s != "bundle" and (r := ctx.record(s)) is not None},
+        "files": mf.file_table(tree),
+    }
 
 
 def run(ctx: Context) -> StageRecord:
@@ -118,84 +187,20 @@ def run(ctx: Context) -> StageRecord:
               **git_commit(root)}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
-        from pipeline import __version__
-        from pipeline.data.evalset import SCHEMA as EVAL_SCHEMA
-        from pipeline.data.evalset import EvalSet
-
         tree = out / NAME
         (tree / "models").mkdir(parents=True)
         (tree / "eval" / "images").mkdir(parents=True)
         (tree / "wheels").mkdir()
-        rows = []
-        q = ctx.record("quantize")
-        for v in variants:
-            src = inputs[f"{v['name']}.model"]
-            why = mf.pickle_reason(src)
-            if why:
-                raise UserError(f"variant {v['name']}: {why}", src)
-            if sha256_file(src) != v["model"]["sha256"]:
-                raise UserError(f"variant {v['name']}: the file differs from the one bench scored (sha256): re-run "
-                                f"bench", src)
-            rel = f"models/{v['name']}{src.suffix}"
-            shutil.copyfile(src, tree / rel)
-            rows.append({"name": v["name"], "precision": v["precision"], "file": rel, "sha256": v["model"]["sha256"],
-                         "size": v["model"]["size_bytes"], "params": v.get("params"), "macs": v.get("macs"),
-                         "note": v.get("note", ""), "build": {"precision": _variant_build_precision(v)},
-                         "dev_box": {"map50_95": v["map50_95"], "map50": v["map50"], "runner": v["runner"],
-                                     "engine_p50_ms": v["latency_ms"]["engine"]["p50"],
-                                     "e2e_p50_ms": v["latency_ms"]["end_to_end"]["p50"]}})
-            chk = str(((q.metrics if q else {}).get(v["name"].replace("-", "_")) or {}).get("trt_check", ""))
-            if chk.startswith("refused"):  # e.g. the ultralytics INT8 peer: scored on ONNX Runtime only
-                rows[-1]["tensorrt"] = {"buildable": False, "why": chk}
-        # the eval set, self-contained: images under eval/images, eval_set.json with base "."
-        es = EvalSet.load(inputs["eval"])
-        if ctx.record("bench").inputs["eval"]["digest"] != sha256_tree(inputs["eval"]):
-            raise UserError("the eval set differs from the one bench scored (digest): re-run bench", inputs["eval"])
-        meta = json.loads((inputs["eval"] / "eval_set.json").read_text())
-        used, recs = set(), []
-        for n, (im, rec) in enumerate(zip(es.images, meta["images"])):
-            name = Path(im.file_name).name
-            if name in used:
-                name = f"{n:06d}_{name}"
-            used.add(name)
-            shutil.copyfile(im.path, tree / "eval" / "images" / name)
-            recs.append({**rec, "file": f"images/{name}"})
-        shutil.copyfile(inputs["eval"] / "ground_truth.json", tree / "eval" / "ground_truth.json")
-        (tree / "eval" / "eval_set.json").write_text(json.dumps({**meta, "schema": EVAL_SCHEMA, "base": ".",
-                                                                 "images": recs}, indent=1))
-        if EvalSet.load(tree / "eval").digest != es.digest:  # the copy is the same eval set
-            raise UserError("the bundled eval set's digest differs from the source's", tree / "eval")
+        rows = _model_rows(ctx, variants, inputs, tree)
+        es, n_images = _copy_eval_set(ctx, inputs["eval"], tree / "eval")
         wheel = build_wheel(root, tree / "wheels")
         mf.refuse_pickles(tree)
-        files = mf.file_table(tree)
-        cfg = ctx.recipe.bench
-        manifest = {
-            "schema": mf.SCHEMA, "format": mf.FORMAT, "created": time.time(), "run": report["run"],
-            "project": {"name": "yolo-edge", "version": __version__, **git_commit(root),
-                        "source_digest": config["source"]},
-            "recipe": {"name": ctx.recipe.name, "digest": sha256_json(ctx.recipe.model_dump())},
-            "variants": rows,
-            "classes": es.names, "category_ids": es.category_ids,
-            "input": {"shape": [1, 3, ctx.recipe.model.imgsz, ctx.recipe.model.imgsz], "dtype": "float32",
-                      "layout": "NCHW", "color": "RGB", "scale": "1/255", "letterbox_pad": report["prepost"]
-                      ["pad_value"]},
-            "prepost": report["prepost"],
-            "prepost_spec": "ultralytics LetterBox (centered, bilinear, pad 114) -> RGB /255 NCHW float32; output "
-                            "(1, 4+nc, N) xywh + class scores; multi-label class-aware NMS (conf, iou, max_det, "
-                            "max_nms, max_wh) -> boxes scaled back to the frame (pipeline.eval.detect)",
-            "bench": {**cfg.model_dump(), "runner": cfg.runner},
-            "dataset": {"split": es.split, "images": len(recs), "digest": es.digest, "names": es.names},
-            "eval": {"dir": "eval", "images": len(recs), "digest": es.digest},
-            "wheel": wheel.relative_to(tree).as_posix(),
-            "device_requirements": device_requirements(root),
-            "lineage": {s: {"key": r.key, "stage_version": r.stage_version, "finished": r.finished}
-                        for s in LINEAGE if (r := ctx.record(s)) is not None},
-            "files": files,
-        }
+        manifest = _manifest(ctx, report, rows, es, n_images, wheel, tree, root, config["source"])
         (tree / mf.MANIFEST).write_text(json.dumps(manifest, indent=1))
         mf.verify(tree)  # what the device will check, checked here first
         with tarfile.open(out / f"{NAME}.tar.gz", "w:gz") as t:
             t.add(tree, arcname=NAME)
+        files = manifest["files"]
         return StageResult(outputs={"bundle": NAME, "archive": f"{NAME}.tar.gz"},
                            metrics={"files": len(files) + 1, "bytes": sum(f["size"] for f in files.values()),
                                     "digest": mf.digest(tree), "variants": [r["name"] for r in rows],

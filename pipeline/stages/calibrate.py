@@ -82,10 +82,10 @@ def select(ctx: Context):
 
 
 def run(ctx: Context) -> StageRecord:
-    from pipeline.stages.bench import prepost
+    from pipeline.eval.detect import PrePost
 
     calib, tuning, ds = select(ctx)
-    spec = prepost(ctx)
+    spec = PrePost.from_recipe(ctx.recipe)
     config = {**ctx.recipe.calib.model_dump(), "prepost": spec.as_dict()}
     inputs = {"data": ctx.output("data", "yolo")}
     if ctx.recipe.calib.source != "train":

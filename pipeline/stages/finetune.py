@@ -36,16 +36,9 @@ def run(ctx: Context) -> StageRecord:
         work = ctx.run_dir / ".work" / f"finetune-{key[:16]}"
         if (work / "weights" / "last.pt").is_file():
             console.print(f"  resuming the interrupted fine-tune in {work}")
-        extra = {"optimizer": c.optimizer, "close_mosaic": c.close_mosaic, "warmup_epochs": c.warmup_epochs,
-                 "warmup_bias_lr": c.warmup_bias_lr, "nbs": c.nbs}
-        if c.lr0 is not None:
-            extra["lr0"] = c.lr0
         last = ua.finetune(inputs["model"], inputs["data"] / "data.yaml", work, epochs=c.epochs,
-                           imgsz=ctx.recipe.model.imgsz, batch=c.batch, seed=c.seed, workers=c.workers,
-                           device=c.device, distill_from=inputs.get("teacher"),
-                           feature_weight=c.distill.feature_weight,
-                           head_kd={"head_weight": c.distill.head_weight, "temperature": c.distill.temperature},
-                           **extra)
+                           imgsz=ctx.recipe.model.imgsz, distill_from=inputs.get("teacher"),
+                           **c.trainer_args(), **c.distill.trainer_args())
         model = ua.load_detection_model(last)
         if yp.arch_signature(model) != want:
             raise UserError("the fine-tuned checkpoint does not have the pruned architecture: refusing it", last)

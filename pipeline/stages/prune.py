@@ -26,40 +26,12 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.core.errors import UnreachableTarget, UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
-from pipeline.core.store import StageRecord, sha256_file
+from pipeline.core.store import StageRecord
+from pipeline.cutting import cut_tools, make_cut, spec_of
 
 VERSION = 5
-
-
-def spec_of(ctx: Context):
-    from pipeline.adapters.yolo11_prune import PruneSpec
-
-    c = ctx.recipe.prune
-    if c.ratio is not None:
-        return PruneSpec(ratio=c.ratio, importance=c.importance, global_pruning=c.global_pruning,
-                         isomorphic=c.isomorphic, round_to=c.round_to, max_layer_ratio=c.max_layer_ratio)
-    return PruneSpec(macs_target=c.macs_target, tolerance=c.tolerance, at_most=c.macs_at_most, importance=c.importance,
-                     global_pruning=c.global_pruning, isomorphic=c.isomorphic, round_to=c.round_to,
-                     max_layer_ratio=c.max_layer_ratio)
-
-
-def held_out_images(ctx: Context, n: int, seed: int):
-    """A seeded sample of train images that are not in the eval split (checked by content hash)."""
-    from pipeline.stages.data import dataset, eval_set
-
-    ds = dataset(ctx)
-    if "train" not in ds.splits or not ds.split("train"):
-        raise UserError("prune.mode/steps need train images to measure accuracy on; the dataset has none",
-                        ctx.recipe.data.source)
-    eval_hashes = set(eval_set(ctx, verify=False).hashes())  # the images bench scores, by content
-    train = ds.split("train")
-    order = np.random.default_rng(seed).permutation(len(train))
-    picked = [train[i] for i in order if sha256_file(train[i].path) not in eval_hashes][:n]
-    return picked, ds
 
 
 def run(ctx: Context) -> StageRecord:
@@ -95,7 +67,7 @@ def run(ctx: Context) -> StageRecord:
             model = ua.load_detection_model(path)
             sparse = {k: srec[k] for k in ("source", "path", "key", "model_digest", "data_digest", "settings",
                                            "epochs", "final_val_map50_95")}
-        grads_fn, evaluator, calib = _tools(ctx, inputs.get("data"), needs_eval)
+        grads_fn, evaluator, calib = cut_tools(ctx, inputs.get("data"), needs_eval)
 
         if sparse is not None and "cut" in srec:  # the fade phase trained toward this plan: apply it
             pruned, history, info, plan = _planned_cut(ctx, model, srec["cut"], evaluator, calib, out)
@@ -128,47 +100,6 @@ def run(ctx: Context) -> StageRecord:
         return StageResult(outputs=outputs, metrics=metrics, requested=requested, effective=effective)
 
     return run_stage(ctx, "prune", VERSION, config, inputs, fn)
-
-
-def _tools(ctx: Context, data_dir: Path | None, needs_eval: bool):
-    """(grads_fn for Taylor importance, the held-out mAP evaluator, the reconstruction's images): what a cut needs."""
-    from pipeline.adapters import ultralytics_yolo as ua
-
-    c = ctx.recipe.prune
-    grads_fn = evaluator = calib = None
-    if c.importance == "taylor":
-        grads_fn = ua.taylor_grads_fn(data_dir / "data.yaml", ctx.recipe.model.imgsz, c.taylor_batches)
-    if needs_eval:
-        from pipeline.adapters.prune_plan import Evaluator
-        from pipeline.stages.bench import prepost
-
-        n_eval = c.sensitivity.images
-        imgs, ds = held_out_images(ctx, n_eval + (c.reconstruct.images if c.reconstruct.enabled else 0),
-                                   c.sensitivity.seed)
-        evaluator = Evaluator(imgs[:n_eval], ds, prepost(ctx))
-        if c.reconstruct.enabled:
-            rest, overlap = imgs[n_eval:], False
-            if not rest:  # a train split too small for both: fit on the evaluator's images, and say so
-                rest, overlap = imgs[:c.reconstruct.images], True
-                console.print(f"  [yellow]prune.reconstruct: the train split has only {len(imgs)} held-out "
-                              f"images, all used by the held-out mAP check: the reconstruction fits on them "
-                              f"too, so its before/after mAP is measured on the images it was fit on[/]")
-            calib = (_calib_tensor(ctx, rest), overlap)
-    return grads_fn, evaluator, calib
-
-
-def plan_cut(ctx: Context, model, data_dir: Path, out: Path) -> dict:
-    """Plan the cut of `model` as this stage would (spec, mode, search), without reconstruction: the fade phase
-    of sparsity training trains toward it. Returns {"history", "info", "plan"} (JSON)."""
-    c = ctx.recipe.prune
-    grads_fn, evaluator, _ = _tools(ctx, data_dir, c.mode != "uniform")
-    out.mkdir(parents=True, exist_ok=True)
-    _, history, info, plan = _cut(ctx, model, spec_of(ctx), grads_fn, evaluator, out)
-    info = {k: v for k, v in info.items() if k != "seconds"}
-    cut = {"history": history, "info": info, "plan": plan}
-    if (out / "sensitivity.json").is_file():  # the scan's table and plot are drawn again where the cut is made
-        cut["sensitivity"] = json.loads((out / "sensitivity.json").read_text())
-    return json.loads(json.dumps(cut))
 
 
 def _planned_cut(ctx: Context, model, cut: dict, evaluator, calib, out: Path):
@@ -234,25 +165,6 @@ def _summary(d: dict) -> dict:
     return out
 
 
-def _calib_tensor(ctx: Context, images):
-    """The reconstruction's images: letterboxed as bench preprocesses them, NCHW float32."""
-    import cv2
-    import torch
-
-    from pipeline.eval.detect import letterbox
-    from pipeline.stages.bench import prepost
-
-    if not images:
-        raise UserError("prune.reconstruct needs held-out train images beyond the sensitivity images; the train "
-                        "split has none left (set prune.reconstruct.enabled=false or add train images)",
-                        ctx.recipe.data.source)
-    if len(images) < ctx.recipe.prune.reconstruct.images:
-        console.print(f"  [yellow]prune.reconstruct: only {len(images)} held-out train images (asked for "
-                      f"{ctx.recipe.prune.reconstruct.images})[/]")
-    spec = prepost(ctx)
-    return torch.from_numpy(np.concatenate([letterbox(cv2.imread(str(im.path)), spec)[0] for im in images]))
-
-
 def _reconstruct(ctx: Context, reference, pruned, history, calib, evaluator) -> dict:
     """Refit the pruned model's convs to the reference's features (in place); returns the record. calib is
     (images, whether they are the evaluator's own)."""
@@ -279,52 +191,11 @@ def _reconstruct(ctx: Context, reference, pruned, history, calib, evaluator) -> 
 def _prune_once(ctx: Context, model, spec, grads_fn, evaluator, out: Path, calib=None):
     """One pruning pass to spec.macs_target (relative to `model`), then the reconstruction when calib images are
     given. Returns (pruned, history, info, plan)."""
-    pruned, history, info, plan = _cut(ctx, model, spec, grads_fn, evaluator, out)
+    pruned, history, info, plan = make_cut(ctx, model, spec, grads_fn, evaluator, out)
     if calib is not None:
         plan["reconstruct"] = _reconstruct(ctx, model, pruned, history, calib, evaluator)
         info["seconds"] += plan["reconstruct"]["seconds"]
     return pruned, history, info, plan
-
-
-def _cut(ctx: Context, model, spec, grads_fn, evaluator, out: Path):
-    from pipeline.adapters import prune_plan as pp
-    from pipeline.adapters import yolo11_prune as yp
-
-    c = ctx.recipe.prune
-    log = lambda s: console.print(s)  # noqa: E731
-    if c.mode == "uniform":
-        pruned, history, info = yp.prune(model, ctx.recipe.model.imgsz, spec, grads_fn=grads_fn, log=log)
-        return pruned, history, info, {}
-    imgsz = ctx.recipe.model.imgsz
-    threads, runs = ctx.recipe.bench.threads, c.sensitivity.latency_runs
-    prepared = yp.prepare(model)
-    grps = pp.groups(prepared, imgsz)
-    sens = pp.sensitivity(prepared, imgsz, spec, grps, evaluator, c.sensitivity.ratio, log=log)
-    console.print("  the uniform candidate at the same target (the reference; in latency mode also profiled):")
-    uniform, _, uinfo = yp.prune(model, imgsz, spec, grads_fn=grads_fn, log=log)
-    lat = elasticity = None
-    if c.mode == "latency":
-        base_times = pp.onnx_node_times(prepared, imgsz, threads, runs)
-        elasticity = pp.conv_elasticity(prepared, uniform, base_times,
-                                        pp.onnx_node_times(uniform, imgsz, threads, runs))
-        lat = pp.group_latency(grps, base_times, elasticity)
-    w = pp.weights(c.mode, sens, lat)
-    chosen, history, info = yp.prune(model, imgsz, dataclasses.replace(spec, group_weights=w), grads_fn=grads_fn,
-                                     log=log)
-    ms = pp.measure_latency({"base": prepared, "uniform": uniform, c.mode: chosen}, imgsz, ctx.recipe.bench.threads)
-    maps = {"base": sens["base_map50_95"], "uniform": evaluator(uniform), c.mode: evaluator(chosen)}
-    compare = {k: {"latency_ms": ms[k], "map50_95_before_finetune": maps[k],
-                   "macs_fraction": {"base": 1.0, "uniform": uinfo["macs_fraction"],
-                                     c.mode: info["macs_fraction"]}[k]} for k in ms}
-    console.print("  ORT CPU latency, held-out mAP50-95 before fine-tuning: " +
-                  ", ".join(f"{k} {v['latency_ms']:.2f} ms / {v['map50_95_before_finetune']:.4f}"
-                            for k, v in compare.items()))
-    ratios = info["channel_ratio"]["ratios"] if isinstance(info["channel_ratio"], dict) else None
-    pp.save_table_and_plot(sens, lat, ratios, out)
-    plan = {"compare": compare, "latency_ms": ms[c.mode]}
-    if elasticity is not None:
-        plan["conv_elasticity"] = {k: round(v, 3) for k, v in elasticity.items()}
-    return chosen, history, info, plan
 
 
 def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs, calib=None):
@@ -361,10 +232,8 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
             ck.parent.mkdir(parents=True, exist_ok=True)
             ua.save_checkpoint(pruned, ck)
             last = ua.finetune(ck, inputs["data"] / "data.yaml", work / f"step{i}" / "train", epochs=c.step_epochs,
-                               imgsz=imgsz, batch=f.batch, nbs=f.nbs, seed=f.seed, workers=f.workers,
-                               device=f.device, optimizer=f.optimizer, close_mosaic=0,
-                               warmup_epochs=min(f.warmup_epochs, 1.0), warmup_bias_lr=f.warmup_bias_lr,
-                               **({"lr0": f.lr0} if f.lr0 is not None else {}))
+                               imgsz=imgsz, **{**f.trainer_args(), "close_mosaic": 0,
+                                               "warmup_epochs": min(f.warmup_epochs, 1.0)})
             tuned = ua.load_detection_model(last)
             if yp.arch_signature(tuned) != yp.arch_signature(pruned):
                 raise UserError("the step's fine-tuned checkpoint lost the pruned architecture", last)

@@ -28,14 +28,14 @@ VERSION = 7  # 7: the search's stop rule counts the tuning estimate's noise
 
 def _tuning_dets(onnx_path: Path, gt: dict, ctx: Context) -> list[dict]:
     from pipeline.backends.onnxruntime import OnnxRuntimeRunner
-    from pipeline.eval.bench import EvalImage, accuracy
-    from pipeline.stages.bench import prepost
+    from pipeline.eval.detect import PrePost
+    from pipeline.eval.measure import EvalImage, accuracy
     from pipeline.stages.calibrate import resolve
 
     images = [EvalImage(str(resolve(ctx, im["file_name"])), im["id"]) for im in gt["images"]]
     cat_ids = [c["id"] for c in gt["categories"]]
     _, dets = accuracy(OnnxRuntimeRunner(onnx_path, threads=ctx.recipe.bench.threads), images, gt, cat_ids,
-                       prepost(ctx), label=f"tuning {onnx_path.name}")
+                       PrePost.from_recipe(ctx.recipe), label=f"tuning {onnx_path.name}")
     return dets
 
 

@@ -150,7 +150,7 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.adapters import yolo11_prune as yp
     from pipeline.adapters.yolo11_blocks import fold_into
-    from pipeline.stages.base import trained_on
+    from pipeline.stages.base_training import trained_on
 
     s = ctx.recipe.prune.sparsity
     work = ctx.run_dir / ".work" / "sparsity"
@@ -174,7 +174,7 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
         if ph.fade:
             planned = work / f"{tag}-plan.json"  # kept: a resumed phase must fade toward the same plan (the
             if not planned.is_file():             # latency search times the model, so a new one could differ)
-                from pipeline.stages.prune import plan_cut
+                from pipeline.cutting import plan_cut
 
                 console.print(f"  sparsity phase {i}/{n}: planning the cut on the weights it starts from")
                 with atomic_path(planned) as tmp:
@@ -194,12 +194,9 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
                           f"rewritten model" + (", distilled from the dense model" if ph.distill else ""))
         ua.save_checkpoint(prepared, start, train_args=stock.args)
         last = ua.finetune(start, data_dir / "data.yaml", work / tag, epochs=ph.epochs,
-                           imgsz=ctx.recipe.model.imgsz, batch=s.batch, seed=s.seed, workers=s.workers,
-                           device=s.device, sparsity=ph.reg, fade=fade, nbs=s.nbs, close_mosaic=s.close_mosaic,
-                           warmup_epochs=s.warmup_epochs, patience=0,
-                           distill_from=model_path if ph.distill else None,
-                           feature_weight=s.distill.feature_weight,
-                           head_kd={"head_weight": s.distill.head_weight, "temperature": s.distill.temperature})
+                           imgsz=ctx.recipe.model.imgsz, sparsity=ph.reg, fade=fade, close_mosaic=s.close_mosaic,
+                           warmup_epochs=s.warmup_epochs, patience=0, distill_from=model_path if ph.distill else None,
+                           **s.trainer_args(), **s.distill.trainer_args())
         trained = ua.load_detection_model(last)
         if fade:  # exactly zero (the saved EMA followed the fade; FP16 keeps zeros)
             mods = dict(trained.named_modules())

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.adapters.offline import cpu_threads, setup_offline
+from pipeline.adapters.offline import cpu_threads
 from pipeline.core.errors import UserError
-
-setup_offline()  # before ultralytics is imported (in the functions below)
 
 
 def torch_device(device: str) -> torch.device:

@@ -1,4 +1,4 @@
-"""Accuracy of any Runner on a list of images, and the calls the interleaved timer (pipeline/eval/timing.py) times.
+"""Accuracy of any Runner on a list of images, and the calls the interleaved timer (pipeline/eval/interleaved.py) times.
 numpy + OpenCV + pycocotools only: the Jetson bench imports this as it is."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pipeline.backends.base import Runner
 from pipeline.data.evalset import EvalImage  # noqa: F401  (the evaluator's image: path + the dataset's id)
 from pipeline.eval.coco import coco_eval, to_coco_results
 from pipeline.eval.detect import PrePost, e2e_detections, letterbox, postprocess
-from pipeline.eval.timing import Timing
+from pipeline.eval.interleaved import Timing
 
 TIMING_IMAGES = 16  # distinct images (frames) the timed calls cycle through
 
@@ -26,6 +26,12 @@ def _read(path: str) -> np.ndarray:
     return img
 
 
+def detections(out: np.ndarray, undo: tuple, shape: tuple[int, int], image_id: int, cat_ids: list[int],
+               spec: PrePost) -> list[dict]:
+    """One image's raw detector output (1, 4 + nc, N) as COCO results: bench's post-processing, for every runner."""
+    return to_coco_results(postprocess(out, undo, shape, spec), image_id, cat_ids)
+
+
 def predict(runner: Runner, images: Sequence[EvalImage], cat_ids: list[int], spec: PrePost,
             label: str = "predict") -> list[dict]:
     dets = []
@@ -34,8 +40,7 @@ def predict(runner: Runner, images: Sequence[EvalImage], cat_ids: list[int], spe
         for im in images:
             img = _read(im.path)
             x, undo = letterbox(img, spec)
-            out = runner.infer({runner.input_name: x})[0]
-            dets += to_coco_results(postprocess(out, undo, img.shape[:2], spec), im.id, cat_ids)
+            dets += detections(runner.infer({runner.input_name: x})[0], undo, img.shape[:2], im.id, cat_ids, spec)
             prog.advance(task)
     return dets
 

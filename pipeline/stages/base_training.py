@@ -15,7 +15,6 @@ base.phases takes it as the next phase instead of training it again."""
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import tempfile
@@ -26,14 +25,11 @@ from pipeline.core.store import atomic_path, sha256_file
 
 
 def _history(train_dir: Path, phase: int, offset: int) -> list[dict]:
-    rows = []
-    with open(train_dir / "results.csv") as f:
-        for row in csv.DictReader(f):
-            row = {k.strip(): v for k, v in row.items()}
-            e = int(float(row["epoch"]))
-            rows.append({"epoch": offset + e, "phase": phase, "map50_95": float(row["metrics/mAP50-95(B)"]),
-                         "map50": float(row["metrics/mAP50(B)"])})
-    return rows
+    """One phase's val mAP per epoch (ultralytics' results.csv), numbered on from `offset` epochs before it."""
+    from pipeline.adapters.ultralytics_yolo import training_history
+
+    return [{"epoch": offset + r["epoch"], "phase": phase, "map50_95": r["map50_95"], "map50": r["map50"]}
+            for r in training_history(train_dir)]
 
 
 def convergence(history: list[dict], check: list[dict], converged_gain: float, window: int) -> dict:
@@ -132,6 +128,63 @@ def check_settings(ctx: Context, last_phase: dict) -> dict:
             "warmup_epochs": f.warmup_epochs, "warmup_bias_lr": f.warmup_bias_lr, "lr0": f.lr0}
 
 
+def _train_phases(ctx: Context, phases: list[dict], spec, work: Path, data_yaml: Path, history: list[dict],
+                  skip: set[int]):
+    """Train the phases not in `skip` in order, each from the one before's last weights (history extended in place).
+    Returns (the last weights, the phases trained)."""
+    from pipeline.adapters import ultralytics_yolo as ua
+
+    b = ctx.recipe.base
+    trained = []
+    for i, ph in enumerate(phases, 1):
+        if i in skip:
+            continue
+        trained.append(i)
+        console.print(f"phase {i}/{len(phases)}: training {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
+                      f"{ctx.recipe.model.imgsz}px on {data_yaml}")
+        ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
+                 batch=b.batch, seed=b.seed, workers=b.workers, device=b.device, patience=0,
+                 **{k: v for k, v in ph.items() if k != "epochs"})
+        history += _history(work / f"phase{i}", i, len(history))
+        spec = work / f"phase{i}" / "weights" / "last.pt"
+    return spec, trained
+
+
+def _convergence_check(ctx: Context, phases: list[dict], spec, work: Path, data_yaml: Path, history: list[dict],
+                       dest: Path) -> dict | None:
+    """base.check_epochs more epochs from the final weights (not shipped): did they still raise val mAP?"""
+    from pipeline.adapters import ultralytics_yolo as ua
+
+    b = ctx.recipe.base
+    if not b.check_epochs:
+        return None
+    # By default the check trains the shipped weights exactly as the pruned model is fine-tuned (the finetune
+    # section: nominal batch, warm-up, mosaic, optimizer): if that does not raise the base's mAP, what fine-tuning
+    # wins back for the pruned model is not something the base merely lacked. `last_phase` trains one more schedule
+    # like the base's own last one instead (a stronger test when that one raised it most).
+    settings = check_settings(ctx, phases[-1])
+    console.print(f"convergence check: {b.check_epochs} more epochs from the final weights with the "
+                  f"{'fine-tune' if b.check_settings == 'finetune' else 'last phase'}'s settings (not shipped"
+                  f"{'' if b.check_settings == 'finetune' else '; kept as ' + str(check_file(dest))})")
+    ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz, seed=b.seed,
+             workers=b.workers, device=b.device, patience=0, **{k: v for k, v in settings.items() if v is not None})
+    ch = _history(work / "check", 0, len(history))
+    check = {"epochs": b.check_epochs, "settings": settings, "settings_from": b.check_settings,
+             "trained_on": trained_on(b.device), "history": ch,
+             **convergence(history, ch, b.converged_gain, b.converged_window)}
+    if b.check_settings == "last_phase":
+        # One more schedule like the last phase: keep it, so that appending that schedule to base.phases (when it
+        # still raised the base) makes it the next phase without training it again.
+        check["as_phase"] = {"epochs": b.check_epochs, **{k: v for k, v in phases[-1].items() if k != "epochs"}}
+        with atomic_path(check_file(dest)) as tmp:
+            shutil.copyfile(work / "check" / "weights" / "last.pt", tmp)
+        check["weights"] = {"file": check_file(dest).name, "sha256": sha256_file(check_file(dest))}
+    console.print(f"  mean of the last {check['window']} epochs: shipped run {check['shipped_tail_map50_95']:.4f}, "
+                  f"{b.check_epochs} more epochs {check['check_tail_map50_95']:.4f} (gain {check['gain']:+.4f}): "
+                  f"{'converged' if check['converged'] else 'NOT converged'}")
+    return check
+
+
 def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path | None = None) -> Path:
     """Train (all phases, or one phase of `epochs` from `start` weights) and ship to `dest`. When the record beside
     `dest` already holds the recipe's first phases (same model, data and setup, the file unchanged), only the phases
@@ -161,46 +214,9 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
         history += [{**r, "phase": from_check} for r in prev["convergence_check"]["history"]]
         console.print(f"phase {from_check}/{len(phases)} is the schedule of the record's convergence check: "
                       f"its weights ({check_file(dest)}) are taken, not trained again")
-    trained = []  # the phases this call trains
-    for i, ph in enumerate(phases, 1):
-        if prev is not None and i <= len(prev["phases"]) or i == from_check:
-            continue
-        trained.append(i)
-        console.print(f"phase {i}/{len(phases)}: training {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
-                      f"{ctx.recipe.model.imgsz}px on {data_yaml}")
-        ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
-                 batch=b.batch, seed=b.seed, workers=b.workers, device=b.device, patience=0,
-                 **{k: v for k, v in ph.items() if k != "epochs"})
-        history += _history(work / f"phase{i}", i, len(history))
-        spec = work / f"phase{i}" / "weights" / "last.pt"
-    check = None
-    if b.check_epochs:
-        # By default the check trains the shipped weights exactly as the pruned model is fine-tuned (the finetune
-        # section: nominal batch, warm-up, mosaic, optimizer): if that does not raise the base's mAP, what
-        # fine-tuning wins back for the pruned model is not something the base merely lacked. `last_phase` trains
-        # one more schedule like the base's own last one instead (a stronger test when that one raised it most).
-        settings = check_settings(ctx, phases[-1])
-        console.print(f"convergence check: {b.check_epochs} more epochs from the final weights with the "
-                      f"{'fine-tune' if b.check_settings == 'finetune' else 'last phase'}'s settings (not shipped"
-                      f"{'' if b.check_settings == 'finetune' else '; kept as ' + str(check_file(dest))})")
-        ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz, seed=b.seed,
-                 workers=b.workers, device=b.device, patience=0,
-                 **{k: v for k, v in settings.items() if v is not None})
-        ch = _history(work / "check", 0, len(history))
-        check = {"epochs": b.check_epochs, "settings": settings, "settings_from": b.check_settings,
-                 "trained_on": trained_on(b.device), "history": ch,
-                 **convergence(history, ch, b.converged_gain, b.converged_window)}
-        if b.check_settings == "last_phase":
-            # One more schedule like the last phase: keep it, so that appending that schedule to base.phases (when
-            # it still raised the base) makes it the next phase without training it again.
-            check["as_phase"] = {"epochs": b.check_epochs,
-                                 **{k: v for k, v in phases[-1].items() if k != "epochs"}}
-            with atomic_path(check_file(dest)) as tmp:
-                shutil.copyfile(work / "check" / "weights" / "last.pt", tmp)
-            check["weights"] = {"file": check_file(dest).name, "sha256": sha256_file(check_file(dest))}
-        console.print(f"  mean of the last {check['window']} epochs: shipped run {check['shipped_tail_map50_95']:.4f}, "
-                      f"{b.check_epochs} more epochs {check['check_tail_map50_95']:.4f} (gain {check['gain']:+.4f}): "
-                      f"{'converged' if check['converged'] else 'NOT converged'}")
+    skip = set(range(1, len(prev["phases"]) + 1)) if prev is not None else set()
+    spec, trained = _train_phases(ctx, phases, spec, work, data_yaml, history, skip | {from_check})
+    check = _convergence_check(ctx, phases, spec, work, data_yaml, history, dest)
     with atomic_path(dest) as tmp:
         shutil.copyfile(spec, tmp)
     meta = {"arch": str(ctx.recipe.model.arch), "imgsz": ctx.recipe.model.imgsz, "phases": phases,

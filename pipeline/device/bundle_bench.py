@@ -1,7 +1,7 @@
 """The device bench: every variant of a verified bundle through the same evaluator and timer as the dev box
-(pipeline.eval.bench with the manifest's PrePost), on TensorRT (engines built and cached with the engine stage's
+(pipeline.eval.measure with the manifest's PrePost), on TensorRT (engines built and cached with the engine stage's
 builder) or, with runner 'onnxruntime', on any machine. Every variant is scored first, then all of them are timed
-in one interleaved session (pipeline/eval/timing.py; on TensorRT the engine-only item is the execute call between
+in one interleaved session (pipeline/eval/interleaved.py; on TensorRT the engine-only item is the execute call between
 CUDA events), so speed-ups and e2e ÷ engine carry 95% intervals taken on one machine state. No torch, no
 ultralytics, no pydantic: numpy, OpenCV, pycocotools, rich (progress), onnx and Polygraphy/TensorRT where they are
 used.
@@ -103,7 +103,7 @@ class CudaEventTimer:
 # ---- the bench -----------------------------------------------------------------------------------------------------
 
 def _runner(kind: str, root: Path, v: dict, plans: dict, threads: int):
-    from pipeline.backends.base import get_runner
+    from pipeline.backends.factory import get_runner
 
     if kind == "tensorrt":
         return get_runner("tensorrt", plans[v["name"]])
@@ -111,12 +111,12 @@ def _runner(kind: str, root: Path, v: dict, plans: dict, threads: int):
 
 
 def time_all(kind: str, scored: list, paths: list[str], spec, base: str | None, sched):
-    """Every variant's engine-only and end-to-end calls in one interleaved session (pipeline/eval/timing.py), with
+    """Every variant's engine-only and end-to-end calls in one interleaved session (pipeline/eval/interleaved.py), with
     tegrastats running; returns the Timing, each variant's TimedVariant and the power/temperature summary."""
     import numpy as np
 
-    from pipeline.eval.bench import TimedVariant, TimingInputs, timed_calls, tracked_ratios
-    from pipeline.eval.timing import time_interleaved
+    from pipeline.eval.interleaved import time_interleaved
+    from pipeline.eval.measure import TimedVariant, TimingInputs, timed_calls, tracked_ratios
 
     inputs = TimingInputs.load(paths, spec)
     items, tvs, events = {}, {}, []
@@ -145,9 +145,9 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
     device_report.json; return it. `timing` overrides the bundle's timer settings (per_round, min_rounds,
     max_rounds, rel_width, cap_s)."""
     from pipeline.data.evalset import EvalSet
-    from pipeline.eval.bench import accuracy, speedup_fields, timing_fields
     from pipeline.eval.detect import PrePost
-    from pipeline.eval.timing import Schedule
+    from pipeline.eval.interleaved import Schedule
+    from pipeline.eval.measure import accuracy, speedup_fields, timing_fields
 
     if runner not in RUNNERS:
         raise UserError(f"unknown runner '{runner}' (one of {', '.join(RUNNERS)})")
