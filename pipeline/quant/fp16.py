@@ -47,10 +47,16 @@ class Fp16Report:
                 "clipped_weights": self.clipped_weights, "flushed_weights": self.flushed_weights}
 
 
-def _types(model: onnx.ModelProto) -> dict[str, int]:
+def tensor_types(model: onnx.ModelProto, constants: bool = False) -> dict[str, int]:
+    """{tensor name: ONNX element type} from the graph's declared values and initializers (and, with `constants`,
+    the outputs of Constant nodes)."""
     g = model.graph
     t = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
     t.update({i.name: i.data_type for i in g.initializer})
+    if constants:
+        for n in g.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                t[n.output[0]] = n.attribute[0].t.data_type
     return t
 
 
@@ -80,10 +86,7 @@ class _Rewrite:
     def __init__(self, model: onnx.ModelProto, keep_fp32, emulate: bool):
         self.model, self.g, self.emulate = model, model.graph, emulate
         self.opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"]
-        self.types = _types(model)
-        for n in self.g.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.types[n.output[0]] = n.attribute[0].t.data_type
+        self.types = tensor_types(model, constants=True)
         self.keep = set(keep_fp32)
         self.rep = Fp16Report()
         self.half_in: dict[int, set[int]] = {}  # node index -> input positions that take FP16
@@ -247,7 +250,7 @@ def tensor_dtypes(model: onnx.ModelProto) -> dict[str, int]:
     """Counts of float element types over the graph's initializers and inferred tensors."""
     m = onnx.shape_inference.infer_shapes(model)
     out: dict[str, int] = {}
-    for t in _types(m).values():
+    for t in tensor_types(m).values():
         name = TensorProto.DataType.Name(t).lower()
         out[name] = out.get(name, 0) + 1
     return out

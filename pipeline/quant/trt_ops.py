@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from pipeline.core.errors import UserError
+from pipeline.quant.fp16 import tensor_types
 from pipeline.quant.trt_check import Violation
 
 DATA = Path(__file__).parent / "trt_tables"
@@ -82,17 +83,6 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model, strict_mode=True)
     except Exception:  # the strong-typing check reports a model that does not type-check; read what is known
         return onnx.shape_inference.infer_shapes(model)
-
-
-def _types(model: onnx.ModelProto) -> dict[str, int]:
-    g = model.graph
-    t = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]
-         if v.type.HasField("tensor_type")}
-    t.update({i.name: i.data_type for i in g.initializer})
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            t[n.output[0]] = n.attribute[0].t.data_type
-    return {k: v for k, v in t.items() if v}
 
 
 def _attr(n: onnx.NodeProto, name: str, default=None):
@@ -187,7 +177,7 @@ def check_ops(model: onnx.ModelProto, version: str = "10") -> list[Violation]:
     lo, hi = mx.opset_range
     if not lo <= opset <= hi:
         v.append(Violation("<model>", f"opset {opset}: {mx.label} parses opsets {lo} to {hi}"))
-    types = _types(m)
+    types = {k: v for k, v in tensor_types(m, constants=True).items() if v}
     inits = {t.name for t in g.initializer}
     consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
