@@ -118,7 +118,7 @@ def _make_cut(ctx: Context, model, spec, grads_fn, evaluator, out: Path):
     threads, runs = ctx.recipe.bench.threads, c.sensitivity.latency_runs
     prepared = yp.prepare(model)
     grps = pp.groups(prepared, imgsz)
-    sens = pp.sensitivity(prepared, imgsz, spec, grps, evaluator, c.sensitivity.ratio, log=log)
+    sens = pp.sensitivity(prepared, imgsz, spec, grps, evaluator, c.sensitivity.ratio, log=log, grads_fn=grads_fn)
     console.print("  the uniform candidate at the same target (the reference; in latency mode also profiled):")
     uniform, _, uinfo = yp.prune(model, imgsz, spec, grads_fn=grads_fn, log=log)
     lat = elasticity = None

@@ -74,6 +74,26 @@ def test_the_sensitivity_scan_equals_pruning_each_group_alone(base_ckpt, val_syn
     assert any(r["pruned_channels"] == 0 for r in rows) and any(r["drop"] > 0.01 for r in rows)
 
 
+@pytest.mark.slow
+def test_taylor_importance_ranks_the_sensitivity_scan(base_ckpt, val_synth, tmp_path):
+    """The scan's pruner gets the gradients Taylor importance ranks by: a group's scanned mAP is that of the same
+    group pruned alone with Taylor importance (the sensitivity and latency modes accept importance: taylor)."""
+    from pipeline.data.formats import load_dataset, write_yolo
+    from pipeline.eval.detect import PrePost
+
+    ds = load_dataset(val_synth)
+    evaluate = pp.Evaluator(ds.split("val")[:4], ds, PrePost(imgsz=320, conf=0.001, iou=0.7, max_det=300))
+    grads = ua.taylor_grads_fn(write_yolo(ds, tmp_path / "y"), 320, 1, batch=4)
+    prep = yp.prepare(ua.load_detection_model(base_ckpt))
+    spec = yp.PruneSpec(macs_target=0.5, round_to=16, importance="taylor")
+    grp = [g for g in pp.groups(prep, 320) if g.root == "model.9.cv1.conv"]
+    with pytest.raises(Exception, match="taylor importance needs training batches"):
+        pp.sensitivity(prep, 320, spec, grp, evaluate, 0.5, log=lambda s: None)
+    row = pp.sensitivity(prep, 320, spec, grp, evaluate, 0.5, log=lambda s: None, grads_fn=grads)["groups"][0]
+    pruned, _ = yp.prune_at_ratio(prep, 320, spec, 0.0, grads, ratio_dict={grp[0].root: 0.5})
+    assert row["pruned_channels"] > 0 and row["map50_95"] == evaluate(pruned)
+
+
 @pytest.mark.slow(seconds=200)
 def test_latency_mode_scans_every_group_and_times_against_uniform(tmp_path, base_ckpt):
     """prune.mode=latency end to end through the CLI: a sensitivity row (and a measured latency) for every

@@ -58,8 +58,9 @@ def groups(prepared: nn.Module, imgsz: int) -> list[Group]:
 
 
 def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[Group], evaluate: Callable,
-                ratio: float, log=print) -> dict:
-    """mAP50-95 of the model with each group alone pruned at `ratio` (round_to honoured).
+                ratio: float, log=print, grads_fn=None) -> dict:
+    """mAP50-95 of the model with each group alone pruned at `ratio` (round_to honoured); `grads_fn` fills the
+    gradients Taylor importance ranks by.
 
     One pruner picks every group's channels (each group its own ranking scope, as when it is pruned alone; nothing
     is pruned), and each group is measured on one working copy with the BatchNorm weight and bias of its channels
@@ -69,7 +70,7 @@ def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[
     work = copy.deepcopy(prepared).eval()
     names = {id(m): n for n, m in work.named_modules()}
     picked = {}
-    for group in yp._pruner(work, imgsz, spec, 0.0, ratio_dict={g.root: ratio for g in grps}).step(interactive=True):
+    for group in yp._pruner(work, imgsz, spec, 0.0, grads_fn, ratio_dict={g.root: ratio for g in grps}).step(interactive=True):
         picked[names[id(group[0].dep.target.module)]] = (len(group[0].idxs), yp.group_bn_channels(group))
     rows = []
     with Progress(transient=True) as prog:
