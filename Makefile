@@ -72,7 +72,7 @@ profile: venv ## where the time goes: ONNX Runtime op-type profile of base vs pr
 history: venv ## record the latest runs/default results in benchmarks/history.db (HISTORY=...; idempotent)
 	$(CLI) history record runs/default --history $(HISTORY)
 
-check-trt: venv ## check an ONNX file against TensorRT's operator table and rules: make check-trt FILE=model.onnx [TRT=10|11]
+check-trt: venv ## check an ONNX file against TensorRT's operator table and rules: make check-trt FILE=model.onnx [TRT=10.3|10.6|11]
 	$(CLI) check-trt $(FILE) --trt $(TRT)
 
 modelopt-venv: ## NVIDIA ModelOpt in its own venv (.venv-modelopt) for quantize.backend=modelopt
@@ -87,7 +87,7 @@ clean: ## remove run directories (keeps the venv)
 	rm -rf runs .pytest_cache
 
 HISTORY ?= benchmarks/history.db
-TRT ?= 10
+TRT ?= 10.3
 RUN ?= runs/default
 
 gate: venv ## compare a run with its baseline (RUN=runs/default; exit 2 on a regression, an unexplained gain, a missing variant or device)

@@ -214,21 +214,20 @@ def engine_cmd(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_di
 @app.command("check-trt")
 def check_trt(path: Path, dynamic: bool = typer.Option(False, "--dynamic", help="allow dynamic input shapes "
                                                                                 "(you will give a profile)"),
-              trt: str = typer.Option("10", "--trt", help="the TensorRT whose ONNX operator table applies: 10 "
-                                                          "(JetPack 6; the stored 10.6 table) or 11")):
+              trt: str = typer.Option("10.3", "--trt", help="the TensorRT whose ONNX operator table applies: 10.3 "
+                                                            "(JetPack 6), 10.6 or 11")):
     """Check an ONNX file (ours or any tool's, FP32, FP16 or INT8 Q/DQ) against TensorRT's ONNX operator table (ops,
     opsets, types, checkable restrictions) and its explicit-quantization and strong-typing rules."""
-    from pipeline.quant.trt_check import check, load
-    from pipeline.quant.trt_ops import check_ops, matrix
+    from pipeline.quant.trt_ops import check_file, matrix
 
-    model, mx = load(path), matrix(trt)
-    v = check_ops(model, trt) + check(model, dynamic_ok=dynamic, require_reduced=False)
+    mx = matrix(trt)
+    v = check_file(path, trt, dynamic_ok=dynamic)
     if v:
         for x in v[:20]:
             typer.echo(f"  {x}", err=True)
         raise UserError(f"{mx.label} would refuse it: {len(v)} violation(s), first: {v[0]}", path)
-    typer.echo(f"{path}: passes {mx.label}'s ONNX operator table (onnx-tensorrt {mx.source['commit'][:10]}), its "
-               f"explicit-quantization and strong-typing rules")
+    typer.echo(f"{path}: passes {mx.label}'s ONNX operator table ({mx.provenance}), its explicit-quantization and "
+               f"strong-typing rules")
 
 
 StrictOpt = typer.Option(False, "--strict", help="refuse dirty boxes (no area, past the border) instead of dropping "

@@ -79,6 +79,29 @@ def test_bundle_holds_the_variants_eval_set_and_wheel_under_a_verified_manifest(
         assert "bundle: cached" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_the_bundle_refuses_a_file_its_tensorrt_would_not_parse(run, tmp_path, monkeypatch):
+    """Each file the bundle would carry is checked against the target TensorRT's operator table: with a hand-made
+    table that lacks Conv, the first variant is refused in one line naming it, the node and the TensorRT."""
+    from test_engine import table_without
+
+    from pipeline.core.errors import UserError
+    from pipeline.stages import bundle
+
+    d, _ = run
+    rep = json.loads((d / "report.json").read_text())
+    m = json.loads((_bundle(d) / "manifest.json").read_text())
+    assert m["tensorrt"]["target"] == "10.3" and "TensorRT 10.3's ONNX operator table" in m["tensorrt"]["checked"]
+    inputs = {f"{v['name']}.model": d / v["model"]["path"] for v in rep["variants"]}
+    (tmp_path / "models").mkdir()
+    assert [r["name"] for r in bundle._model_rows(rep["variants"], inputs, tmp_path, "10.3")] == ["base-fp32",
+                                                                                                  "base-fp16"]
+    with pytest.raises(UserError, match=r"variant base-fp32: TensorRT 0\.1 would refuse it \(\d+ violation\(s\)\), "
+                                        r"first: node '.*' \(Conv\): not supported in TensorRT 0\.1; the bundle "
+                                        r"carries only files the device can build"):
+        bundle._model_rows(rep["variants"], inputs, tmp_path, table_without(tmp_path, monkeypatch, "Conv"))
+
+
 def _device(*args, blocker: bool = False, timeout: int = 300):
     """yolo-edge-device in a fresh interpreter; with blocker, torch, torchvision, ultralytics, torch_pruning, typer
     and pydantic are made unimportable first (a sys.meta_path finder that refuses them)."""

@@ -53,7 +53,7 @@ def test_fp16_variant_is_strongly_typed_and_matches_fp32(files):
     assert inits[weights["/model.0/conv/Conv"]] == TensorProto.FLOAT16
     assert inits[weights["/model.23/dfl/conv/Conv"]] == TensorProto.FLOAT  # the head decode stays FP32
     assert info["fp16_nodes"] > 250 and info["fp32_float_nodes"] == len(files["decode"])
-    assert info["trt_check"] == "passed" and trt_check.check_file(dest) == []
+    assert info["trt_check"] == "passed (TensorRT 10.3)" and trt_check.check_file(dest) == []
     # ORT's CPU has no FP16 Conv: the record names it and the gate is the FP16-rounded graph
     assert "Conv" in info["ort_cpu_missing_fp16"]
     for k in ("parity_emulated", "parity_ort"):
@@ -194,6 +194,40 @@ def test_check_trt_passes_our_strongly_typed_files(files, tmp_path):
         assert r.returncode == 0 and "strong-typing rules" in r.stdout, r.stderr[-800:]
 
 
+def table_without(tmp_path, monkeypatch, *ops) -> str:
+    """A hand-made operator table (JetPack 6's with `ops` marked unsupported) stored as TensorRT '0.1'."""
+    from pipeline.quant import trt_ops
+
+    d = json.loads((trt_ops.DATA / "trt-10.3.json").read_text())
+    for op in ops:
+        d["operators"][op]["supported"] = False
+    (tmp_path / "trt-0.1.json").write_text(json.dumps(d))
+    monkeypatch.setitem(trt_ops.FILES, "0.1", str(tmp_path / "trt-0.1.json"))
+    return "0.1"
+
+
+@pytest.mark.slow
+def test_the_engine_stage_refuses_a_file_its_tensorrt_would_not_parse(files, tmp_path, monkeypatch):
+    """make_variant checks the file it writes against the target TensorRT's operator table: with a table that
+    lacks Sigmoid, the strongly typed file is refused in one line naming the node, the op and the TensorRT."""
+    from pipeline.stages.engine import make_variant
+
+    trt = table_without(tmp_path, monkeypatch, "Sigmoid")
+    with pytest.raises(UserError, match=r"TensorRT 0\.1 would not build the strongly typed fp16 model \(\d+ "
+                                        r"violation\(s\)\), first: node '.*' \(Sigmoid\): not supported in TensorRT 0\.1"):
+        make_variant("fp16", files["fp32"], tmp_path / "a.onnx", files["fp32"], files["x"], 320, tmp_path,
+                     files["decode"], tensorrt=trt)
+
+
+def test_a_recipe_names_a_tensorrt_with_a_stored_table(tmp_path):
+    from pipeline.core.config import load_recipe
+
+    assert load_recipe(ROOT / "models" / "default.yaml").engine.tensorrt == "10.3"
+    assert load_recipe(ROOT / "models" / "default.yaml", ["engine.tensorrt=11"]).engine.tensorrt == "11"
+    with pytest.raises(UserError, match=r"recipe key 'engine.tensorrt': .*no ONNX operator table for TensorRT 8\.6"):
+        load_recipe(ROOT / "models" / "default.yaml", ["engine.tensorrt=8.6"])
+
+
 # ---- no precision flag anywhere ----------------------------------------------------------------------------------
 
 def test_no_code_path_sets_a_tensorrt_precision_flag():
@@ -317,7 +351,8 @@ def test_make_engine_writes_strongly_typed_onnx_then_needs_tensorrt(tmp_path, ba
     r = cli("stage", "engine", "--run-dir", run, *sets)
     rec = json.loads((run / "engine" / "record.json").read_text())
     assert (run / "engine" / "base_fp16.onnx").is_file() and "base_fp16" in rec["outputs"]
-    assert rec["metrics"]["base_fp16"]["trt_check"] == "passed"
+    assert rec["metrics"]["base_fp16"]["trt_check"] == "passed (TensorRT 10.3)"
+    assert rec["config"]["tensorrt"]["version"] == "10.3"
     ok, why = tensorrt_available()
     if ok:
         assert r.returncode == 0, r.stderr[-2000:]

@@ -106,6 +106,14 @@ def test_small_pipeline_runs_caches_and_reports(tmp_path, base_ckpt):
     assert drop["tuning"] == aa["tuning_drop"] and drop["val_images"] == 16
     assert drop["val"] == by["pruned-fp32"]["map50_95"] - by["pruned-int8"]["map50_95"]
     assert q["metrics"]["pruned_ultralytics_int8"]["trt_check"].startswith("refused: node '")
+    # the bundle carries this project's variants, each one JetPack 6's TensorRT parses; the peer stays behind
+    b = run / "bundle" / "yolo-edge-bundle"
+    m = json.loads((b / "manifest.json").read_text())
+    assert [v["name"] for v in m["variants"]] == [n for n in names if n != "pruned-ultralytics-int8"]
+    assert [x["name"] for x in m["not_carried"]] == ["pruned-ultralytics-int8"] and m["tensorrt"]["target"] == "10.3"
+    from pipeline.quant import trt_ops
+
+    assert all(trt_ops.check_file(b / v["file"], "10.3") == [] for v in m["variants"])
     # second run: every stage cached, nothing recomputed
     r2 = cli("run", "--run-dir", run, *sets)
     assert r2.returncode == 0, r2.stderr[-2000:]

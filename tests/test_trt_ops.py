@@ -15,8 +15,8 @@ from pipeline.quant import trt_ops
 
 
 def test_the_tables_read_as_the_source_rows_checked_by_hand():
-    t10, t11 = trt_ops.matrix("10"), trt_ops.matrix("11")
-    assert t10.version == "10.6" and t11.version == "11.0" and trt_ops.matrix("10.3") is t10
+    t10, t11 = trt_ops.matrix("10.6"), trt_ops.matrix("11")
+    assert t10.version == "10.6" and t11.version == "11.0" and trt_ops.matrix("10").version == "10.3"
     assert t10.opset_range == (9, 22) and t11.opset_range == (9, 24)
     for t in (t10, t11):
         assert t.source["repository"] == "onnx/onnx-tensorrt" and t.source["path"] == "docs/operators.md"
@@ -36,6 +36,18 @@ def test_the_tables_read_as_the_source_rows_checked_by_hand():
     assert "Attention" in t11.operators and "Attention" not in t10.operators
     with pytest.raises(UserError, match="no ONNX operator table for TensorRT 9"):
         trt_ops.matrix("9")
+
+
+def test_the_10_3_table_is_10_6_with_the_changelogs_10_4_to_10_6_changes_taken_back():
+    """JetPack 6's 10.3 has no stored table: trt-10.3.json is 10.6's rows with what onnx-tensorrt's changelog says
+    10.4 (tensor `axes` for Pad; the three window ops), 10.5 (STFT) and 10.6 (ONNX 1.17) added taken back."""
+    t3, t6 = trt_ops.matrix("10.3"), trt_ops.matrix("10.6")
+    assert t3.source["derived_from"] == "trt-10.6.json" and t3.source["path"] == "docs/Changelog.md"
+    assert t3.source["commit"] == t6.source["commit"] and t3.opset_range == (9, 19)
+    changed = {op for op in t6.operators if t3.operators[op] != t6.operators[op]}
+    assert changed == {"Pad", "STFT", "BlackmanWindow", "HammingWindow", "HannWindow"}
+    assert t3.operators["Pad"]["restrictions"] == "`axes` must be an initializer"
+    assert t6.operators["STFT"]["supported"] and not t3.operators["STFT"]["supported"]
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17):
@@ -141,10 +153,37 @@ def test_the_same_ops_within_the_rules_pass(make):
 
 def test_where_the_releases_differ_the_answers_differ():
     v10 = [str(x) for x in trt_ops.check_ops(_pow_int32(), "10")]
-    assert v10 and "INT32 tensor 'x': TensorRT 10.6 takes BF16, FP16, FP32 here" in v10[0]
+    assert v10 and "INT32 tensor 'x': TensorRT 10.3 takes BF16, FP16, FP32 here" in v10[0]
     assert trt_ops.check_ops(_pow_int32(), "11") == []
-    assert "opset 23: TensorRT 10.6 parses opsets 9 to 22" in str(trt_ops.check_ops(_clean_opset(23), "10")[0])
+    assert "opset 23: TensorRT 10.3 parses opsets 9 to 19" in str(trt_ops.check_ops(_clean_opset(23), "10")[0])
     assert trt_ops.check_ops(_clean_opset(23), "11") == []
+
+
+def _pad_axes_input():
+    ins = [_f("x", [1, 3, 4, 4]), _f("axes", [2], TensorProto.INT64)]
+    inits = [numpy_helper.from_array(np.array([1, 1, 1, 1], np.int64), "pads")]
+    return _model([helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"], name="pad")], ins, [_f("y", None)],
+                  inits, opset=18)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (_pad_axes_input, "input `axes` (axes) must be an initializer (TensorRT 10.3)"),
+    (lambda: _clean_opset(20), "opset 20: TensorRT 10.3 parses opsets 9 to 19"),
+], ids=["pad-tensor-axes", "opset-20"])
+def test_what_10_4_to_10_6_added_is_refused_for_jetpack_6_and_taken_by_10_6(make, needle):
+    assert any(needle in str(x) for x in trt_ops.check_ops(make(), "10.3"))
+    assert trt_ops.check_ops(make(), "10.6") == [] and trt_ops.check_ops(make(), "11") == []
+
+
+def test_where_is_checked_on_its_values_not_its_condition():
+    def where(t):
+        return _model([helper.make_node("Where", ["c", "x", "y"], ["z"], name="where")],
+                      [_f("c", [4], TensorProto.BOOL), _f("x", [4], t), _f("y", [4], t)], [_f("z", None, t)])
+
+    for trt in ("10", "11"):
+        assert trt_ops.check_ops(where(TensorProto.INT32), trt) == []
+        v = [str(x) for x in trt_ops.check_ops(where(TensorProto.INT8), trt)]
+        assert {"INT8 tensor 'x'", "INT8 tensor 'y'", "INT8 tensor 'z'"} <= {x[x.find("INT8 tensor"):][:15] for x in v}
 
 
 def test_check_trt_gives_the_two_answers_from_the_command_line(tmp_path):
@@ -152,7 +191,7 @@ def test_check_trt_gives_the_two_answers_from_the_command_line(tmp_path):
     onnx.save(_pow_int32(), str(f))
     r10 = cli("check-trt", f, "--trt", "10")
     assert r10.returncode == 2 and len(r10.stderr.strip().splitlines()[-1:]) == 1
-    assert "TensorRT 10.6 would refuse it: 2 violation(s), first: node 'pow' (Pow): INT32 tensor 'x'" in r10.stderr
+    assert "TensorRT 10.3 would refuse it: 2 violation(s), first: node 'pow' (Pow): INT32 tensor 'x'" in r10.stderr
     r11 = cli("check-trt", f, "--trt", "11")
     assert r11.returncode == 0 and "passes TensorRT 11.0's ONNX operator table" in r11.stdout, r11.stderr
     r = cli("check-trt", f, "--trt", "8")

@@ -300,6 +300,26 @@ class ExportCfg(Strict):
     dfl_last_axis: bool = True  # exact rewrite of the DFL (softmax on the last axis + MatMul)
 
 
+class EngineCfg(Strict):
+    """The TensorRT the device builds with. The engine stage and the bundle check every ONNX file they write or carry
+    against its ONNX operator table (pipeline/quant/trt_ops.py) and its explicit-quantization and strong-typing
+    rules, and refuse what it would not parse."""
+
+    tensorrt: str = "10.3"  # JetPack 6's; 11 for TensorRT 11.x on x86 (any table or alias in trt_ops)
+
+    @field_validator("tensorrt", mode="before")
+    @classmethod
+    def _known(cls, v):
+        from pipeline.quant.trt_ops import resolve
+
+        v = str(v)  # YAML reads 10.3 and 11 as numbers
+        try:
+            resolve(v)
+        except UserError as e:
+            raise ValueError(str(e)) from None  # names the stored tables
+        return v
+
+
 class BenchCfg(Strict):
     split: str = "val"
     conf: float = Field(0.001, ge=0, le=1)
@@ -342,6 +362,7 @@ class Recipe(Strict):
     calib: CalibCfg = CalibCfg()
     quantize: QuantizeCfg = QuantizeCfg()
     export: ExportCfg = ExportCfg()
+    engine: EngineCfg = EngineCfg()
     bench: BenchCfg = BenchCfg()
 
     def section(self, name: str) -> dict:

@@ -49,9 +49,6 @@ def build_engines(root: Path, m: dict, cache: Path, **spec_kw) -> dict[str, Path
                         f"ONNX files instead")
     b, plans = EngineBuilder(), {}
     for v in m["variants"]:
-        if (v.get("tensorrt") or {}).get("buildable") is False:
-            print(f"  {v['name']}: not built ({v['tensorrt']['why']})", flush=True)
-            continue
         t0 = time.time()
         plans[v["name"]] = b.build(root / v["file"], build_spec(v, **spec_kw), cache, Path(cache) / "timing.cache")
         print(f"  {v['name']}: {plans[v['name']]} ({time.time() - t0:.1f}s)", flush=True)
@@ -162,8 +159,6 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
     sched = Schedule.of(cfg, warmup=warmup, **(timing or {}))
     threads = cfg["threads"] if threads is None else threads
     variants = [v for v in m["variants"] if not only or v["name"] in only]
-    skipped = [{"name": v["name"], "why": v["tensorrt"]["why"]} for v in variants
-               if runner == "tensorrt" and (v.get("tensorrt") or {}).get("buildable") is False]
     if only and len(variants) != len(set(only)):
         missing = sorted(set(only) - {v["name"] for v in variants})
         raise UserError(f"variant(s) {', '.join(missing)} not in the bundle (it has "
@@ -174,8 +169,6 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
     paths = [i.path for i in es.images]
     scored = []  # accuracy of every variant first; then all of them are timed together
     for v in variants:
-        if any(x["name"] == v["name"] for x in skipped):
-            continue
         r = _runner(runner, root, v, plans, threads)
         scored.append((v, r, *accuracy(r, es.images, gt, cat_ids, spec, label=v["name"])))
     names_run = [v["name"] for v, *_ in scored]
@@ -224,7 +217,8 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
               "bundle": {"digest": mf.digest(root), "format": m["format"], "project": m["project"]},
               "comparable": state["comparable"],
               **({"not_comparable": state["not_comparable_because"]} if not state["comparable"] else {}),
-              "variants": rows, "e2e_variants": [], **({"skipped_variants": skipped} if skipped else {})}
+              "variants": rows, "e2e_variants": [],
+              "tensorrt_checked_for": (m.get("tensorrt") or {}).get("target")}
     dest = Path(out) if out else Path("device_report.json")
     write_json(dest, report)
     return report

@@ -30,10 +30,10 @@ from pipeline.quant.fp16 import tensor_types
 from pipeline.quant.trt_check import Violation
 
 DATA = Path(__file__).parent / "trt_tables"
-# The stored tables; the aliases name what a recipe or a user asks for. No table of 10.0-10.5 is stored: "10" (and
-# JetPack 6's 10.3) read 10.6's, the nearest release after it (10.4 added tensor `axes` for Pad, 10.5 STFT).
-FILES = {"10.6": "trt-10.6.json", "11.0": "trt-11.json"}
-ALIASES = {"10": "10.6", "10.3": "10.6", "11": "11.0"}
+# The stored tables; the aliases name what a recipe or a user asks for. "10" is JetPack 6's TensorRT, 10.3, whose
+# table is derived: 10.6's with the parser changes of 10.4-10.6 taken back (trt_tables/README.md).
+FILES = {"10.3": "trt-10.3.json", "10.6": "trt-10.6.json", "11.0": "trt-11.json"}
+ALIASES = {"10": "10.3", "11": "11.0"}
 # ONNX element type -> the table's name (looked up by name: no TensorRT precision identifier in this package's code)
 TYPE_NAMES = {TensorProto.DataType.Value(onnx_name): name for onnx_name, name in (
     ("FLOAT", "FP32"), ("FLOAT16", "FP16"), ("BFLOAT16", "BF16"), ("INT32", "INT32"), ("INT64", "INT64"),
@@ -53,6 +53,22 @@ class Matrix:
     @property
     def label(self) -> str:
         return f"TensorRT {self.version}"
+
+    @property
+    def provenance(self) -> str:
+        """Where the table comes from, in a few words."""
+        src = self.source
+        if src.get("derived_from"):
+            return (f"derived: {src['derived_from']}, onnx-tensorrt {src['commit'][:10]}, with its changelog's "
+                    f"changes since {self.version} taken back")
+        return f"onnx-tensorrt {src['commit'][:10]} {src['path']}"
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the stored table file (a stage's record keys on it: a changed table checks again)."""
+        import hashlib
+
+        return hashlib.sha256((DATA / FILES[self.version]).read_bytes()).hexdigest()
 
 
 def resolve(version: str) -> str:
@@ -96,13 +112,15 @@ def _text(v):
 
 def _data_tensors(n: onnx.NodeProto, schema) -> list[str]:
     """The tensors the table's type list is about: Cast's input and output; otherwise every input and output whose
-    formal type is the type parameter of the first input (the first input alone when that one is concrete)."""
+    formal type is the first type parameter of the inputs (the first input alone when every input is concrete)."""
     if n.op_type in ("Cast", "CastLike"):
         return [x for x in (n.input[:1] + n.output[:1]) if x]
     if schema is None or not schema.inputs or not n.input:
         return list(n.input[:1])
-    param = schema.inputs[0].type_str
-    if param.startswith("tensor("):
+    # the first type parameter that admits more than one type (Where: X and Y's T, not the condition's B = bool)
+    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    param = next((f.type_str for f in schema.inputs if len(allowed.get(f.type_str, ())) > 1), None)
+    if param is None:
         return [n.input[0]] if n.input[0] else []
 
     def formal(formals, i):
@@ -209,3 +227,14 @@ def check_ops(model: onnx.ModelProto, version: str = "10") -> list[Violation]:
         for why in _restrictions(n, schema, row["restrictions"], consts, inits):
             v.append(Violation(name, f"{why} ({mx.label})", op))
     return v
+
+
+def check_file(path: str | Path, version: str, dynamic_ok: bool = False, require_reduced: bool = False
+               ) -> list[Violation]:
+    """Everything checked before the device for one ONNX file: `version`'s operator table (check_ops) and TensorRT's
+    explicit-quantization and strong-typing rules (trt_check.check; `require_reduced`: the file must carry FP16, as
+    the engine stage's strongly typed files do; without it FP32 files pass)."""
+    from pipeline.quant.trt_check import check, load
+
+    model = load(path)
+    return check_ops(model, version) + check(model, dynamic_ok=dynamic_ok, require_reduced=require_reduced)

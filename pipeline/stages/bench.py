@@ -118,6 +118,10 @@ def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path) -> dict
     return res
 
 
+# Variants another tool made, scored beside this project's on the dev box; the bundle does not carry them
+PEERS = ("pruned-ultralytics-int8",)
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str

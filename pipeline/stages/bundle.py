@@ -5,7 +5,10 @@ MACs and files) and the data stage's eval set; writes
     runs/<run>/bundle/yolo-edge-bundle.tar.gz    the same directory, one file
 
 The ONNX files are the ones bench scored (FP32, the engine stage's strongly typed FP16 / INT8+FP16 files, the
-quantize stage's INT8 Q/DQ), each checked against the sha256 the report holds. The eval set is the bench split's
+quantize stage's INT8 Q/DQ), each checked against the sha256 the report holds and against the ONNX operator table
+and rules of the TensorRT the recipe targets (`engine.tensorrt`, JetPack 6's 10.3 by default): a file that TensorRT
+would not parse is refused. Peers (another tool's files, such as ultralytics' INT8 export, scored beside ours on
+the dev box) are not carried; the manifest names them and why. The eval set is the bench split's
 images with their ground truth, so the device scores the same images with the same evaluator. The wheel is built
 from this source tree (`pip wheel --no-deps --no-build-isolation`, from a clean copy) so the device installs exactly
 this version. Anything that is a pickle (by name, header or zip member) is refused before the manifest is written.
@@ -87,11 +90,14 @@ def _variant_build_precision(v: dict) -> str:
     return {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}.get(v["precision"], "fp32")
 
 
-def _model_rows(ctx: Context, variants: list[dict], inputs: dict, tree: Path) -> list[dict]:
-    """Every variant's ONNX file copied under models/ (the file bench scored, by sha256; never a pickle) and its
-    manifest row: what it is, how the device builds it, what the dev box measured."""
+def _model_rows(variants: list[dict], inputs: dict, tree: Path, tensorrt: str) -> list[dict]:
+    """Every variant's ONNX file copied under models/ (the file bench scored, by sha256; never a pickle; one that
+    TensorRT `tensorrt` would parse) and its manifest row: what it is, how the device builds it, what the dev box
+    measured."""
+    from pipeline.quant import trt_ops
+
+    mx = trt_ops.matrix(tensorrt)
     rows = []
-    q = ctx.record("quantize")
     for v in variants:
         src = inputs[f"{v['name']}.model"]
         why = mf.pickle_reason(src)
@@ -100,6 +106,10 @@ def _model_rows(ctx: Context, variants: list[dict], inputs: dict, tree: Path) ->
         if sha256_file(src) != v["model"]["sha256"]:
             raise UserError(f"variant {v['name']}: the file differs from the one bench scored (sha256): re-run "
                             f"bench", src)
+        bad = trt_ops.check_file(src, mx.version)
+        if bad:
+            raise UserError(f"variant {v['name']}: {mx.label} would refuse it ({len(bad)} violation(s)), first: "
+                            f"{bad[0]}; the bundle carries only files the device can build", src)
         rel = f"models/{v['name']}{src.suffix}"
         shutil.copyfile(src, tree / rel)
         rows.append({"name": v["name"], "precision": v["precision"], "file": rel, "sha256": v["model"]["sha256"],
@@ -108,9 +118,6 @@ def _model_rows(ctx: Context, variants: list[dict], inputs: dict, tree: Path) ->
                      "dev_box": {"map50_95": v["map50_95"], "map50": v["map50"], "runner": v["runner"],
                                  "engine_p50_ms": v["latency_ms"]["engine"]["p50"],
                                  "e2e_p50_ms": v["latency_ms"]["end_to_end"]["p50"]}})
-        chk = str(((q.metrics if q else {}).get(v["name"].replace("-", "_")) or {}).get("trt_check", ""))
-        if chk.startswith("refused"):  # e.g. the ultralytics INT8 peer: scored on ONNX Runtime only
-            rows[-1]["tensorrt"] = {"buildable": False, "why": chk}
     return rows
 
 
@@ -141,8 +148,11 @@ def _copy_eval_set(ctx: Context, src: Path, dest: Path):
 
 
 def _manifest(ctx: Context, report: dict, rows: list[dict], es, n_images: int, wheel: Path, tree: Path,
-              root: Path, source: str) -> dict:
+              root: Path, source: str, peers: list[str]) -> dict:
     from pipeline import __version__
+    from pipeline.quant import trt_ops
+
+    mx = trt_ops.matrix(ctx.recipe.engine.tensorrt)
 
     cfg = ctx.recipe.bench
     return {
@@ -150,6 +160,11 @@ def _manifest(ctx: Context, report: dict, rows: list[dict], es, n_images: int, w
         "project": {"name": "yolo-edge", "version": __version__, **git_commit(root), "source_digest": source},
         "recipe": {"name": ctx.recipe.name, "digest": sha256_json(ctx.recipe.model_dump())},
         "variants": rows,
+        "tensorrt": {"target": mx.version, "checked": f"every variant's file against {mx.label}'s ONNX operator table "
+                                                      f"({mx.provenance}) and its explicit-quantization and "
+                                                      f"strong-typing rules"},
+        "not_carried": [{"name": p, "why": "a peer (another tool's file), scored beside this project's variants on "
+                                           "the dev box only"} for p in peers],
         "classes": es.names, "category_ids": es.category_ids,
         "input": {"shape": [1, 3, ctx.recipe.model.imgsz, ctx.recipe.model.imgsz], "dtype": "float32",
                   "layout": "NCHW", "color": "RGB", "scale": "1/255", "letterbox_pad": report["prepost"]["pad_value"]},
@@ -170,7 +185,12 @@ def _manifest(ctx: Context, report: dict, rows: list[dict], es, n_images: int, w
 def run(ctx: Context) -> StageRecord:
     report_path = ctx.output("bench", "report")
     report = json.loads(report_path.read_text())
+    from pipeline.quant import trt_ops
+    from pipeline.stages.bench import PEERS
+
     variants = [v for v in report["variants"] if v.get("model", {}).get("path")]
+    peers = [v["name"] for v in variants if v["name"] in PEERS]
+    variants = [v for v in variants if v["name"] not in PEERS]
     if not variants:
         raise UserError("the bench report lists no variant with a model file", report_path)
     inputs: dict[str, Path] = {"report": report_path, "eval": ctx.output("data", "eval")}
@@ -183,19 +203,20 @@ def run(ctx: Context) -> StageRecord:
             raise UserError(f"variant {v['name']}: {why}", p)
         inputs[f"{v['name']}.model"] = p
     root = source_root()
+    mx = trt_ops.matrix(ctx.recipe.engine.tensorrt)
     config = {"format": mf.FORMAT, "source": source_digest(root), "variants": [v["name"] for v in variants],
-              **git_commit(root)}
+              "tensorrt": {"version": mx.version, "table": mx.digest}, **git_commit(root)}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         tree = out / NAME
         (tree / "models").mkdir(parents=True)
         (tree / "eval" / "images").mkdir(parents=True)
         (tree / "wheels").mkdir()
-        rows = _model_rows(ctx, variants, inputs, tree)
+        rows = _model_rows(variants, inputs, tree, mx.version)
         es, n_images = _copy_eval_set(ctx, inputs["eval"], tree / "eval")
         wheel = build_wheel(root, tree / "wheels")
         mf.refuse_pickles(tree)
-        manifest = _manifest(ctx, report, rows, es, n_images, wheel, tree, root, config["source"])
+        manifest = _manifest(ctx, report, rows, es, n_images, wheel, tree, root, config["source"], peers)
         (tree / mf.MANIFEST).write_text(json.dumps(manifest, indent=1))
         mf.verify(tree)  # what the device will check, checked here first
         with tarfile.open(out / f"{NAME}.tar.gz", "w:gz") as t:

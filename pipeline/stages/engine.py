@@ -4,8 +4,9 @@ Dev-box half (a content-addressed record, like export and quantize):
 - `<model>_fp16.onnx` for the base and the pruned FP32 exports (pipeline.quant.fp16: FP16 where the ONNX schema
   allows it, FP32 I/O, the head decode FP32);
 - `<model>_int8.onnx`: the quantize stage's Q/DQ file (pruned_int8, else base_int8) with its float parts FP16;
-- each checked by trt_check (explicit quantization + strong typing rules) and against the FP32 ONNX on ONNX
-  Runtime. ONNX Runtime's CPU has no FP16 kernel for most of these ops (the record names them; it inserts FP32
+- each checked against the ONNX operator table of the TensorRT the recipe targets (`engine.tensorrt`, JetPack 6's
+  10.3 by default; pipeline.quant.trt_ops) and its explicit-quantization and strong-typing rules (trt_check), and
+  against the FP32 ONNX on ONNX Runtime. ONNX Runtime's CPU has no FP16 kernel for most of these ops (the record names them; it inserts FP32
   casts around them), so the gate is the same graph with its weights and activations rounded to FP16, in FP32
   (fp16.convert(emulate=True)); the real file's ORT numbers are recorded beside.
 
@@ -25,6 +26,7 @@ import onnx
 from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
+from pipeline.quant import trt_ops
 
 VERSION = 2
 # The parity checks compare a strongly typed file with its FP32 model on PARITY_IMAGES eval images. They catch a
@@ -99,23 +101,25 @@ def _weighted_error(ref: list[np.ndarray], got: list[np.ndarray], imgsz: int) ->
 
 
 def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray, imgsz: int, work: Path,
-                 exclude: list[str] | tuple = ("detect-decode",)) -> dict:
+                 exclude: list[str] | tuple = ("detect-decode",), tensorrt: str = "10.3") -> dict:
     """Write one strongly typed variant (kind 'fp16': from an FP32 ONNX; 'int8': from a Q/DQ ONNX) and check it:
-    trt_check, then ORT parity against `fp32_ref` on images `x` (N, 3, H, W). Returns its metrics; raises UserError
-    when it breaks a TensorRT rule or the tolerance."""
-    from pipeline.quant import fp16, trt_check
+    TensorRT `tensorrt`'s operator table and rules, then ORT parity against `fp32_ref` on images `x` (N, 3, H, W).
+    Returns its metrics; raises UserError when it breaks a TensorRT rule or the tolerance."""
+    from pipeline.quant import fp16, trt_ops
     from pipeline.quant.ort_qdq import head_decode_nodes
 
     keep = head_decode_nodes(onnx.load(str(src)), list(exclude))
     rep = fp16.convert_file(src, dest, keep)
     emu = work / f"{dest.stem}.emulated.onnx"
     fp16.convert_file(src, emu, keep, emulate=True)
-    v = trt_check.check_file(dest)
+    mx = trt_ops.matrix(tensorrt)
+    v = trt_ops.check_file(dest, tensorrt, require_reduced=True)
     if v:
-        raise UserError(f"the strongly typed {kind} model breaks TensorRT's rules: {v[0]}", dest)
+        raise UserError(f"{mx.label} would not build the strongly typed {kind} model ({len(v)} violation(s)), first: "
+                        f"{v[0]}", dest)
     ref = _outputs(fp32_ref, x)
     real, emulated = _outputs(dest, x), _outputs(emu, x)
-    info = {"kind": kind, "source": src.name, **rep.as_dict(), "trt_check": "passed",
+    info = {"kind": kind, "source": src.name, **rep.as_dict(), "trt_check": f"passed ({mx.label})",
             "ort_cpu_missing_fp16": ort_cpu_missing_fp16(onnx.load(str(dest))), "parity_images": len(x)}
     if kind == "fp16":
         d_emu, d_real = _diff(ref, emulated), _diff(ref, real)
@@ -179,8 +183,10 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
     for name, (_, src, ref) in srcs.items():
         inputs[f"{name}.src"] = ctx.output(*src)
         inputs[f"{name}.ref"] = ctx.output(*ref)
+    mx = trt_ops.matrix(ctx.recipe.engine.tensorrt)
     config = {"variants": sorted(srcs), "exclude": list(ctx.recipe.quantize.exclude), "parity_images": parity_n,
-              "imgsz": ctx.recipe.model.imgsz, "tolerance": [FP16_BOX_FRAC, FP16_SCORE, LIVE, INT8_FP16_RATIO]}
+              "imgsz": ctx.recipe.model.imgsz, "tolerance": [FP16_BOX_FRAC, FP16_SCORE, LIVE, INT8_FP16_RATIO],
+              "tensorrt": {"version": mx.version, "table": mx.digest}}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         import shutil
@@ -191,7 +197,7 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
         outputs, metrics, effective = {}, {}, {}
         for name, (kind, _, _) in srcs.items():
             info = make_variant(kind, inputs[f"{name}.src"], out / f"{name}.onnx", inputs[f"{name}.ref"], x,
-                                ctx.recipe.model.imgsz, work, ctx.recipe.quantize.exclude)
+                                ctx.recipe.model.imgsz, work, ctx.recipe.quantize.exclude, mx.version)
             outputs[name] = f"{name}.onnx"
             metrics[name] = info
             effective[name] = {"precision": "fp16" if kind == "fp16" else "int8-qdq+fp16", "io": "fp32",
