@@ -1,12 +1,7 @@
-import atexit
-import json
 import os
-import select
-import signal
 import subprocess
 import sys
-import tempfile
-import time
+import traceback
 from pathlib import Path
 
 # Under pytest-xdist (`make test`: one worker per core), each worker and the processes it starts compute on
@@ -33,86 +28,48 @@ from pipeline.adapters.offline import setup_offline
 setup_offline()
 
 
-class _CliServer:
-    """tests/cli_server.py, started on the first `cli()` call of this pytest process (one per xdist worker)."""
-
-    proc = None
-    broken = None  # why it cannot be used: every cli() then starts a plain subprocess
-
-    @classmethod
-    def get(cls):
-        if cls.broken or os.environ.get("YOLO_EDGE_TEST_SUBPROCESS") == "1":
-            return None
-        if cls.proc is None or cls.proc.poll() is not None:
-            cls.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_server.py")], cwd=ROOT,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            hello = cls._line(cls.proc, 300)
-            if hello != "ready":
-                cls.broken = f"the cli fork server said {hello!r}"
-                cls.proc.kill()
-                print(f"\n{cls.broken}: cli() runs plain subprocesses", file=sys.stderr)
-                return None
-            atexit.register(cls.proc.kill)
-        return cls.proc
-
-    @staticmethod
-    def _line(proc, timeout):
-        """One answer line, read a byte at a time from the pipe (a buffered reader could swallow the next line
-        and leave select waiting), or None after `timeout` seconds."""
-        fd, buf, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
-        while not buf.endswith(b"\n"):
-            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                return None
-            b = os.read(fd, 1)
-            if not b:
-                return buf.decode().strip() or "(closed)"
-            buf += b
-        return buf.decode().strip()
-
-
-# the commands that import torch, ultralytics or onnx (the others start in about half a second as plain processes)
-TORCH_COMMANDS = {"run", "stage", "bench", "init", "base", "sparsify", "engine", "nightly", "deploy", "check-trt"}
-
-
 def cli(*args, cwd=ROOT, timeout=600):
-    """Run `yolo-edge ARGS` as its own process; returns CompletedProcess with text output.
+    """Run `yolo-edge ARGS` and return a CompletedProcess (returncode, stdout, stderr as text).
 
-    The process is forked from tests/cli_server.py, which has imported what every command imports (~6 s a process
-    otherwise): a fresh process with its own cwd, environment, argv, stdout/stderr and exit code, running the
-    console script's main(). Only for TORCH_COMMANDS; YOLO_EDGE_TEST_SUBPROCESS=1 runs the installed console script
-    for every command; the tests that send signals (test_prune_plan's kill/resume) and the deploy tests always do."""
-    exe = Path(sys.executable).parent / "yolo-edge"
-    argv = [str(exe), *map(str, args)]
-    env = {**os.environ, "COLUMNS": "200"}
+    In this process, through typer's CliRunner isolation (its own stdin, stdout, stderr and COLUMNS=200) and the
+    console script's own `main()` (the offline block, one-line errors, exit codes), with the working directory and
+    argv of the command; the process-wide state a command may change (the environment, the working directory,
+    torch's thread count) is put back afterwards. YOLO_EDGE_TEST_SUBPROCESS=1 runs the installed console script as a
+    process of its own instead (`timeout` applies there); the tests where the process boundary is the point (a
+    signal mid-run, the console script's exit status) start processes themselves."""
+    argv = [str(Path(sys.executable).parent / "yolo-edge"), *map(str, args)]
+    if os.environ.get("YOLO_EDGE_TEST_SUBPROCESS") == "1":
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "COLUMNS": "200"})
+    import torch
+    from typer.testing import CliRunner
 
-    def plain():
-        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    from pipeline.entry import main
 
-    server = _CliServer.get() if args and str(args[0]) in TORCH_COMMANDS else None
-    if server is None:
-        return plain()
-    with tempfile.TemporaryDirectory(prefix="cli-") as d:
-        out, err = Path(d) / "stdout", Path(d) / "stderr"
+    saved = os.getcwd(), dict(os.environ), torch.get_num_threads(), sys.argv
+    code = 0
+    with CliRunner().isolation(env={"COLUMNS": "200"}) as (out, err, _):
         try:
-            server.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out),
-                                           "stderr": str(err)}) + "\n")
-            server.stdin.flush()
-            pid = _CliServer._line(server, 60)
-        except OSError:  # BrokenPipeError: it is gone
-            pid = None
-        if not (pid or "").isdigit():  # the server died or hung: say so once, then plain subprocesses
-            _CliServer.broken = f"the cli fork server stopped answering ({pid!r})"
-            server.kill()
-            print(f"\n{_CliServer.broken}: cli() runs plain subprocesses", file=sys.stderr)
-            return plain()
-        pid = int(pid)
-        rc = _CliServer._line(server, timeout)
-        if rc is None:  # as subprocess.run does on a timeout: kill it, then raise
-            os.kill(pid, signal.SIGKILL)
-            _CliServer._line(server, 60)
-            raise subprocess.TimeoutExpired(argv, timeout, output=out.read_text(), stderr=err.read_text())
-        return subprocess.CompletedProcess(argv, int(rc), out.read_text(errors="replace"),
-                                           err.read_text(errors="replace"))
+            os.chdir(cwd)
+            sys.argv = argv
+            main()
+        except SystemExit as e:  # what the interpreter makes of it
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except BaseException:  # a traceback, as the console script would print one
+            traceback.print_exc()
+            code = 1
+        finally:
+            os.chdir(saved[0])
+            os.environ.clear()
+            os.environ.update(saved[1])
+            torch.set_num_threads(saved[2])
+            sys.argv = saved[3]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return subprocess.CompletedProcess(argv, code, out.getvalue().decode(errors="replace"),
+                                           err.getvalue().decode(errors="replace"))
 
 
 @pytest.fixture(scope="session")
@@ -172,8 +129,10 @@ SHARED_FIXTURE_MODULES = {p.stem for p in (ROOT / "tests").glob("test_*.py")
 @pytest.hookimpl(tryfirst=True)  # before xdist's own choice of scheduler
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadgroup`: pytest-xdist 3.8's own grouping (xdist_group marks) does nothing under pytest 9 (it renames
-    `item._nodeid`, which pytest 9 no longer reads), so this scheduler groups by the rule above instead: one work
-    unit per test, or per module for the modules in SHARED_FIXTURE_MODULES, handed out in collection order."""
+    `item._nodeid`, which pytest 9 no longer reads: six tests marked with one group ran on both workers, pytest 9.2,
+    xdist 3.8.0, the newest), so this scheduler groups by the rule above instead: one work unit per test, or per
+    module for the modules in SHARED_FIXTURE_MODULES, handed out in collection order. `--dist loadfile` would keep
+    every module on one worker, the long modules without a shared fixture too."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling

@@ -116,12 +116,13 @@ def test_score_without_detections_is_zero():
     assert Matched.from_coco(gt, []).score() == (0.0, 0.0)
 
 
-def test_score_refuses_weights_that_are_not_counts():
+@pytest.mark.parametrize("bad", [np.full(5, 0.5), np.array([1, 1, -1, 1, 1]), np.ones(4)],
+                         ids=["fractional", "negative", "wrong-length"])
+def test_score_refuses_weights_that_are_not_counts(bad):
     gt, dets = _synthetic(0, n_images=5)
     m = Matched.from_coco(gt, dets)
-    for bad in (np.full(5, 0.5), np.array([1, 1, -1, 1, 1]), np.ones(4)):
-        with pytest.raises(ValueError):
-            m.score(bad)
+    with pytest.raises(ValueError):
+        m.score(bad)
 
 
 def test_score_of_a_category_only_crowd_or_absent():
@@ -134,7 +135,10 @@ def test_score_of_a_category_only_crowd_or_absent():
     assert abs(got[0] - ref[0]) < 1e-12 and abs(got[1] - ref[1]) < 1e-12, (got, ref)
 
 
-def test_weights_equal_duplicated_images():
+def _weight_cases() -> tuple[dict, list[dict], Matched, list[np.ndarray]]:
+    """Ground truth and detections on 24 images, and four weight vectors over them: random counts 0 to 3, a
+    multinomial resample, every third image three times (the others left out), and counts that leave out every
+    image with category 90."""
     gt, dets = _synthetic(11, n_images=24)
     m = Matched.from_coco(gt, dets)
     n = len(m.image_ids)
@@ -144,10 +148,20 @@ def test_weights_equal_duplicated_images():
     cases = [rng.integers(0, 4, n), rng.multinomial(n, np.full(n, 1 / n)), np.where(np.arange(n) % 3 == 0, 3, 0),
              no90 * rng.integers(1, 3, n)]
     assert {0, 1, 2, 3} <= set(cases[0].tolist()) and no90.min() == 0
-    for w in cases:
-        ref = _pycocotools(*_duplicated(gt, dets, w, m.image_ids))
-        got = m.score(w)
-        assert abs(got[0] - ref[0]) < 1e-9 and abs(got[1] - ref[1]) < 1e-9, (w, got, ref)
+    return gt, dets, m, cases
+
+
+@pytest.mark.parametrize("case", range(4), ids=["counts-0-to-3", "multinomial", "every-third-x3", "no-category-90"])
+def test_weights_equal_duplicated_images(case):
+    gt, dets, m, cases = _weight_cases()
+    w = cases[case]
+    ref = _pycocotools(*_duplicated(gt, dets, w, m.image_ids))
+    got = m.score(w)
+    assert abs(got[0] - ref[0]) < 1e-9 and abs(got[1] - ref[1]) < 1e-9, (w, got, ref)
+
+
+def test_score_many_equals_score_of_each_weight_vector():
+    _, _, m, cases = _weight_cases()
     many = m.score_many(np.stack(cases))
     assert np.array_equal(many, np.array([m.score(w) for w in cases]))
 

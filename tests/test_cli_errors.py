@@ -185,27 +185,33 @@ def test_weights_yaml_that_is_not_a_detection_model_config(tmp_path, synth_small
 
 
 @pytest.mark.slow
-def test_weights_checkpoint_that_is_not_a_detection_model(tmp_path, synth_small):
+@pytest.mark.parametrize("f,msg", [
+    ("seg.pt", "holds a SegmentationModel whose head is Segment"),
+    ("nan.pt", "non-finite weights (NaN or inf in model.0.conv.weight)"),
+    ("state_dict.pt", "not a YOLO detection checkpoint (holds OrderedDict"),
+], ids=["segment-head", "nan-weight", "state-dict"])
+def test_weights_checkpoint_that_is_not_a_detection_model(tmp_path, synth_small, f, msg):
     import contextlib
     import io
 
     import torch
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        seg = SegmentationModel("yolo11n-seg.yaml", nc=8, verbose=False)
-        det = DetectionModel("yolo11n.yaml", nc=8, verbose=False)
-    torch.save({"model": seg, "ema": None, "train_args": {}}, tmp_path / "seg.pt")
-    with torch.no_grad():
-        det.model[0].conv.weight[0, 0, 0, 0] = float("nan")
-    torch.save({"model": det, "ema": None, "train_args": {}}, tmp_path / "nan.pt")
-    torch.save(torch.nn.Linear(3, 4).state_dict(), tmp_path / "state_dict.pt")
-    for f, msg in (("seg.pt", "holds a SegmentationModel whose head is Segment"),
-                   ("nan.pt", "non-finite weights (NaN or inf in model.0.conv.weight)"),
-                   ("state_dict.pt", "not a YOLO detection checkpoint (holds OrderedDict")):
-        r, run = _bench(tmp_path, synth_small, tmp_path / f)
-        _assert_clean_error(r, f, msg)
-        assert not run.exists()
+    if f == "seg.pt":
+        with contextlib.redirect_stdout(io.StringIO()):
+            seg = SegmentationModel("yolo11n-seg.yaml", nc=8, verbose=False)
+        torch.save({"model": seg, "ema": None, "train_args": {}}, tmp_path / f)
+    elif f == "nan.pt":
+        with contextlib.redirect_stdout(io.StringIO()):
+            det = DetectionModel("yolo11n.yaml", nc=8, verbose=False)
+        with torch.no_grad():
+            det.model[0].conv.weight[0, 0, 0, 0] = float("nan")
+        torch.save({"model": det, "ema": None, "train_args": {}}, tmp_path / f)
+    else:
+        torch.save(torch.nn.Linear(3, 4).state_dict(), tmp_path / f)
+    r, run = _bench(tmp_path, synth_small, tmp_path / f)
+    _assert_clean_error(r, f, msg)
+    assert not run.exists()
 
 
 @pytest.mark.slow

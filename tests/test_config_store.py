@@ -101,18 +101,25 @@ def test_stage_cache_is_by_content_and_interrupt_keeps_record(tmp_path):
     assert rec["key"] == r3.key and (ctx.stage_dir("s") / "o.txt").read_text() == "V2"
 
 
-def test_sparsity_phases_are_checked():
+@pytest.mark.parametrize("phases,msg", [
+    ("[{epochs: 5}]", "reg > 0 .*fade .*or hold"),
+    ("[{epochs: 5, fade: 2}, {epochs: 5, reg: 0.01}]", "only the last sparsity phase may fade"),
+    ("[{epochs: 5, fade: 2}, {epochs: 5, fade: 2}]", "only the last sparsity phase may fade"),
+    ("[{epochs: 5, reg: 0.01}, {epochs: 5, hold: true}]", "must follow the fade phase"),
+    ("[{epochs: 5, fade: 2}, {epochs: 5, hold: true, reg: 0.01}]", "neither reg nor fade"),
+    ("[{epochs: 5, fade: 6}]", "must not exceed"),
+], ids=["no-reg-fade-or-hold", "reg-after-fade", "two-fades", "hold-without-fade", "hold-with-reg",
+        "fade-longer-than-phase"])
+def test_sparsity_phases_are_checked(phases, msg):
     """A phase must regularize, fade or hold; only the last may fade, and not for longer than it trains; only hold
     phases follow it, and they follow it."""
-    for phases, msg in [("[{epochs: 5}]", "reg > 0 .*fade .*or hold"),
-                        ("[{epochs: 5, fade: 2}, {epochs: 5, reg: 0.01}]", "only the last sparsity phase may fade"),
-                        ("[{epochs: 5, fade: 2}, {epochs: 5, fade: 2}]", "only the last sparsity phase may fade"),
-                        ("[{epochs: 5, reg: 0.01}, {epochs: 5, hold: true}]", "must follow the fade phase"),
-                        ("[{epochs: 5, fade: 2}, {epochs: 5, hold: true, reg: 0.01}]", "neither reg nor fade"),
-                        ("[{epochs: 5, fade: 6}]", "must not exceed")]:
-        with pytest.raises(UserError, match=msg) as e:
-            load_recipe(ROOT / "models/default.yaml", [f"prune.sparsity.phases={phases}"])
-        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=msg) as e:
+        load_recipe(ROOT / "models/default.yaml", [f"prune.sparsity.phases={phases}"])
+    assert "\n" not in str(e.value)
+
+
+def test_sparsity_phases_that_follow_the_rules_load():
+    """A fading last phase loads with reg 0, and hold phases may follow it."""
     r = load_recipe(ROOT / "models/default.yaml",
                     ["prune.sparsity.phases=[{epochs: 5, reg: 0.01}, {epochs: 5, fade: 3}]"])
     assert r.prune.sparsity.phases[-1].fade == 3 and r.prune.sparsity.phases[-1].reg == 0

@@ -80,25 +80,21 @@ def _yolo_ds(tmp_path, synth_small, label_line=None, image_bytes=None, val_image
     return root / "data.yaml"
 
 
-def test_yolo_validation_errors_name_the_file(tmp_path, synth_small):
-    y = _yolo_ds(tmp_path, synth_small, label_line="8 0.5 0.5 0.1 0.1")
-    with pytest.raises(UserError, match=r"class id 8 >= nc=8") as e:
-        load_dataset(y)
-    assert "val_00000.txt:1" in str(e.value)
-    y = _yolo_ds(tmp_path / "b", synth_small, label_line="1 0.95 0.5 0.3 0.1")
-    with pytest.raises(UserError, match="outside the 320x320 image"):
-        load_dataset(y, strict=True)  # without strict: clipped (test_voc.py)
-    y = _yolo_ds(tmp_path / "c", synth_small, label_line="1 0.5 0.5 0.0 0.1")
-    with pytest.raises(UserError, match="degenerate"):
-        load_dataset(y, strict=True)
-    for k, line in enumerate(["1 nan 0.5 0.1 0.1", "1 0.5 0.5 inf 0.1", "1 0.5 0.5 0.1 -nan"]):
-        y = _yolo_ds(tmp_path / f"n{k}", synth_small, label_line=line)
-        with pytest.raises(UserError, match="non-finite number") as e:
-            load_dataset(y)
-        assert "val_00000.txt:1" in str(e.value)
-    y = _yolo_ds(tmp_path / "d", synth_small, image_bytes=b"not a jpeg")
-    with pytest.raises(UserError, match="does not decode: .*val_00000.jpg"):
-        load_dataset(y)
+@pytest.mark.parametrize("damage,strict,msg,where", [
+    ({"label_line": "8 0.5 0.5 0.1 0.1"}, False, r"class id 8 >= nc=8", "val_00000.txt:1"),
+    ({"label_line": "1 0.95 0.5 0.3 0.1"}, True, "outside the 320x320 image", None),
+    ({"label_line": "1 0.5 0.5 0.0 0.1"}, True, "degenerate", None),
+    ({"label_line": "1 nan 0.5 0.1 0.1"}, False, "non-finite number", "val_00000.txt:1"),
+    ({"label_line": "1 0.5 0.5 inf 0.1"}, False, "non-finite number", "val_00000.txt:1"),
+    ({"label_line": "1 0.5 0.5 0.1 -nan"}, False, "non-finite number", "val_00000.txt:1"),
+    ({"image_bytes": b"not a jpeg"}, False, "does not decode: .*val_00000.jpg", None),
+], ids=["class-id-8", "box-outside", "degenerate-box", "nan", "inf", "minus-nan", "undecodable-image"])
+def test_yolo_validation_errors_name_the_file(tmp_path, synth_small, damage, strict, msg, where):
+    y = _yolo_ds(tmp_path, synth_small, **damage)
+    with pytest.raises(UserError, match=msg) as e:
+        load_dataset(y, strict=strict)  # without strict, a box outside the image is clipped (test_voc.py)
+    if where is not None:
+        assert where in str(e.value)
 
 
 def _coco_copy(tmp_path, synth_small, mutate):
@@ -110,55 +106,74 @@ def _coco_copy(tmp_path, synth_small, mutate):
     return tmp_path
 
 
-def test_coco_validation_errors(tmp_path, synth_small):
-    def unknown_image(d):
-        d["annotations"][0]["image_id"] = 999
+def _unknown_image(d):
+    d["annotations"][0]["image_id"] = 999
 
-    def unknown_cat(d):
-        d["annotations"][0]["category_id"] = 77
 
-    def dup(d):
-        d["images"][1]["id"] = d["images"][0]["id"]
+def _unknown_cat(d):
+    d["annotations"][0]["category_id"] = 77
 
-    def outside(d):
-        d["annotations"][0]["bbox"] = [300.0, 10.0, 40.0, 10.0]
 
-    def degenerate(d):
-        d["annotations"][0]["bbox"] = [10.0, 10.0, 0.0, 10.0]
+def _dup(d):
+    d["images"][1]["id"] = d["images"][0]["id"]
 
-    def nan_box(d):
-        d["annotations"][0]["bbox"] = [10.0, float("nan"), 5.0, 10.0]  # json writes NaN, Python's reader takes it
 
-    def str_box(d):
-        d["annotations"][0]["bbox"] = ["10", 10, 5, 10]
+def _outside(d):
+    d["annotations"][0]["bbox"] = [300.0, 10.0, 40.0, 10.0]
 
-    def short_box(d):
-        d["annotations"][0]["bbox"] = [10, 10, 5]
 
-    def wrong_size(d):
-        d["images"][0]["width"] = 640
+def _degenerate(d):
+    d["annotations"][0]["bbox"] = [10.0, 10.0, 0.0, 10.0]
 
-    def no_file_name(d):
-        del d["images"][0]["file_name"]
 
-    def same_file(d):
-        d["images"][1]["file_name"] = d["images"][0]["file_name"]
+def _nan_box(d):
+    d["annotations"][0]["bbox"] = [10.0, float("nan"), 5.0, 10.0]  # json writes NaN, Python's reader takes it
 
-    def cats_not_list(d):
-        d["categories"] = {"1": "circle"}
 
-    for i, (fn, msg) in enumerate([(unknown_image, "unknown image id 999"), (unknown_cat, "unknown category id 77"),
-                                   (dup, "duplicate image id"), (outside, "outside the 320x320 image"),
-                                   (degenerate, "degenerate bbox"), (nan_box, "non-finite number"),
-                                   (str_box, "bbox must be 4 numbers"), (short_box, "bbox must be 4 numbers"),
-                                   (wrong_size, "says 640x320 but the file decodes to 320x320"),
-                                   (no_file_name, "needs an integer 'id' and a string 'file_name'"),
-                                   (same_file, "have the same file_name"),
-                                   (cats_not_list, "'categories' must be a list")]):
-        root = _coco_copy(tmp_path / str(i), synth_small, fn)
-        with pytest.raises(UserError, match=msg) as e:
-            load_dataset(root, strict=True)  # dirty boxes (outside, degenerate) are refused only with strict
-        assert "instances_val.json" in str(e.value)
+def _str_box(d):
+    d["annotations"][0]["bbox"] = ["10", 10, 5, 10]
+
+
+def _short_box(d):
+    d["annotations"][0]["bbox"] = [10, 10, 5]
+
+
+def _wrong_size(d):
+    d["images"][0]["width"] = 640
+
+
+def _no_file_name(d):
+    del d["images"][0]["file_name"]
+
+
+def _same_file(d):
+    d["images"][1]["file_name"] = d["images"][0]["file_name"]
+
+
+def _cats_not_list(d):
+    d["categories"] = {"1": "circle"}
+
+
+@pytest.mark.parametrize("fn,msg", [
+    (_unknown_image, "unknown image id 999"),
+    (_unknown_cat, "unknown category id 77"),
+    (_dup, "duplicate image id"),
+    (_outside, "outside the 320x320 image"),
+    (_degenerate, "degenerate bbox"),
+    (_nan_box, "non-finite number"),
+    (_str_box, "bbox must be 4 numbers"),
+    (_short_box, "bbox must be 4 numbers"),
+    (_wrong_size, "says 640x320 but the file decodes to 320x320"),
+    (_no_file_name, "needs an integer 'id' and a string 'file_name'"),
+    (_same_file, "have the same file_name"),
+    (_cats_not_list, "'categories' must be a list"),
+], ids=["unknown-image", "unknown-category", "duplicate-image-id", "box-outside", "degenerate-box", "nan-box",
+        "string-in-box", "short-box", "wrong-size", "no-file-name", "same-file-name", "categories-not-a-list"])
+def test_coco_validation_errors(tmp_path, synth_small, fn, msg):
+    root = _coco_copy(tmp_path, synth_small, fn)
+    with pytest.raises(UserError, match=msg) as e:
+        load_dataset(root, strict=True)  # dirty boxes (outside, degenerate) are refused only with strict
+    assert "instances_val.json" in str(e.value)
 
 
 def test_empty_split(tmp_path, synth_small):

@@ -186,12 +186,11 @@ def test_check_trt_refuses_strong_typing_breaks(tmp_path):
 
 
 @pytest.mark.slow
-def test_check_trt_passes_our_strongly_typed_files(files, tmp_path):
-    fp16.convert_file(files["fp32"], tmp_path / "a.onnx", files["decode"])
-    fp16.convert_file(files["qdq"], tmp_path / "b.onnx", files["decode"])
-    for f in ("a.onnx", "b.onnx"):
-        r = cli("check-trt", tmp_path / f)
-        assert r.returncode == 0 and "strong-typing rules" in r.stdout, r.stderr[-800:]
+@pytest.mark.parametrize("source", ["fp32", "qdq"])
+def test_check_trt_passes_our_strongly_typed_files(files, tmp_path, source):
+    fp16.convert_file(files[source], tmp_path / "a.onnx", files["decode"])
+    r = cli("check-trt", tmp_path / "a.onnx")
+    assert r.returncode == 0 and "strong-typing rules" in r.stdout, r.stderr[-800:]
 
 
 def table_without(tmp_path, monkeypatch, *ops) -> str:
@@ -214,7 +213,8 @@ def test_the_engine_stage_refuses_a_file_its_tensorrt_would_not_parse(files, tmp
 
     trt = table_without(tmp_path, monkeypatch, "Sigmoid")
     with pytest.raises(UserError, match=r"TensorRT 0\.1 would not build the strongly typed fp16 model \(\d+ "
-                                        r"violation\(s\)\), first: node '.*' \(Sigmoid\): not supported in TensorRT 0\.1"):
+                                        r"violation\(s\)\), first: node '.*' \(Sigmoid\): not supported in "
+                                        r"TensorRT 0\.1"):
         make_variant("fp16", files["fp32"], tmp_path / "a.onnx", files["fp32"], files["x"], 320, tmp_path,
                      files["decode"], tensorrt=trt)
 
@@ -289,14 +289,24 @@ def test_postprocess_sets_pool_dla_core_fallback_and_records_layers(monkeypatch)
     assert report["dla_fallback_layers"] == ["resize"]
 
 
+ORIN_ENV = {"tensorrt": "10.3.0", "device": "Orin", "sm": "8.7", "l4t": "R36.4.3"}
+
+
+@pytest.mark.parametrize("key,other", [("tensorrt", "11.0.0"), ("device", "NVIDIA H200"), ("sm", "9.0"),
+                                       ("l4t", None)], ids=["tensorrt", "device", "sm", "l4t"])
+def test_cache_key_changes_with_each_field_of_the_environment(key, other):
+    from pipeline.backends import tensorrt as t
+
+    spec = t.BuildSpec("fp16")
+    assert t.cache_key("abc", spec, {**ORIN_ENV, key: other}) != t.cache_key("abc", spec, ORIN_ENV)
+
+
 def test_cache_key_and_sidecar_refuse_another_tensorrt_or_device(tmp_path):
     from pipeline.backends import tensorrt as t
 
-    env = {"tensorrt": "10.3.0", "device": "Orin", "sm": "8.7", "l4t": "R36.4.3"}
+    env = ORIN_ENV
     spec = t.BuildSpec("fp16")
     k = t.cache_key("abc", spec, env)
-    for key, other in [("tensorrt", "11.0.0"), ("device", "NVIDIA H200"), ("sm", "9.0"), ("l4t", None)]:
-        assert t.cache_key("abc", spec, {**env, key: other}) != k, key
     assert t.cache_key("abd", spec, env) != k and t.cache_key("abc", t.BuildSpec("int8"), env) != k
     t.check_compatible(env, env, "m.plan")
     with pytest.raises(UserError) as e:

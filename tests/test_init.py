@@ -2,8 +2,10 @@
 prints, its refusals; the schema's defaults are the recommended fine-tune; a recipe whose shipped sparsity weights
 do not fit its model or data says so, with the estimated time, before training them."""
 
+import json
 from pathlib import Path
 
+import onnx
 import pytest
 import yaml
 from conftest import ROOT, cli
@@ -131,8 +133,11 @@ def test_init_on_synthetic_data_writes_a_recipe_that_runs(tmp_path, synth_small,
     assert (run / "report.json").is_file() and "| pruned-fp32 |" in (run / "report.md").read_text()
 
 
-@pytest.mark.slow(seconds=85)
-def test_init_on_coco8_as_coco_json_writes_a_recipe_that_runs(tmp_path, needs_shared):
+@pytest.mark.slow(seconds=40)
+def test_init_on_coco8_as_coco_json_writes_a_recipe_that_reads_its_data_and_model(tmp_path, needs_shared):
+    """COCO JSON with COCO's 80 category ids and an untrained architecture: the recipe init writes takes the data,
+    load and export stages (the whole run on a written recipe: test_init_on_synthetic_data_writes_a_recipe_that_runs;
+    bench on coco8: test_pipeline)."""
     from pipeline.data.formats import load_dataset, write_coco
 
     coco = write_coco(load_dataset(needs_shared), tmp_path / "coco8")
@@ -147,9 +152,11 @@ def test_init_on_coco8_as_coco_json_writes_a_recipe_that_runs(tmp_path, needs_sh
     assert "INT8: off" in r.stdout and "untrained weights" in r.stdout
 
     run = tmp_path / "run"
-    r = cli("run", "--recipe", out, "--run-dir", run, *SHRINK)
+    r = cli("run", "--recipe", out, "--run-dir", run, "--stages", "data,load,export", *SHRINK)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (run / "report.json").is_file()
+    rec = json.loads((run / "export" / "record.json").read_text())
+    m = onnx.load(str(run / "export" / rec["outputs"]["onnx"]["rel"]))
+    assert m.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 4 + 80  # boxes + COCO's 80 class scores
     assert yaml.safe_load(out.read_text())["finetune"]["epochs"] == 100  # --set changed the run, not the file
 
 

@@ -156,10 +156,11 @@ def test_accuracy_aware_returns_nodes_to_float(tmp_path, fp32_onnx, calib):
 
 
 def _calib_run(tmp_path, *sets):
+    """The data and calibrate stages (calibrate reads only the data stage's images)."""
     run = tmp_path / "run"
     base = ["--set", "data.synthetic.train=24", "--set", "data.synthetic.val=8", "--set", "prune.enabled=false",
             "--set", "model.weights=yolo11n.yaml"]
-    r = cli("run", "--run-dir", run, "--stages", "data,load,export,calibrate", *base, *sets)
+    r = cli("run", "--run-dir", run, "--stages", "data,calibrate", *base, *sets)
     return r, run
 
 

@@ -14,18 +14,22 @@ from pipeline.core.errors import UserError
 from pipeline.quant import trt_ops
 
 
+@pytest.mark.parametrize("trt", ["10.6", "11"])
+def test_the_rows_both_tables_share_read_as_the_source_checked_by_hand(trt):
+    t = trt_ops.matrix(trt)
+    assert t.source["repository"] == "onnx/onnx-tensorrt" and t.source["path"] == "docs/operators.md"
+    assert len(t.source["commit"]) == 40 and len(t.operators) > 190
+    assert t.operators["NonMaxSuppression"]["types"] == {"FP32", "FP16"}
+    assert t.operators["Cast"]["types"] == {"FP32", "FP16", "BF16", "INT32", "INT64", "UINT8", "BOOL"}
+    assert t.operators["ReduceSum"]["restrictions"] == "`axes` must be an initializer"
+    assert t.operators["TopK"]["restrictions"] == "`sorted` must be 1. `K` input must be less than 3840."
+    assert not t.operators["Det"]["supported"] and not t.operators["NonMaxSuppression"]["restrictions"]
+
+
 def test_the_tables_read_as_the_source_rows_checked_by_hand():
     t10, t11 = trt_ops.matrix("10.6"), trt_ops.matrix("11")
     assert t10.version == "10.6" and t11.version == "11.0" and trt_ops.matrix("10").version == "10.3"
     assert t10.opset_range == (9, 22) and t11.opset_range == (9, 24)
-    for t in (t10, t11):
-        assert t.source["repository"] == "onnx/onnx-tensorrt" and t.source["path"] == "docs/operators.md"
-        assert len(t.source["commit"]) == 40 and len(t.operators) > 190
-        assert t.operators["NonMaxSuppression"]["types"] == {"FP32", "FP16"}
-        assert t.operators["Cast"]["types"] == {"FP32", "FP16", "BF16", "INT32", "INT64", "UINT8", "BOOL"}
-        assert t.operators["ReduceSum"]["restrictions"] == "`axes` must be an initializer"
-        assert t.operators["TopK"]["restrictions"] == "`sorted` must be 1. `K` input must be less than 3840."
-        assert not t.operators["Det"]["supported"] and not t.operators["NonMaxSuppression"]["restrictions"]
     assert t10.operators["ScatterND"]["restrictions"] == "`reduction` is not supported"
     assert t11.operators["ScatterND"]["restrictions"] == "`reduction` other than `none` is not supported"
     assert t10.operators["Pow"]["types"] == {"FP32", "FP16", "BF16"}
@@ -175,15 +179,15 @@ def test_what_10_4_to_10_6_added_is_refused_for_jetpack_6_and_taken_by_10_6(make
     assert trt_ops.check_ops(make(), "10.6") == [] and trt_ops.check_ops(make(), "11") == []
 
 
-def test_where_is_checked_on_its_values_not_its_condition():
+@pytest.mark.parametrize("trt", ["10", "11"])
+def test_where_is_checked_on_its_values_not_its_condition(trt):
     def where(t):
         return _model([helper.make_node("Where", ["c", "x", "y"], ["z"], name="where")],
                       [_f("c", [4], TensorProto.BOOL), _f("x", [4], t), _f("y", [4], t)], [_f("z", None, t)])
 
-    for trt in ("10", "11"):
-        assert trt_ops.check_ops(where(TensorProto.INT32), trt) == []
-        v = [str(x) for x in trt_ops.check_ops(where(TensorProto.INT8), trt)]
-        assert {"INT8 tensor 'x'", "INT8 tensor 'y'", "INT8 tensor 'z'"} <= {x[x.find("INT8 tensor"):][:15] for x in v}
+    assert trt_ops.check_ops(where(TensorProto.INT32), trt) == []
+    v = [str(x) for x in trt_ops.check_ops(where(TensorProto.INT8), trt)]
+    assert {"INT8 tensor 'x'", "INT8 tensor 'y'", "INT8 tensor 'z'"} <= {x[x.find("INT8 tensor"):][:15] for x in v}
 
 
 def test_check_trt_gives_the_two_answers_from_the_command_line(tmp_path):

@@ -70,7 +70,8 @@ def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[
     work = copy.deepcopy(prepared).eval()
     names = {id(m): n for n, m in work.named_modules()}
     picked = {}
-    for group in yp._pruner(work, imgsz, spec, 0.0, grads_fn, ratio_dict={g.root: ratio for g in grps}).step(interactive=True):
+    pruner = yp._pruner(work, imgsz, spec, 0.0, grads_fn, ratio_dict={g.root: ratio for g in grps})
+    for group in pruner.step(interactive=True):
         picked[names[id(group[0].dep.target.module)]] = (len(group[0].idxs), yp.group_bn_channels(group))
     rows = []
     with Progress(transient=True) as prog:

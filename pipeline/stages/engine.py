@@ -6,9 +6,9 @@ Dev-box half (a content-addressed record, like export and quantize):
 - `<model>_int8.onnx`: the quantize stage's Q/DQ file (pruned_int8, else base_int8) with its float parts FP16;
 - each checked against the ONNX operator table of the TensorRT the recipe targets (`engine.tensorrt`, JetPack 6's
   10.3 by default; pipeline.quant.trt_ops) and its explicit-quantization and strong-typing rules (trt_check), and
-  against the FP32 ONNX on ONNX Runtime. ONNX Runtime's CPU has no FP16 kernel for most of these ops (the record names them; it inserts FP32
-  casts around them), so the gate is the same graph with its weights and activations rounded to FP16, in FP32
-  (fp16.convert(emulate=True)); the real file's ORT numbers are recorded beside.
+  against the FP32 ONNX on ONNX Runtime. ONNX Runtime's CPU has no FP16 kernel for most of these ops (the record
+  names them; it inserts FP32 casts around them), so the gate is the same graph with its weights and activations
+  rounded to FP16, in FP32 (fp16.convert(emulate=True)); the real file's ORT numbers are recorded beside.
 
 Device half: with tensorrt importable, every variant is built (strongly typed, Polygraphy) into a plan cache keyed by
 (ONNX sha256, build spec, TensorRT, device, SM, L4T). Without it the stage stops with one line after the record is
