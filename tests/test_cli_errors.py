@@ -1,8 +1,12 @@
-"""Bad input through the real console script: one line naming the file and the problem, exit 2, no traceback,
-nothing written."""
+"""Bad input through the console script's main(): one line naming the file and the problem, exit 2, no traceback,
+nothing written (in-process through cli(); the installed script as a process of its own where its exit status is
+the point)."""
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,6 +21,23 @@ def _assert_clean_error(r, *needles):
     assert err.startswith("error: ")
     for n in needles:
         assert n in err, (n, err)
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (("check-trt", "absent.onnx"), 2, "absent.onnx: ONNX file not found"),
+    (("nope",), 2, "No such command 'nope'"),
+    (("--help",), 0, None),
+], ids=["user-error", "usage-error", "help"])
+def test_the_installed_console_script_exits_with_the_status_a_shell_sees(tmp_path, args, code, needle):
+    """The process boundary itself: the `yolo-edge` script pip installed, its exit status and its stderr."""
+    r = subprocess.run([str(Path(sys.executable).parent / "yolo-edge"), *args], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == code, (r.returncode, r.stderr[-1000:])
+    assert "Traceback" not in r.stderr
+    if needle is not None:
+        assert needle in r.stderr, r.stderr[-1000:]
+    if code == 2 and needle.startswith("absent"):
+        assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
 def _bench(tmp_path, data, weights="yolo11n.yaml", *extra):
