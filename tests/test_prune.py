@@ -165,28 +165,39 @@ def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to
     assert all(c["out"] % round_to == 0 for c in yp.channel_report(p) if c["groups"] == 1 and c["out"] > 16)
 
 
+@pytest.fixture
+def prepared_n():
+    """A rewritten YOLO11n with random weights (seed 3); function-scoped: a module fixture would keep this module's
+    long tests on one xdist worker (conftest's scheduler)."""
+    return yp.prepare(_randomized("yolo11n.yaml", seed=3))
+
+
+@pytest.fixture
+def memo_restored():
+    """Torch-Pruning's index-mapping memo switched back on after the test, whatever it did."""
+    yield
+    yp.memoize_index_mapping(True)
+
+
 @pytest.mark.slow
-def test_memoized_index_mapping_prunes_exactly_as_torch_pruning_alone():
+@pytest.mark.parametrize("spec,ratio,rd", [
+    (yp.PruneSpec(ratio=0.5, round_to=8), 0.5, None),
+    (yp.PruneSpec(ratio=0.3, round_to=16, importance="lamp"), 0.3, {"model.2.cv1.conv": 0.6}),
+    (yp.PruneSpec(ratio=0.4, global_pruning=True), 0.4, None),
+], ids=["local", "per-layer-lamp", "global"])
+def test_memoized_index_mapping_prunes_exactly_as_torch_pruning_alone(prepared_n, memo_restored, spec, ratio, rd):
     """The memo on Torch-Pruning's index-mapping refresh (recomputed only after a tensor was assigned) changes nothing:
     local, per-layer and global pruning and an iterative second step give the same histories and weights as the
     library's own refresh on every call."""
-    m = yp.prepare(_randomized("yolo11n.yaml", seed=3))
-    cases = [(yp.PruneSpec(ratio=0.5, round_to=8), 0.5, None),
-             (yp.PruneSpec(ratio=0.3, round_to=16, importance="lamp"), 0.3, {"model.2.cv1.conv": 0.6}),
-             (yp.PruneSpec(ratio=0.4, global_pruning=True), 0.4, None)]
-    try:
-        for spec, ratio, rd in cases:
-            got = []
-            for memo in (False, True):
-                yp.memoize_index_mapping(memo)
-                p1, h1 = yp.prune_at_ratio(m, 320, spec, ratio, ratio_dict=rd)
-                p2, h2 = yp.prune_at_ratio(p1, 320, spec, 0.25)  # a second step, on the pruned graph
-                got.append((h1, h2, p2.state_dict()))
-            (a1, a2, sa), (b1, b2, sb) = got
-            assert a1 == b1 and a2 == b2 and len(a1) > 40, spec
-            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), spec
-    finally:
-        yp.memoize_index_mapping(True)
+    got = []
+    for memo in (False, True):
+        yp.memoize_index_mapping(memo)
+        p1, h1 = yp.prune_at_ratio(prepared_n, 320, spec, ratio, ratio_dict=rd)
+        p2, h2 = yp.prune_at_ratio(p1, 320, spec, 0.25)  # a second step, on the pruned graph
+        got.append((h1, h2, p2.state_dict()))
+    (a1, a2, sa), (b1, b2, sb) = got
+    assert a1 == b1 and a2 == b2 and len(a1) > 40, spec
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), spec
 
 
 @pytest.mark.slow
