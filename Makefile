@@ -33,7 +33,7 @@ pipeline: venv ## run the whole pipeline on the default recipe (offline, CPU): r
 	$(CLI) run --recipe $(RECIPE) $(ARGS)
 
 test: venv ## run the test suite, one pytest-xdist worker per core (at most 4; TEST_WORKERS=1: one worker)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: venv ## the sub-minute inner loop: every test not marked slow (no training, no stage runs through the CLI)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

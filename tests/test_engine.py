@@ -194,9 +194,12 @@ def test_check_trt_passes_our_strongly_typed_files(files, tmp_path, source):
 
 
 def table_without(tmp_path, monkeypatch, *ops) -> str:
-    """A hand-made operator table (JetPack 6's with `ops` marked unsupported) stored as TensorRT '0.1'."""
+    """A hand-made operator table (JetPack 6's with `ops` marked unsupported) stored as TensorRT '0.1'. The loaded
+    tables' cache is emptied first, so an earlier test's '0.1' (another op removed) is never read back; after the
+    test, '0.1' leaves trt_ops.FILES again and no lookup reaches the cache."""
     from pipeline.quant import trt_ops
 
+    trt_ops._load.cache_clear()
     d = json.loads((trt_ops.DATA / "trt-10.3.json").read_text())
     for op in ops:
         d["operators"][op]["supported"] = False

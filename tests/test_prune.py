@@ -167,8 +167,7 @@ def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to
 
 @pytest.fixture
 def prepared_n():
-    """A rewritten YOLO11n with random weights (seed 3); function-scoped: a module fixture would keep this module's
-    long tests on one xdist worker (conftest's scheduler)."""
+    """A rewritten YOLO11n with random weights (seed 3), made afresh for each case."""
     return yp.prepare(_randomized("yolo11n.yaml", seed=3))
 
 
