@@ -1,14 +1,15 @@
-"""Knowledge distillation on the Detect head's outputs (issue #4): the loss itself, and a distilled fine-tune
-through the stock trainer that keeps the pruned architecture and really trains on the KD term."""
+"""Knowledge distillation on the Detect head's outputs and channel-wise on the neck: the losses themselves, and a
+distilled fine-tune through the stock trainer that keeps the pruned architecture and really trains on the KD term."""
 
 import csv
+import math
 
 import pytest
 import torch
 
 from pipeline.adapters import ultralytics_yolo as ua
 from pipeline.adapters import yolo11_prune as yp
-from pipeline.adapters.yolo11_distill import head_kd_loss
+from pipeline.adapters.yolo11_distill import channel_kd_loss, head_kd_loss
 
 
 def _head(b=2, nc=8, reg_max=16, a=210, seed=0, scale=3.0):
@@ -47,8 +48,29 @@ def test_head_kd_weights_anchors_by_teacher_confidence():
     assert loud > 20 * quiet
 
 
+def test_channel_kd_by_hand_and_its_invariances():
+    """One image, one channel, two positions: the teacher's spatial softmax (1/4, 3/4) against the student's (1/2, 1/2)
+    is KL = 1/4 ln(1/2) + 3/4 ln(3/2); a constant added to a channel changes nothing (a softmax over positions); the
+    temperature scales by T^2."""
+    t = torch.tensor([0.0, math.log(3.0)]).view(1, 1, 1, 2)
+    s = torch.zeros(1, 1, 1, 2)
+    want = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert float(channel_kd_loss(s, t)) == pytest.approx(want, rel=1e-6)
+    assert float(channel_kd_loss(s + 7.0, t - 2.0)) == pytest.approx(want, rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 8, 5, 6, generator=g), torch.randn(2, 8, 5, 6, generator=g)
+    assert abs(float(channel_kd_loss(a, a))) < 1e-6 and float(channel_kd_loss(b, a)) > 0.1
+    per_channel = [float(channel_kd_loss(b[i:i + 1, c:c + 1], a[i:i + 1, c:c + 1])) for i in range(2) for c in range(8)]
+    assert float(channel_kd_loss(b, a)) == pytest.approx(sum(per_channel) / 16, rel=1e-5)
+    assert float(channel_kd_loss(b * 2, a * 2, temperature=2.0)) == pytest.approx(4 * float(channel_kd_loss(b, a)),
+                                                                                  rel=1e-5)
+
+
 @pytest.mark.slow
-def test_distilled_finetune_trains_on_the_head_loss_and_keeps_the_architecture(synth_small, tmp_path):
+@pytest.mark.parametrize("head_kd", [{"head_weight": 1.0, "temperature": 1.0},
+                                     {"head_weight": 0.0, "channel_weight": 1.0, "channel_temperature": 1.0}],
+                         ids=["head", "channel-wise"])
+def test_distilled_finetune_trains_on_the_kd_loss_and_keeps_the_architecture(synth_small, tmp_path, head_kd):
     from pipeline.data.formats import load_dataset, write_yolo
 
     ds = load_dataset(synth_small)
@@ -60,7 +82,7 @@ def test_distilled_finetune_trains_on_the_head_loss_and_keeps_the_architecture(s
     ua.save_checkpoint(p, tmp_path / "p.pt")
     last = ua.finetune(tmp_path / "p.pt", y, tmp_path / "ft", epochs=1, imgsz=256, batch=8, workers=0,
                        distill_from=tmp_path / "teacher.pt", feature_weight=0.0,
-                       head_kd={"head_weight": 1.0, "temperature": 1.0})
+                       head_kd=head_kd)
     out = ua.load_detection_model(last)  # the student, not the distillation wrapper
     assert yp.arch_signature(out) == yp.arch_signature(p)
     assert sum(t.numel() for t in out.parameters()) == info["params"]
@@ -68,4 +90,4 @@ def test_distilled_finetune_trains_on_the_head_loss_and_keeps_the_architecture(s
     assert type(ck["model"]).__name__ == "DetectionModel"  # ultralytics unwraps the student when it finishes
     with open(tmp_path / "ft" / "results.csv") as f:
         row = {k.strip(): v for k, v in next(csv.DictReader(f)).items()}
-    assert float(row["train/kd_loss"]) > 0, row
+    assert float(row["train/kd_loss"]) > 0, row  # with head_weight 0, the channel-wise term alone

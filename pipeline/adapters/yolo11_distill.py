@@ -15,6 +15,13 @@ both at temperature T (scaled by T^2), weighted per anchor by the teacher's best
 anchors, which the teacher is sure are empty, carry little) and normalised by the sum of those weights,
 as ultralytics' detection loss normalises by its target-score sum.
 
+Optionally (`channel_weight`), channel-wise distillation on the neck levels that feed Detect (Shu et al., "Channel-wise
+Knowledge Distillation for Dense Prediction", ICCV 2021): each channel's activations become a distribution over
+the feature map's positions (a softmax at temperature `channel_temperature`), and the student's, lifted to the
+teacher's width by ultralytics' projector (1x1 conv, ReLU, 1x1 conv, trained with the student), follow the
+teacher's by KL divergence, averaged over channels and images and scaled by T^2. It joins the head term in
+`kd_loss`.
+
 It enters training through the stock trainer's public hook `set_model_attributes` (see
 ultralytics_yolo.KeepArchitectureTrainer); checkpoint, EMA (teacher stripped) and resume handling are
 ultralytics' own, since this is a DistillationModel.
@@ -44,14 +51,29 @@ def head_kd_loss(student: dict, teacher: dict, reg_max: int, temperature: float 
     return (cls_kl.sum(1) * w + box_kl * w).sum() / norm * t * t
 
 
-class HeadDistillationModel(DistillationModel):
-    """ultralytics' DistillationModel plus a KD loss on the Detect head's outputs (`head_weight`); its own
-    feature loss keeps its weight `dis` (a trainer argument; 0 switches it off)."""
+def channel_kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Channel-wise distillation between two (N, C, H, W) feature maps of one shape: per image and channel, the KL
+    divergence from the teacher's spatial softmax to the student's, averaged over images and channels, times T^2.
+    0 when they are equal."""
+    n, c = teacher.shape[:2]
+    t = float(temperature)
+    tl = (teacher.detach().float() / t).reshape(n * c, -1).log_softmax(1)
+    sl = (student.float() / t).reshape(n * c, -1).log_softmax(1)
+    return (tl.exp() * (tl - sl)).sum(1).mean() * t * t
 
-    def __init__(self, teacher_model, student_model, head_weight: float = 1.0, temperature: float = 1.0):
+
+class HeadDistillationModel(DistillationModel):
+    """ultralytics' DistillationModel plus a KD loss on the Detect head's outputs (`head_weight`) and, optionally,
+    channel-wise distillation on the neck levels (`channel_weight`); its own feature loss keeps its weight `dis` (a
+    trainer argument; 0 switches it off)."""
+
+    def __init__(self, teacher_model, student_model, head_weight: float = 1.0, temperature: float = 1.0,
+                 channel_weight: float = 0.0, channel_temperature: float = 1.0):
         super().__init__(teacher_model=teacher_model, student_model=student_model)
         self.head_weight = float(head_weight)
         self.temperature = float(temperature)
+        self.channel_weight = float(channel_weight)
+        self.channel_temperature = float(channel_temperature)
 
     def loss(self, batch, preds=None):
         loss, items = super().loss(batch, preds)  # detection loss + ultralytics' feature loss; fills the hooks
@@ -62,5 +84,10 @@ class HeadDistillationModel(DistillationModel):
             student = self.decouple_outputs(self._student_feats[n], branch="one2many")
             reg_max = self.student_model.model[-1].reg_max
             kd = head_kd_loss(student, teacher, reg_max, self.temperature).reshape(1) * self.head_weight
+        if self.training and getattr(self, "channel_weight", 0.0) > 0:  # checkpoints pickled before it lack it
+            for i in range(len(self.feats_idx) - 1):  # the neck levels
+                teacher = self.decouple_outputs(self._teacher_feats[i])
+                student = self.projector[i](self.decouple_outputs(self._student_feats[i]))
+                kd = kd + channel_kd_loss(student, teacher, self.channel_temperature) * self.channel_weight
         items["kd_loss"] = kd.detach()
         return torch.cat([loss, kd * batch["img"].shape[0]]), items

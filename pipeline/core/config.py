@@ -112,11 +112,19 @@ class DistillLoss(Strict):
     head_weight: float = Field(1.0, ge=0)  # KD on the Detect head's outputs (class scores + DFL distributions)
     feature_weight: float = Field(0.0, ge=0)  # ultralytics' own neck-feature distillation (its `dis`; it uses 6.0)
     temperature: float = Field(1.0, gt=0)
+    channel_weight: float = Field(0.0, ge=0)  # channel-wise KD on the neck levels (spatial softmax per channel)
+    channel_temperature: float = Field(1.0, gt=0)
+
+    def key_excludes(self) -> set[str]:
+        """The fields left out of a stage's key while channel-wise KD is off (keys made before it existed hold)."""
+        return {"channel_weight", "channel_temperature"} if self.channel_weight == 0 else set()
 
     def trainer_args(self) -> dict:
         """The loss weights as the adapter's finetune keyword arguments (the teacher is passed beside them)."""
         return {"feature_weight": self.feature_weight,
-                "head_kd": {"head_weight": self.head_weight, "temperature": self.temperature}}
+                "head_kd": {"head_weight": self.head_weight, "temperature": self.temperature,
+                            "channel_weight": self.channel_weight,
+                            "channel_temperature": self.channel_temperature}}
 
 
 class DistillCfg(DistillLoss):

@@ -154,7 +154,8 @@ def variants(ctx: Context) -> list[Variant]:
             note += f"pruned (DepGraph, {pr.mode} mode{', features reconstructed' if pr.reconstruct.enabled else ''})"
         note += f" + fine-tuned {f.epochs} epochs (stock trainer, nbs {f.nbs})"
         if kd.enabled:
-            note += f", distilled from base-fp32 (head KD {kd.head_weight}, feature {kd.feature_weight})"
+            note += (f", distilled from base-fp32 (head KD {kd.head_weight}, feature {kd.feature_weight}"
+                     + (f", channel-wise {kd.channel_weight}" if kd.channel_weight else "") + ")")
         cands.append(Variant("pruned-fp32", "export-pruned", "finetune", note=note))
     q = ctx.record("quantize") if ctx.recipe.quantize.enabled else None
     if q is not None:

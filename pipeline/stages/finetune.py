@@ -19,7 +19,7 @@ VERSION = 2
 
 def run(ctx: Context) -> StageRecord:
     c = ctx.recipe.finetune
-    config = {**c.model_dump(), "imgsz": ctx.recipe.model.imgsz}
+    config = {**c.model_dump(exclude={"distill": c.distill.key_excludes()}), "imgsz": ctx.recipe.model.imgsz}
     inputs = {"model": ctx.output("prune", "model"), "history": ctx.output("prune", "history"),
               "data": ctx.output("data", "yolo")}
     if c.distill.enabled:

@@ -46,7 +46,7 @@ def settings(ctx: Context, n: int | None = None) -> dict:
            "seed": s.seed, "close_mosaic": s.close_mosaic, "warmup_epochs": s.warmup_epochs,
            "imgsz": ctx.recipe.model.imgsz, "version": VERSION}
     if any(p.distill for p in phases):  # only then: records made before the option existed keep their keys
-        out["distill"] = s.distill.model_dump()
+        out["distill"] = s.distill.model_dump(exclude=s.distill.key_excludes())
     if any(p.fade for p in phases):  # the planned cut depends on the prune stage's search settings
         c = ctx.recipe.prune
         out["cut"] = {k: (v.model_dump() if hasattr(v, "model_dump") else v)
