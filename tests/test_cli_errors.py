@@ -169,7 +169,7 @@ def test_prune_mode_settings_that_cannot_work_are_refused(tmp_path, sets, msg):
     assert not (tmp_path / "run" / "prune").exists()
 
 
-# ---- files that parse but are not what their role needs (issue 21, item 6) ----------------------------------------
+# ---- files that parse but are not what their role needs --------------------------------------------------------------
 
 def _family_yaml(name="yolo11.yaml"):
     """One of ultralytics' shipped model configs, found without importing ultralytics."""

@@ -1,4 +1,4 @@
-"""End-to-end ONNX (issue 22, item 4): uint8 frame in, EfficientNMS-layout detections out, equal to the Python
+"""End-to-end ONNX: uint8 frame in, EfficientNMS-layout detections out, equal to the Python
 letterbox + model + NMS path (detect.letterbox / detect.postprocess)."""
 
 import json

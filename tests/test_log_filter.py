@@ -1,4 +1,4 @@
-"""Issue 21, item 5: the lines ultralytics logs once per parameter (frozen-layer notices on a resume, "Freezing
+"""The lines ultralytics logs once per parameter (frozen-layer notices on a resume, "Freezing
 layer" for a distillation's teacher) come out as one summary line each."""
 
 import logging

@@ -67,7 +67,7 @@ def _reordered_coco(src, dest):
 
 @pytest.mark.slow(seconds=45)
 def test_bench_on_coco_json_ids_out_of_file_order_equals_ultralytics_val(tmp_path, base_ckpt, val_synth):
-    """Regression (issue 21): a COCO JSON whose image ids are not in file-name order, with non-contiguous category
+    """A COCO JSON whose image ids are not in file-name order, with non-contiguous category
     ids and non-square images. bench (ONNX Runtime, our letterbox + NMS, pycocotools, the data stage's eval set) and
     ultralytics' own validator on the same checkpoint and images agree within 1 point: bench's own cross-check in
     the report, and a direct call. Predictions carry the COCO file's own image and category ids."""

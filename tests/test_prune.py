@@ -1,4 +1,4 @@
-"""Structured pruning of YOLO11 (issue #4): exact rewrites, MACs targets, replayable history, fine-tune keeping
+"""Structured pruning of YOLO11: exact rewrites, MACs targets, replayable history, fine-tune keeping
 the architecture, and the errors a user can hit."""
 
 import json

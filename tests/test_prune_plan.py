@@ -1,4 +1,4 @@
-"""Issue #4, the parts around the pruner: sensitivity / latency-aware modes, the iterative schedule, a pruned
+"""The parts around the pruner: sensitivity / latency-aware modes, the iterative schedule, a pruned
 checkpoint scored by ultralytics' val() and by our bench alike, and a fine-tune killed mid-run that resumes."""
 
 import json

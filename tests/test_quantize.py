@@ -1,4 +1,4 @@
-"""INT8 explicit Q/DQ (issue #5): structure, TensorRT rules, calibration methods, calibration-set safety."""
+"""INT8 explicit Q/DQ: structure, TensorRT rules, calibration methods, calibration-set safety."""
 
 import json
 import shutil

@@ -1,4 +1,4 @@
-"""Issue #4: layer-wise feature reconstruction after pruning (pipeline/adapters/reconstruct.py), on the shipped
+"""Layer-wise feature reconstruction after pruning (pipeline/adapters/reconstruct.py), on the shipped
 base model and the default recipe's own val images."""
 
 import copy

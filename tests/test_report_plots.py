@@ -1,4 +1,4 @@
-"""Issue 24: the trade-off picture and report.html. The data behind tradeoff.png (every variant's point on every
+"""The trade-off picture and report.html. The data behind tradeoff.png (every variant's point on every
 device, the Pareto front), the files `yolo-edge report` writes, and the HTML embedding its images. No training."""
 
 from __future__ import annotations
