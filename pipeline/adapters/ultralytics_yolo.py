@@ -1,6 +1,6 @@
 """The one place that knows ultralytics (pinned: 8.4.190). Loads YOLO11 checkpoints and yamls, drives the
 stock trainer, validator and ONNX exporter, offline. Nothing here patches ultralytics; contract tests in
-tests/test_adapter.py say when an upgrade breaks what we rely on."""
+tests/test_adapter.py say when an upgrade breaks what this adapter relies on."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def load_detection_model(path: str | Path) -> DetectionModel:
         raise UserError("model file not found", path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle, zip and torch errors all mean: not a checkpoint we can read
+    except Exception as e:  # pickle, zip and torch errors all mean: not a readable checkpoint
         raise UserError(f"not a YOLO checkpoint (torch.load failed: {type(e).__name__})", path) from None
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if model is not None and hasattr(model, "student_model"):  # a checkpoint saved while distilling
@@ -230,7 +230,7 @@ def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
 
 def val(weights: str | Path, data_yaml: str | Path, imgsz: int, conf: float = 0.001, iou: float = 0.7,
         max_det: int = 300, batch: int = 1) -> dict:
-    """ultralytics' own validator on the same weights and data (the reference our bench is checked against)."""
+    """ultralytics' own validator on the same weights and data (the reference the bench is checked against)."""
     tmp = tempfile.mkdtemp(prefix="yolo-edge-val-")
     try:
         m = YOLO(str(weights))
@@ -281,7 +281,7 @@ class KeepArchitectureTrainer(DetectionTrainer):
         return self.set_model_names_for_load(weights)
 
     def final_eval(self):
-        """The stock trainer validates best.pt once more after the last epoch; what we ship is last.pt (its metrics
+        """The stock trainer validates best.pt once more after the last epoch; what is shipped is last.pt (its metrics
         are the last epoch's row of results.csv), so that extra pass over the val split is skipped and only the
         optimizer is stripped from both checkpoints, as the stock one does."""
         from ultralytics.utils import RANK
@@ -454,7 +454,7 @@ def taylor_grads_fn(data_yaml: str | Path, imgsz: int, n_batches: int, batch: in
 
 def export_int8_onnx(weights: str | Path, dest: str | Path, *, imgsz: int, data_yaml: str | Path) -> Path:
     """Ultralytics' own INT8 ONNX export (its ONNX Runtime static quantization), calibrated on the split 'val'
-    of `data_yaml`: the peer our Q/DQ models are compared with."""
+    of `data_yaml`: the peer the project's Q/DQ models are compared with."""
     dest = Path(dest)
     with tempfile.TemporaryDirectory(prefix="yolo-edge-int8-") as td:
         src = Path(td) / "model.pt"

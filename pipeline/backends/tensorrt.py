@@ -78,7 +78,7 @@ class BuildSpec:
         return asdict(self)
 
 
-# ---- where we are: TensorRT version, GPU name, SM, L4T release ----------------------------------------------------
+# ---- where it runs: TensorRT version, GPU name, SM, L4T release ----------------------------------------------------
 
 def l4t_release(path: Path = NV_TEGRA_RELEASE) -> str | None:
     """'R36.3.0' from '# R36 (release), REVISION: 3.0, GCID: ...' (JetPack's /etc/nv_tegra_release), else None."""

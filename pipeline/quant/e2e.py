@@ -15,7 +15,7 @@ centers in input pixels, then class scores; an FP32 export or an INT8 Q/DQ file 
     classes int32 (1, K), K = max_det.
 
 It reproduces detect.letterbox + detect.postprocess: every size is computed at build time from the frame size
-and spec.imgsz with letterbox's own rounding; the NMS is ONNX's NonMaxSuppression per class (our Python NMS
+and spec.imgsz with letterbox's own rounding; the NMS is ONNX's NonMaxSuppression per class (the Python path's NMS
 offsets boxes by class * max_wh, which is the same as per-class NMS) keeping up to max_det per class, then the
 max_det best over all classes (what the Python greedy loop's `len(keep) < max_det` stop keeps). Known
 differences: with resize='onnx' letterboxed pixels can differ from cv2's by 1/255 for non-integer scale factors
@@ -26,8 +26,8 @@ TensorRT (onnx-tensorrt docs/operators.md, TensorRT 10.x operator support matrix
 natively into TensorRT layers, no plugin:
 - UINT8 is supported only as a network input or output type, and Cast from UINT8 is supported: the frame is Cast
   (to int32 or float) first thing;
-- Resize: FP32; modes nearest/linear; transformation modes include half_pixel (we use linear + half_pixel with
-  static `sizes`); antialiasing unsupported (we use none, like cv2.INTER_LINEAR);
+- Resize: FP32; modes nearest/linear; transformation modes include half_pixel (letterbox: linear + half_pixel with
+  static `sizes`); antialiasing unsupported (the letterbox uses none, like cv2.INTER_LINEAR);
 - Pad, Floor, Transpose, Gather, Slice, Div, Mul, Add, Sub, Min, Max, Where, Greater, Cast, ReduceSum, Reshape,
   Squeeze, Unsqueeze, Concat: supported (Add/Mul/Div/Min/Gather also for INT32/INT64; ReduceSum/Squeeze/Unsqueeze
   `axes` must be initializers, they are);
@@ -35,11 +35,11 @@ natively into TensorRT layers, no plugin:
   max_output_boxes_per_class, iou_threshold and score_threshold are initializers here, as the 8.4 parser required.
   INMSLayer keeps a "TopK box limit" of candidates per image (default and maximum 5000, 2000 on SM 5.3/6.2, i.e.
   Jetson Nano/TX2; Orin is SM 8.7): at conf 0.001 with many (box, class) pairs over conf TensorRT may drop the
-  lowest-scoring candidates beyond 5000 before NMS, which ONNX Runtime and our Python path do not;
+  lowest-scoring candidates beyond 5000 before NMS, which ONNX Runtime and the Python path do not;
 - ScatterND: supported (`reduction` none only: ours is none; indices are unique (class, box) pairs);
 - TopK: supported, `K` must be an initializer and less than 3840 (TensorRT 10.x), `sorted` must be 1: build_e2e
   refuses max_det >= 3840.
-The opset of the wrapped graph is the detector's (17 for our exports; NonMaxSuppression needs >= 11, Pad with a
+The opset of the wrapped graph is the detector's (17 for these exports; NonMaxSuppression needs >= 11, Pad with a
 constant-value input >= 11); onnx.checker (full_check) runs on the result.
 """
 

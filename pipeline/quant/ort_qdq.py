@@ -5,7 +5,7 @@
 - Q/DQ on the inputs of Conv and MatMul and on residual Adds, where TensorRT fuses them.
 - The detection head's decode (DFL, box/score concat, sigmoid, anchor arithmetic) stays float: a named,
   configurable exclusion list.
-- Calibration ranges are computed once per method by our own calibrator call (ORT's `quantize_static` never
+- Calibration ranges are computed once per method by the project's own calibrator call (ORT's `quantize_static` never
   passes bin counts to its entropy calibrator, so with its defaults 'entropy' gives MinMax's ranges) and fed to
   `quantize_static` as a calibration cache; accuracy-aware iterations re-quantize from it in seconds.
 """

@@ -7,7 +7,7 @@
   is within `max_drop` (and at least `min_float` are float) or `max_float` nodes are float; every step
   recorded;
 - pruned-ultralytics-int8 (the peer): ultralytics' own INT8 ONNX export of the same pruned model, calibrated on
-  the same images. It is benchmarked, and our TensorRT check says why TensorRT would refuse it.
+  the same images. It is benchmarked, and the project's TensorRT check says why TensorRT would refuse it.
 """
 
 from __future__ import annotations
