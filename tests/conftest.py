@@ -23,9 +23,12 @@ SHARED = ROOT.parent / "shared"
 COCO8 = SHARED / "data" / "coco8" / "coco8.yaml"
 BASE_CKPT = ROOT / yaml.safe_load((ROOT / "models" / "default.yaml").read_text())["model"]["weights"]  # shipped
 
-from pipeline.adapters.offline import setup_offline
+from pipeline.adapters import offline  # noqa: E402
 
-setup_offline()
+# The environment as the session found it, before the offline settings below (proxies at a closed port included):
+# for the tests that start a process needing the package index (pip in a fresh venv).
+NETWORK_ENV = dict(os.environ)
+offline.setup_offline()
 
 
 def cli(*args, cwd=ROOT, timeout=600):
