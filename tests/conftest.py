@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -25,10 +26,20 @@ BASE_CKPT = ROOT / yaml.safe_load((ROOT / "models" / "default.yaml").read_text()
 
 from pipeline.adapters import offline  # noqa: E402
 
-# The environment as the session found it, before the offline settings below (proxies at a closed port included):
-# for the tests that start a process needing the package index (pip in a fresh venv).
-NETWORK_ENV = dict(os.environ)
+# The offline settings' variables as the session found them, before setup_offline() below put proxies at a closed
+# port: kept in the environment by the first process, so pytest-xdist's workers (started after it) read the same.
+_BEFORE = "YOLO_EDGE_TEST_BEFORE_OFFLINE"
+if _BEFORE not in os.environ:
+    os.environ[_BEFORE] = json.dumps({k: os.environ.get(k) for k in offline.SET})
 offline.setup_offline()
+
+
+def network_env() -> dict:
+    """The environment for a process that needs the package index (pip in a fresh venv): this one's, with the
+    offline settings' variables as they were before the session set them."""
+    env = {k: v for k, v in os.environ.items() if k not in offline.SET}
+    env.update({k: v for k, v in json.loads(os.environ[_BEFORE]).items() if v is not None})
+    return env
 
 
 def cli(*args, cwd=ROOT, timeout=600):

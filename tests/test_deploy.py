@@ -165,11 +165,11 @@ def test_the_wheel_alone_is_the_device_runtime(run, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
-    from conftest import NETWORK_ENV
+    from conftest import network_env
 
     # pip with the session's own network settings: the offline block's closed-port proxies are not for it
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True,
-                       timeout=900, env=NETWORK_ENV)
+                       timeout=900, env=network_env())
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["?"])[-1]
         if any(s in r.stderr for s in ("No matching distribution", "Could not find a version", "Failed to establish",
