@@ -216,8 +216,8 @@ def check_trt(path: Path, dynamic: bool = typer.Option(False, "--dynamic", help=
                                                                                 "(you will give a profile)"),
               trt: str = typer.Option("10.3", "--trt", help="the TensorRT whose ONNX operator table applies: 10.3 "
                                                             "(JetPack 6), 10.6 or 11")):
-    """Check an ONNX file (ours or any tool's, FP32, FP16 or INT8 Q/DQ) against TensorRT's ONNX operator table (ops,
-    opsets, types, checkable restrictions) and its explicit-quantization and strong-typing rules."""
+    """Check an ONNX file (this project's or any tool's, FP32, FP16 or INT8 Q/DQ) against TensorRT's ONNX operator
+    table (ops, opsets, types, checkable restrictions) and its explicit-quantization and strong-typing rules."""
     from pipeline.quant.trt_ops import check_file, matrix
 
     mx = matrix(trt)

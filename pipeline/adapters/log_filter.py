@@ -48,7 +48,7 @@ class CollapseRepeats(logging.Filter):
             return True
         try:
             msg = record.getMessage()
-        except Exception:  # a record that does not format is not ours to judge
+        except Exception:  # a record that does not format is not this filter's to judge
             return True
         for kind, pattern, _ in REPEATED:
             m = pattern.match(msg)

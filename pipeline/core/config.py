@@ -276,7 +276,7 @@ class QuantizeCfg(Strict):
     exclude: list[str] = ["detect-decode"]
     op_types: list[str] = ["Conv", "MatMul", "Add"]
     accuracy_aware: AccuracyAwareCfg = AccuracyAwareCfg()
-    peer: bool = True  # ultralytics' own INT8 ONNX export of the pruned model, benchmarked beside ours
+    peer: bool = True  # ultralytics' own INT8 ONNX export of the pruned model, benchmarked beside the project's
 
 
 class E2ECfg(Strict):

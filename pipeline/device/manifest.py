@@ -31,7 +31,8 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy",
 
 def _is_pickle_bytes(head: bytes) -> bool:
     # protocol 2+ starts with PROTO (0x80) and the protocol number; protocol 0/1 pickles of a dict/list start with
-    # '(' / '}' / ']' and end with '.', which JSON/ONNX files of ours never do at offset 0 as raw bytes with 0x80.
+    # '(' / '}' / ']' and end with '.', which this project's JSON/ONNX files never do at offset 0 as raw bytes with
+    # 0x80.
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 

@@ -36,7 +36,7 @@ natively into TensorRT layers, no plugin:
   INMSLayer keeps a "TopK box limit" of candidates per image (default and maximum 5000, 2000 on SM 5.3/6.2, i.e.
   Jetson Nano/TX2; Orin is SM 8.7): at conf 0.001 with many (box, class) pairs over conf TensorRT may drop the
   lowest-scoring candidates beyond 5000 before NMS, which ONNX Runtime and the Python path do not;
-- ScatterND: supported (`reduction` none only: ours is none; indices are unique (class, box) pairs);
+- ScatterND: supported (`reduction` none only: the graph's is none; indices are unique (class, box) pairs);
 - TopK: supported, `K` must be an initializer and less than 3840 (TensorRT 10.x), `sorted` must be 1: build_e2e
   refuses max_det >= 3840.
 The opset of the wrapped graph is the detector's (17 for these exports; NonMaxSuppression needs >= 11, Pad with a

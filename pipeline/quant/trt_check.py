@@ -17,7 +17,7 @@ every tensor keeps the type the ONNX gives it, no builder precision flag, Tensor
   type parameter (an Add of an FP16 and an FP32 tensor) is refused, TensorRT does no implicit promotion;
 - Q/DQ scales are FP32: TensorRT's operator reference lists the Dequantize scale as float32 (8.6 "Dequantize":
   T2 float32, output float16 or float32); FP16 scales need ONNX opset 19 (QuantizeLinear-19 admits float16) and a
-  TensorRT newer than JetPack 6's 10.3 to be sure of, so ours keep FP32 scales with Casts around Q/DQ;
+  TensorRT newer than JetPack 6's 10.3 to be sure of, so this project's files keep FP32 scales with Casts around Q/DQ;
 - no DOUBLE tensors (onnx-tensorrt: "limited support for DOUBLE, TensorRT will attempt to cast down", a silent
   type change a strongly typed file must not rely on);
 - FP16 weights are finite (an FP32 weight beyond ±65504 becomes inf in FP16).

@@ -119,7 +119,8 @@ def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path) -> dict
 
 
 # Variants another tool made, scored beside this project's on the dev box; the bundle does not carry them
-PEERS = ("pruned-ultralytics-int8",)
+ULTRALYTICS_INT8 = "pruned-ultralytics-int8"
+PEERS = (ULTRALYTICS_INT8,)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def variants(ctx: Context) -> list[Variant]:
                 ("base-int8", "base_int8", "load", ptq + ort_note),
                 ("pruned-int8-ptq", "pruned_int8_ptq", "finetune", ptq + ort_note),
                 ("pruned-int8", "pruned_int8", "finetune", "accuracy-aware PTQ, " + ort_note),
-                ("pruned-ultralytics-int8", "pruned_ultralytics_int8", "finetune",
+                (ULTRALYTICS_INT8, "pruned_ultralytics_int8", "finetune",
                  "peer: ultralytics export(format='onnx', quantize=8), same calibration images")]:
             if out in q.outputs:
                 cands.append(Variant(name, "quantize", stats, precision="int8", note=note, output=out))

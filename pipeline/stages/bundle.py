@@ -7,8 +7,8 @@ MACs and files) and the data stage's eval set; writes
 The ONNX files are the ones bench scored (FP32, the engine stage's strongly typed FP16 / INT8+FP16 files, the
 quantize stage's INT8 Q/DQ), each checked against the sha256 the report holds and against the ONNX operator table
 and rules of the TensorRT the recipe targets (`engine.tensorrt`, JetPack 6's 10.3 by default): a file that TensorRT
-would not parse is refused. Peers (another tool's files, such as ultralytics' INT8 export, scored beside ours on
-the dev box) are not carried; the manifest names them and why. The eval set is the bench split's
+would not parse is refused. Peers (another tool's files, such as ultralytics' INT8 export, scored beside this
+project's on the dev box) are not carried; the manifest names them and why. The eval set is the bench split's
 images with their ground truth, so the device scores the same images with the same evaluator. The wheel is built
 from this source tree (`pip wheel --no-deps --no-build-isolation`, from a clean copy) so the device installs exactly
 this version. Anything that is a pickle (by name, header or zip member) is refused before the manifest is written.
@@ -148,11 +148,8 @@ def _copy_eval_set(ctx: Context, src: Path, dest: Path):
 
 
 def _manifest(ctx: Context, report: dict, rows: list[dict], es, n_images: int, wheel: Path, tree: Path,
-              root: Path, source: str, peers: list[str]) -> dict:
+              root: Path, source: str, peers: list[str], mx) -> dict:
     from pipeline import __version__
-    from pipeline.quant import trt_ops
-
-    mx = trt_ops.matrix(ctx.recipe.engine.tensorrt)
 
     cfg = ctx.recipe.bench
     return {
@@ -216,7 +213,7 @@ def run(ctx: Context) -> StageRecord:
         es, n_images = _copy_eval_set(ctx, inputs["eval"], tree / "eval")
         wheel = build_wheel(root, tree / "wheels")
         mf.refuse_pickles(tree)
-        manifest = _manifest(ctx, report, rows, es, n_images, wheel, tree, root, config["source"], peers)
+        manifest = _manifest(ctx, report, rows, es, n_images, wheel, tree, root, config["source"], peers, mx)
         (tree / mf.MANIFEST).write_text(json.dumps(manifest, indent=1))
         mf.verify(tree)  # what the device will check, checked here first
         with tarfile.open(out / f"{NAME}.tar.gz", "w:gz") as t:

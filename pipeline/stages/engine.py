@@ -105,7 +105,7 @@ def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray
     """Write one strongly typed variant (kind 'fp16': from an FP32 ONNX; 'int8': from a Q/DQ ONNX) and check it:
     TensorRT `tensorrt`'s operator table and rules, then ORT parity against `fp32_ref` on images `x` (N, 3, H, W).
     Returns its metrics; raises UserError when it breaks a TensorRT rule or the tolerance."""
-    from pipeline.quant import fp16, trt_ops
+    from pipeline.quant import fp16
     from pipeline.quant.ort_qdq import head_decode_nodes
 
     keep = head_decode_nodes(onnx.load(str(src)), list(exclude))
