@@ -149,6 +149,25 @@ def test_a_macs_ceiling_lands_at_or_below_the_target(round_to):
 
 
 @pytest.mark.slow
+def test_a_waypoint_settles_for_the_nearest_reachable_cut_in_its_accept_range():
+    """An iterative schedule's waypoint (PruneSpec.accept): when round_to's steps jump over the band (0.9x within
+    -1% at round_to 16 on YOLO11n: the closest cut is 0.92x), the search settles for the trial nearest the target
+    inside the accept range instead of refusing; without an accept range the same search refuses."""
+    m = _randomized("yolo11n.yaml")
+    spec = yp.PruneSpec(macs_target=0.9, tolerance=0.01, at_most=True, round_to=16)
+    with pytest.raises(UserError, match="unreachable"):
+        yp.prune(m, 320, spec, log=lambda s: None)
+    lines = []
+    pruned, _, info = yp.prune(m, 320, yp.PruneSpec(**{**spec.__dict__, "accept": (0.5, 0.98)}), log=lines.append)
+    frac = info["macs_fraction"]
+    assert not 0.891 <= frac <= 0.9 and 0.5 <= frac <= 0.98, frac
+    tried = [t["macs_fraction"] for t in info["trials"] if "macs_fraction" in t and 0.5 <= t["macs_fraction"] <= 0.98]
+    assert abs(frac - 0.9) == pytest.approx(min(abs(f - 0.9) for f in tried), abs=1e-4), (frac, tried)
+    assert info["trials"][-1] == {"settled_for": round(frac, 5)} and any("settling for" in s for s in lines)
+    assert yp.macs_params(pruned, 320)[0] == info["macs"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("round_to", [8, 16])
 def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to):
     """Latency mode's weights can span many decades (a group whose pruning measured ~0 ms): the scale search is

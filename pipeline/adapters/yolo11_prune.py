@@ -172,6 +172,9 @@ class PruneSpec:
     max_layer_ratio: float = 0.9
     ratio_dict: dict | None = None  # module name -> ratio (fixed per-layer overrides)
     group_weights: dict | None = None  # group root name -> weight: non-uniform ratios min(cap, a*w), a searched
+    # (low, high) MACs fractions a search may settle for when round_to's steps jump over its band: the trial nearest
+    # the target inside them (an iterative schedule's waypoint needs only to lie between the model and the goal)
+    accept: tuple[float, float] | None = None
 
 
 _MACS_MEMO: dict = {}
@@ -386,6 +389,7 @@ class _Trials:
     def __init__(self, prepared, imgsz: int, spec: PruneSpec, base_macs: int, grads_fn=None):
         self.prepared, self.imgsz, self.base_macs, self.grads_fn = prepared, imgsz, base_macs, grads_fn
         self.spec, self.seen, self.groups = spec, {}, None
+        self.fallback = None  # (model, history, fraction, the search's ratio record): nearest trial in spec.accept
         if spec.global_pruning or spec.isomorphic:
             return
         dg = dependency_graph(prepared, imgsz)
@@ -417,6 +421,24 @@ class _Trials:
             self.seen[key] = frac
         return m, h, frac
 
+    def offer(self, m, h, frac: float, record) -> None:
+        """Keep a pruned trial as the fallback when it lies in spec.accept nearer the target than the one kept."""
+        acc = self.spec.accept
+        if m is None or acc is None or not acc[0] <= frac <= acc[1]:
+            return
+        if self.fallback is None or abs(frac - self.spec.macs_target) < abs(self.fallback[2] - self.spec.macs_target):
+            self.fallback = (m, h, frac, record)
+
+    def settle(self, log, trials: list):
+        """The fallback as a search result (model, history, ratio record, trials), or None."""
+        if self.fallback is None:
+            return None
+        m, h, frac, record = self.fallback
+        log(f"  no cut lands within the band at round_to={self.spec.round_to}: settling for the nearest one "
+            f"between {self.spec.accept[0]:.4f} and {self.spec.accept[1]:.4f}x, {frac:.4f}x MACs")
+        trials.append({"settled_for": round(frac, 5)})
+        return m, h, record, trials
+
 
 def _bisect_widest(attempt_wide, wlo: float, whi: float, spec, iters: int):
     """The second bisection of both searches: the widest tier's ratio in [wlo, whi] (on top of ratios that kept MACs
@@ -447,6 +469,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
 
     def attempt(r, rd=None):
         m, h, frac = known.prune(r, rd)
+        known.offer(m, h, frac, r)
         trials.append({"ratio": round(r, 5), "wide_ratio": round(max(rd.values()), 5) if rd else None,
                        "macs_fraction": round(frac, 5), **({"same_channels_as_before": True} if m is None else {})})
         log(f"  ratio {r:.4f}" + (f", widest tier {max(rd.values()):.4f}" if rd else "") +
@@ -463,6 +486,9 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     top = min(spec.max_layer_ratio, SEARCH_MAX_RATIO)
     m, h, frac = attempt(top)  # the most this spec can remove
     if frac > high:
+        settled = known.settle(log, trials)
+        if settled:
+            return settled
         raise unreachable(frac)
     lo, hi = 0.0, top  # frac(lo) > target > frac(hi)
     best, above = (m, h, frac, top), (0.0, None)
@@ -484,6 +510,9 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     landed, closest = _bisect_widest(lambda wm: attempt(r0, {n: wm for n in wide}), r0, top, spec, 10)
     if landed:
         return landed[0], landed[1], r0, trials
+    settled = known.settle(log, trials)
+    if settled:
+        return settled
     raise unreachable(min(best[2], closest, key=lambda f: abs(f - target)))
 
 
@@ -509,6 +538,7 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
 
     def attempt(a, rd, wide_ratio=None):
         m, h, frac = known.prune(0.0, rd)
+        known.offer(m, h, frac, {"scale": a, "ratios": rd, **({"widest_tier": wide_ratio} if wide_ratio is not None else {})})
         mean = sum(rd.values()) / max(len(rd), 1)
         trials.append({"alpha": round(a, 8), "mean_ratio": round(mean, 5), "macs_fraction": round(frac, 5),
                        **({"wide_ratio": round(wide_ratio, 5)} if wide_ratio is not None else {}),
@@ -521,6 +551,9 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     lo, hi = cap * 1e-4, cap / wmin  # at lo every ratio is <= 1e-4 of cap: MACs ~ the base's, above the band
     m, h, frac = attempt(hi, weighted_ratios(w, hi, cap))
     if frac > high:
+        settled = known.settle(log, trials)
+        if settled:
+            return settled
         raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these "
                                 f"group weights: every group at its cap ({cap}) keeps {frac:.4f} x base MACs")
     best = (abs(frac - target), hi)
@@ -544,6 +577,9 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     if landed:
         m, h, wm = landed
         return m, h, {"scale": lo, "ratios": widened(wm), "widest_tier": wm}, trials
+    settled = known.settle(log, trials)
+    if settled:
+        return settled
     raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these group weights: the "
                             f"closest is off by {min(best[0], abs(closest - target)):.4f} (round_to={spec.round_to})")
 

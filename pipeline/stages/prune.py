@@ -8,8 +8,10 @@ Modes (prune.mode): `uniform` ratios; `sensitivity` (each group pruned alone, mA
 train images; less sensitive groups pruned more); `latency` (group time measured with ONNX Runtime's profiler,
 pruning the groups that buy the most time per point of accuracy). The non-uniform modes also save
 sensitivity.csv/.json/.png and time the chosen candidate against the uniform one at the same MACs target.
-Iterative (prune.steps > 1): k steps toward the target, each followed by a short fine-tune (stock trainer) and
-a held-out mAP check that stops the schedule early when a step loses more than prune.max_step_drop.
+Iterative (prune.steps > 1): k steps toward the target (geometric waypoints), each followed by a short fine-tune
+(stock trainer) and a held-out mAP check that stops the schedule early when a step loses more than
+prune.max_step_drop. A waypoint round_to's granularity cannot reach settles for the reachable cut nearest it that
+leaves the last step room, or is skipped (plan.json says which); the last step lands within the tolerance or refuses.
 Reconstruction (prune.reconstruct, after every cut): the pruned convs are refit by least squares to the unpruned
 model's features on held-out train images (pipeline/adapters/reconstruct.py); plan.json records each layer's
 error before/after and the held-out mAP50-95 before/after.
@@ -31,7 +33,8 @@ from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.cutting import cut_tools, make_cut, spec_of
 
-VERSION = 5
+VERSION = 6
+WAYPOINT_GAP = 0.1  # an iterative waypoint keeps MACs >= (1 + this) x the final target, relative to the model it cuts
 
 
 def run(ctx: Context) -> StageRecord:
@@ -156,7 +159,7 @@ def _jsonable(spec) -> dict:
 
 def _summary(d: dict) -> dict:
     keep = ("step", "macs_fraction", "params_fraction", "map50_95", "drop", "latency_ms", "stopped", "seconds",
-            "target")
+            "target", "skipped")
     out = {k: d[k] for k in keep if k in d}
     if "reconstruct" in d:
         r = d["reconstruct"]
@@ -206,7 +209,7 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
     imgsz = ctx.recipe.model.imgsz
     base_macs, base_params = yp.macs_params(yp.prepare(model), imgsz)
     base_map = evaluator(model)
-    cur, frac, history, steps, total_s = model, 1.0, [], [], 0.0
+    cur, frac, history, steps, total_s, kept = model, 1.0, [], [], 0.0, 0
     work = ctx.run_dir / ".work" / "prune-steps"
     shutil.rmtree(work, ignore_errors=True)
     info = None
@@ -214,15 +217,24 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
         goal = c.macs_target ** (i / c.steps)
         console.print(f"  step {i}/{c.steps}: to {goal:.3f}x the base MACs")
         step_spec = dataclasses.replace(spec, macs_target=min(goal / frac, 0.999))
-        if i < c.steps:  # a waypoint: round_to's granularity may not allow ±tolerance there; the last step is exact
-            step_spec = dataclasses.replace(step_spec, tolerance=max(spec.tolerance, 0.1))
+        if i < c.steps:
+            # A waypoint: round_to's granularity may not allow ±tolerance there, so it settles for the reachable cut
+            # nearest the goal that still leaves the last step at least WAYPOINT_GAP of the way to the final target
+            # (and removes at least 2% of the MACs); with none, the waypoint is skipped. The last step is exact.
+            final = c.macs_target / frac
+            step_spec = dataclasses.replace(step_spec, tolerance=max(spec.tolerance, 0.1),
+                                            accept=(min(final * (1 + WAYPOINT_GAP), 0.98), 0.98))
         try:
             pruned, h, inf, plan = _prune_once(ctx, cur, step_spec, grads_fn, evaluator, out, calib)
         except UnreachableTarget as e:
-            if i == 1:
+            if i < c.steps:
+                steps.append({"step": i, "target": goal, "skipped": e.problem})
+                console.print(f"  [yellow]step {i}: skipped ({e.problem}); the next step cuts further instead[/]")
+                continue
+            if not history:
                 raise
-            raise UserError(f"prune step {i}/{c.steps}: {e.problem}; after step {i - 1} every conv is already a "
-                            f"multiple of round_to={spec.round_to}, too coarse for this step on this model: use "
+            raise UserError(f"prune step {i}/{c.steps}: {e.problem}; after step {len(history)} every conv is already "
+                            f"a multiple of round_to={spec.round_to}, too coarse for this step on this model: use "
                             f"fewer prune.steps or a smaller prune.round_to", ctx.recipe_path) from None
         pruned.names = model.names
         total_s += inf["seconds"]
@@ -246,12 +258,12 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
         console.print(f"  step {i}: {macs / base_macs:.3f}x MACs, held-out mAP50-95 {m:.4f} "
                       f"(base {base_map:.4f}){' after ' + str(c.step_epochs) + ' epochs' if i < c.steps else ''}")
         if i < c.steps and c.max_step_drop is not None and base_map - m > c.max_step_drop:
-            rec["stopped"] = f"drop {base_map - m:.4f} > max_step_drop {c.max_step_drop}: kept step {i - 1}"
+            rec["stopped"] = f"drop {base_map - m:.4f} > max_step_drop {c.max_step_drop}: kept step {kept}"
             steps.append(rec)
             console.print(f"  [yellow]stopped early: {rec['stopped']}[/]")
             break
         steps.append(rec)
-        cur, frac = pruned, macs / base_macs
+        cur, frac, kept = pruned, macs / base_macs, i
         history.append(h)
         info = {"base_macs": base_macs, "base_params": base_params, "macs": macs, "params": params,
                 "macs_fraction": frac, "params_fraction": params / base_params,
