@@ -125,7 +125,7 @@ def test_init_on_synthetic_data_writes_a_recipe_that_runs(tmp_path, synth_small,
     plan = r.stdout
     for stage in ("data", "load", "prune", "finetune", "export", "bench", "total"):
         assert any(ln.split()[:1] == [stage] and "~" in ln for ln in plan.splitlines()), (stage, plan)
-    assert "sparsity training: off (--sparsity: 390 epochs" in plan and "one timed training batch" in plan
+    assert "sparsity training: off (--sparsity: 80 epochs" in plan and "one timed training batch" in plan
 
     run = tmp_path / "run"
     r = cli("run", "--recipe", out, "--run-dir", run, *SHRINK)
