@@ -120,7 +120,11 @@ def _make_cut(ctx: Context, model, spec, grads_fn, evaluator, out: Path):
     grps = pp.groups(prepared, imgsz)
     sens = pp.sensitivity(prepared, imgsz, spec, grps, evaluator, c.sensitivity.ratio, log=log, grads_fn=grads_fn)
     console.print("  the uniform candidate at the same target (the reference; in latency mode also profiled):")
-    uniform, _, uinfo = yp.prune(model, imgsz, spec, grads_fn=grads_fn, log=log)
+    # Only a reference: where round_to's steps jump over the band for uniform ratios (a model an iterative step cut
+    # already), the nearest uniform cut stands in for it (plan.json's compare records its MACs) instead of refusing
+    # a cut the weighted search may still land.
+    uniform, _, uinfo = yp.prune(model, imgsz, dataclasses.replace(spec, accept=spec.accept or (0.0, 1.0)),
+                                 grads_fn=grads_fn, log=log)
     lat = elasticity = None
     if c.mode == "latency":
         base_times = pp.onnx_node_times(prepared, imgsz, threads, runs)
