@@ -429,10 +429,10 @@ class _Trials:
         if self.fallback is None or abs(frac - self.spec.macs_target) < abs(self.fallback[2] - self.spec.macs_target):
             self.fallback = (m, h, frac, record)
 
-    def settle(self, log, trials: list):
-        """The fallback as a search result (model, history, ratio record, trials), or None."""
+    def settle_or_raise(self, log, trials: list, error: UnreachableTarget):
+        """The fallback as a search result (model, history, ratio record, trials); `error` when there is none."""
         if self.fallback is None:
-            return None
+            raise error
         m, h, frac, record = self.fallback
         log(f"  no cut lands within the band at round_to={self.spec.round_to}: settling for the nearest one "
             f"between {self.spec.accept[0]:.4f} and {self.spec.accept[1]:.4f}x, {frac:.4f}x MACs")
@@ -486,10 +486,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     top = min(spec.max_layer_ratio, SEARCH_MAX_RATIO)
     m, h, frac = attempt(top)  # the most this spec can remove
     if frac > high:
-        settled = known.settle(log, trials)
-        if settled:
-            return settled
-        raise unreachable(frac)
+        return known.settle_or_raise(log, trials, unreachable(frac))
     lo, hi = 0.0, top  # frac(lo) > target > frac(hi)
     best, above = (m, h, frac, top), (0.0, None)
     for _ in range(10):
@@ -510,10 +507,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     landed, closest = _bisect_widest(lambda wm: attempt(r0, {n: wm for n in wide}), r0, top, spec, 10)
     if landed:
         return landed[0], landed[1], r0, trials
-    settled = known.settle(log, trials)
-    if settled:
-        return settled
-    raise unreachable(min(best[2], closest, key=lambda f: abs(f - target)))
+    return known.settle_or_raise(log, trials, unreachable(min(best[2], closest, key=lambda f: abs(f - target))))
 
 
 def weighted_ratios(weights: dict, alpha: float, cap: float) -> dict:
@@ -538,7 +532,8 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
 
     def attempt(a, rd, wide_ratio=None):
         m, h, frac = known.prune(0.0, rd)
-        known.offer(m, h, frac, {"scale": a, "ratios": rd, **({"widest_tier": wide_ratio} if wide_ratio is not None else {})})
+        tier = {"widest_tier": wide_ratio} if wide_ratio is not None else {}
+        known.offer(m, h, frac, {"scale": a, "ratios": rd, **tier})
         mean = sum(rd.values()) / max(len(rd), 1)
         trials.append({"alpha": round(a, 8), "mean_ratio": round(mean, 5), "macs_fraction": round(frac, 5),
                        **({"wide_ratio": round(wide_ratio, 5)} if wide_ratio is not None else {}),
@@ -551,11 +546,9 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     lo, hi = cap * 1e-4, cap / wmin  # at lo every ratio is <= 1e-4 of cap: MACs ~ the base's, above the band
     m, h, frac = attempt(hi, weighted_ratios(w, hi, cap))
     if frac > high:
-        settled = known.settle(log, trials)
-        if settled:
-            return settled
-        raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these "
-                                f"group weights: every group at its cap ({cap}) keeps {frac:.4f} x base MACs")
+        return known.settle_or_raise(log, trials, UnreachableTarget(
+            f"MACs target {target} is unreachable within {band} with these group weights: every group at its cap "
+            f"({cap}) keeps {frac:.4f} x base MACs"))
     best = (abs(frac - target), hi)
     for _ in range(60):
         if hi / lo < 1 + 1e-5:
@@ -577,11 +570,9 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     if landed:
         m, h, wm = landed
         return m, h, {"scale": lo, "ratios": widened(wm), "widest_tier": wm}, trials
-    settled = known.settle(log, trials)
-    if settled:
-        return settled
-    raise UnreachableTarget(f"MACs target {target} is unreachable within {band} with these group weights: the "
-                            f"closest is off by {min(best[0], abs(closest - target)):.4f} (round_to={spec.round_to})")
+    return known.settle_or_raise(log, trials, UnreachableTarget(
+        f"MACs target {target} is unreachable within {band} with these group weights: the closest is off by "
+        f"{min(best[0], abs(closest - target)):.4f} (round_to={spec.round_to})"))
 
 
 # --------------------------------------------------------------------------------------------- signatures
