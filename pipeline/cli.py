@@ -109,8 +109,9 @@ def init(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO dir
          weights: str = typer.Option(..., "--weights", help="YOLO11 .pt checkpoint (or .yaml architecture)"),
          device: str = typer.Option("cpu", "--device", help="where training runs: cpu, 0, cuda:0 (as ultralytics)"),
          out: Path | None = typer.Option(None, "--out", help="recipe to write (default models/<data>-<weights>.yaml)"),
-         sparsity: bool = typer.Option(False, "--sparsity", help="sparsity training before the cut (hundreds of "
-                                                                 "epochs)"),
+         sparsity: bool = typer.Option(True, "--sparsity/--no-sparsity", help="sparsity training before the cut "
+                                                                               "(the recommended default; about as "
+                                                                               "many epochs again as the fine-tune)"),
          imgsz: int | None = typer.Option(None, "--imgsz", help="input size (default: the checkpoint's; 640 for a "
                                                                  "yaml)"),
          force: bool = typer.Option(False, "--force", help="overwrite an existing recipe")):

@@ -3,7 +3,7 @@
 
 The recipe holds only what differs from the schema's defaults (pipeline/core/config.py: the project's recommended
 settings, a gentle fine-tune among them): the data, the model and its input size, the fine-tune's length sized to
-the number of train images, the device, sparsity training when asked for, and INT8 off when the train split is too
+the number of train images, the device, sparsity training (on unless --no-sparsity), and INT8 off when the train split is too
 small to calibrate on. It is validated by load_recipe before it is written (temp file + rename), and an existing
 file is never overwritten without --force. The durations come from one timed training batch of the model on the
 data (pipeline/adapters/train_timing.py) scaled by pipeline/estimate.py.
@@ -130,7 +130,8 @@ def recipe_values(name: str, data: Path, weights: str, inp: Inputs, device: str,
 
 
 # written even where they equal the schema's default: what the recipe is about
-ALWAYS = ("name", "data.source", "data.names", "model.weights", "model.arch", "model.imgsz", "finetune.epochs")
+ALWAYS = ("name", "data.source", "data.names", "model.weights", "model.arch", "model.imgsz", "finetune.epochs",
+          "prune.sparsity.enabled")
 
 
 def _prune_defaults(v: dict, default: dict, prefix: str = "") -> dict:
@@ -174,7 +175,7 @@ def _names_line(names: list[str], show: int = 8) -> str:
     return ", ".join(names[:show]) + more
 
 
-def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu", sparsity: bool = False,
+def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu", sparsity: bool = True,
          imgsz: int | None = None, force: bool = False) -> tuple[Path, str]:
     """Write the recipe; returns (its path, the plan to print)."""
     from pipeline import estimate
@@ -201,7 +202,7 @@ def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu",
     timing = estimate.Timing.of(t, recipe.finetune.workers)
     groups = estimate.prunable_groups(inp.model, inp.imgsz) if recipe.prune.mode != "uniform" else 0
     stages = estimate.plan(recipe, timing, inp.n_train, inp.n_val, inp.n_images, groups)
-    # with sparsity training on: what it would cost when it is off
+    # sparsity training's own cost, whether the recipe has it on or not
     with_sparsity = Recipe.model_validate(_set_in(values, ("prune", "sparsity", "enabled"), True))
     sparse_s = next(s.seconds for s in estimate.plan(with_sparsity, timing, inp.n_train, inp.n_val, inp.n_images,
                                                      groups) if s.name == "sparsity")
@@ -256,7 +257,10 @@ def _plan_text(out: Path, recipe: Recipe, stages, timing, sparse_s: float, sp_ep
             elif name not in ("prune", "finetune", "calibrate", "quantize"):  # those: switched off in this recipe
                 lines.append(f"  {name:<10} {'?':<10} (not estimated here)")
     lines.append(f"  {'total':<10} ~{human(total):<9} (run dir runs/{recipe.name}; a stage already done is skipped)")
-    if not recipe.prune.sparsity.enabled:
+    if recipe.prune.sparsity.enabled:
+        lines.append(f"sparsity training: on ({sp_epochs} epochs before the cut, ~{human(sparse_s)} of the total; "
+                     f"--no-sparsity skips it at some accuracy: the README measures what it buys)")
+    else:
         lines.append(f"sparsity training: off (--sparsity: {sp_epochs} epochs before the cut, ~{human(sparse_s)} more "
                      f"here; the README measures what it buys)")
     if inp.is_yaml:
