@@ -240,6 +240,9 @@ def test_init_pins_a_voc_sets_class_order_to_the_checkpoints(bccd, tmp_path):
     rec = load_recipe(out)
     assert rec.data.names == ["RBC", "WBC", "Platelets"]  # the checkpoint's order, not the sorted names
     assert rec.model.imgsz == 416 and rec.prune.mode == "latency"
+    # sparsity training is the recommended default: written, priced in the plan, and how to skip it said
+    assert rec.prune.sparsity.enabled is True and "enabled: true" in out.read_text()
+    assert "sparsity training: on (80 epochs before the cut" in r.stdout and "--no-sparsity" in r.stdout
     # the sorted order against the same checkpoint: one line, before anything is scored
     r = cli("bench", "--data", bccd, "--weights", weights, "--run-dir", tmp_path / "run", cwd=ROOT)
     assert r.returncode == 2 and "in another order: set data.names to ['RBC', 'WBC', 'Platelets']" in r.stderr
