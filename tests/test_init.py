@@ -26,7 +26,12 @@ def _assert_clean_error(r, *needles):
 
 
 def _comment_of(text: str, key: str) -> str:
-    line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"{key}:"))
+    """The comment on a recipe key's line; a dotted key ("quantize.enabled") is looked up under its sections."""
+    *sections, key = key.split(".")
+    lines = iter(text.splitlines())
+    for depth, s in enumerate(sections):
+        next(ln for ln in lines if ln.startswith("  " * depth + f"{s}:"))
+    line = next(ln for ln in lines if ln.strip().startswith(f"{key}:"))
     return line.split("#", 1)[1] if "#" in line else ""
 
 
@@ -152,8 +157,8 @@ def test_init_on_coco8_as_coco_json_writes_a_recipe_that_reads_its_data_and_mode
     text = out.read_text()
     assert rec.model.arch == "yolo11n.yaml" and rec.model.weights is None and rec.model.imgsz == 320
     assert "80 classes (person, bicycle, car" in text and "4 train / 4 val images" in text
-    assert rec.quantize.enabled is False and "calib.min_count" in _comment_of(text.split("\nquantize:")[1], "enabled")
-    assert rec.prune.sparsity.enabled is True and "80 epochs before the cut" in _comment_of(text, "enabled")
+    assert rec.quantize.enabled is False and "calib.min_count" in _comment_of(text, "quantize.enabled")
+    assert rec.prune.sparsity.enabled is True and "80 epochs before the cut" in _comment_of(text, "prune.sparsity.enabled")
     assert "INT8: off" in r.stdout and "untrained weights" in r.stdout
 
     run = tmp_path / "run"
