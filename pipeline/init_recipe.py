@@ -2,9 +2,9 @@
 `yolo-edge run` will do with it, stage by stage, with rough durations on this machine.
 
 The recipe holds only what differs from the schema's defaults (pipeline/core/config.py: the project's recommended
-settings, a gentle fine-tune among them): the data, the model and its input size, the fine-tune's length sized to
-the number of train images, the device, sparsity training (on unless --no-sparsity), and INT8 off when the train
-split is too small to calibrate on. It is validated by load_recipe before it is written (temp file + rename), and an existing
+settings, a gentle fine-tune among them): the data, the model and its input size, the fine-tune's length sized to the
+number of train images, the device, sparsity training (on unless --no-sparsity), and INT8 off when the train split is
+too small to calibrate on. It is validated by load_recipe before it is written (temp file + rename), and an existing
 file is never overwritten without --force. The durations come from one timed training batch of the model on the
 data (pipeline/adapters/train_timing.py) scaled by pipeline/estimate.py.
 """

@@ -158,7 +158,8 @@ def test_init_on_coco8_as_coco_json_writes_a_recipe_that_reads_its_data_and_mode
     assert rec.model.arch == "yolo11n.yaml" and rec.model.weights is None and rec.model.imgsz == 320
     assert "80 classes (person, bicycle, car" in text and "4 train / 4 val images" in text
     assert rec.quantize.enabled is False and "calib.min_count" in _comment_of(text, "quantize.enabled")
-    assert rec.prune.sparsity.enabled is True and "80 epochs before the cut" in _comment_of(text, "prune.sparsity.enabled")
+    assert rec.prune.sparsity.enabled is True
+    assert "80 epochs before the cut" in _comment_of(text, "prune.sparsity.enabled")
     assert "INT8: off" in r.stdout and "untrained weights" in r.stdout
 
     run = tmp_path / "run"

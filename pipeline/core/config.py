@@ -164,10 +164,11 @@ class SparsityCfg(TrainSetup):
     Torch-Pruning's group regularizer, phase after phase, so that whole channel groups fade before they are cut.
     `shipped` weights are reused when their record names the same model, data and settings."""
 
-    # On: the most accurate cut measured on the real-photo benchmark (models/bccd.yaml: these 80 epochs, then a 40-epoch
-    # fine-tune: +1.07, +0.98 and +0.55 pt over the base in three runs, against +0.02 / +0.13 for a 60-epoch fine-tune
-    # alone; every interval crosses zero). It is most of the cut's extra training: `yolo-edge init --no-sparsity` skips it and
-    # says what that saves. models/default.yaml sets its own schedule (390 epochs, a hold phase) for the synthetic demo.
+    # On: the most accurate cut measured on the real-photo benchmark (models/bccd.yaml: these 80 epochs, then a
+    # 40-epoch fine-tune: +1.07, +0.98 and +0.55 pt over the base in three runs, against +0.02 / +0.13 for a 60-epoch
+    # fine-tune alone; every interval crosses zero). It is most of the cut's extra training: `yolo-edge init
+    # --no-sparsity` skips it and says what that saves. models/default.yaml sets its own schedule (390 epochs, a hold
+    # phase) for the synthetic demo.
     enabled: bool = True
     # The schedule: group regularization over two phases, then a fade phase toward the planned cut.
     phases: list[SparsityPhase] = Field(
