@@ -60,9 +60,10 @@ def _preflight(ctx, stages: list[str]) -> None:
         from pipeline.stages.load import weights_spec
 
         spec = weights_spec(ctx)
-        check_model_spec(spec)  # a .pt that loads as a detection model, or a detection model config that builds
+        # a .pt that loads as a detection model, or a detection model config that builds, of a supported family
+        fam = check_model_spec(spec, ctx.recipe.model.family)
         if not spec.endswith((".yaml", ".yml")):
-            check_pruned_checkpoint(spec, ctx.recipe.model.imgsz)
+            check_pruned_checkpoint(spec, ctx.recipe.model.imgsz, fam)
     if "calibrate" in stages and ctx.recipe.calib.source != "train":
         from pipeline.stages.calibrate import _list_file_images
 

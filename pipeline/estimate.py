@@ -26,9 +26,10 @@ def prunable_groups(model, imgsz: int) -> int:
     """How many dependency groups of `model` (an ultralytics DetectionModel) the pruner can cut: 69 on YOLO11n,
     more on the deeper scales (m, l, x repeat their blocks)."""
     from pipeline.adapters import prune_plan as pp
-    from pipeline.adapters import yolo11_prune as yp
+    from pipeline.adapters.family import family_of
 
-    return len(pp.groups(yp.prepare(model), imgsz))
+    fam = family_of(model)
+    return len(pp.groups(fam.prepare(model), imgsz, fam))
 
 
 @dataclass

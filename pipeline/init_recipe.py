@@ -99,6 +99,9 @@ def read_inputs(data: Path, weights: str, imgsz: int | None) -> Inputs:
         if is_voc(data) and sorted(mine) == sorted(ds.names) and mine != ds.names:
             ds = load_dataset(data, names=mine)  # a VOC set's class order is the checkpoint's
         found = _checkpoint_imgsz(model)
+    from pipeline.adapters.family import family_of
+
+    family_of(model, None, weights)  # YOLOv8, YOLO11 or YOLO26: anything else is refused here, in one line
     if imgsz:
         size, src = imgsz, "--imgsz"
     elif found:
@@ -107,7 +110,7 @@ def read_inputs(data: Path, weights: str, imgsz: int | None) -> Inputs:
         size, src = DEFAULT_IMGSZ, ("ultralytics' default (an architecture yaml carries no size)" if is_yaml else
                                     "ultralytics' default (the checkpoint does not say its size)")
     if size % 32:
-        raise UserError(f"input size {size} is not a multiple of 32 (YOLO11's largest stride)")
+        raise UserError(f"input size {size} is not a multiple of 32 (the model's largest stride)")
     return Inputs(names=list(ds.names), n_train=len(train), n_val=len(ds.splits["val"]),
                   n_images=sum(len(v) for v in ds.splits.values()), model=model, imgsz=size, imgsz_from=src,
                   is_yaml=is_yaml, dataset=ds)

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from pipeline.adapters import ultralytics_yolo as ua
+from pipeline.adapters.family import family_named
 from pipeline.core.errors import UserError
+
+F11 = family_named("yolo11")
 
 
 @pytest.mark.slow
@@ -31,7 +34,7 @@ def test_yaml_any_class_count_saves_fp32_and_reloads_with_plain_yolo(tmp_path, n
 
 def test_stats_count_params_and_macs():
     m = ua.build_from_yaml("yolo11n.yaml", nc=80)
-    s = ua.model_stats(m, 640)
+    s = ua.model_stats(m, 640, F11)
     assert 2.5e6 < s["params"] < 2.7e6  # YOLO11n: 2.6 M parameters
     assert 2.9e9 < s["macs"] < 3.5e9  # and 6.5 GFLOPs = ~3.2 GMACs at 640
 
@@ -49,7 +52,7 @@ def test_export_static_onnx_matches_torch(tmp_path):
     ds = generate(tmp_path / "d", SynthSpec(train=1, val=2))
     m = ua.build_from_yaml("yolo11n.yaml", nc=8)
     ck = ua.save_checkpoint(m, tmp_path / "m.pt")
-    info = export_checked(ck, tmp_path / "m.onnx", 256, 17, True, sorted((ds / "images/val").glob("*.jpg")), 1e-3)
+    info = export_checked(ck, tmp_path / "m.onnx", 256, 17, True, sorted((ds / "images/val").glob("*.jpg")), 1e-3, F11)
     assert info["opset"] == 17 and info["checker"] == "passed"
     assert info["inputs"] == [[1, 3, 256, 256]]
     assert info["parity_max_abs_diff"] <= 1e-3

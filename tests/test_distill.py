@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
+from pipeline.adapters import pruning as yp
 from pipeline.adapters import ultralytics_yolo as ua
-from pipeline.adapters import yolo11_prune as yp
-from pipeline.adapters.yolo11_distill import channel_kd_loss, head_kd_loss
+from pipeline.adapters.distill import channel_kd_loss, head_kd_loss
+from pipeline.adapters.family import family_named
+
+F11 = family_named("yolo11")
 
 
 def _head(b=2, nc=8, reg_max=16, a=210, seed=0, scale=3.0):
@@ -78,11 +81,11 @@ def test_distilled_finetune_trains_on_the_kd_loss_and_keeps_the_architecture(syn
     torch.manual_seed(0)
     teacher = ua.build_from_yaml("yolo11n.yaml", nc=8, names=ds.names)
     ua.save_checkpoint(teacher, tmp_path / "teacher.pt")
-    p, _, info = yp.prune(teacher, 256, yp.PruneSpec(ratio=0.3))
+    p, _, info = yp.prune(teacher, 256, yp.PruneSpec(ratio=0.3), F11)
     ua.save_checkpoint(p, tmp_path / "p.pt")
-    last = ua.finetune(tmp_path / "p.pt", y, tmp_path / "ft", epochs=1, imgsz=256, batch=8, workers=0,
-                       distill_from=tmp_path / "teacher.pt", feature_weight=0.0,
-                       head_kd=head_kd)
+    last = ua.finetune(tmp_path / "p.pt", y, tmp_path / "ft",
+                       ua.TrainOptions(1, 256, {"batch": 8, "workers": 0},
+                                       distill=ua.Distill(tmp_path / "teacher.pt", 0.0, head_kd)))
     out = ua.load_detection_model(last)  # the student, not the distillation wrapper
     assert yp.arch_signature(out) == yp.arch_signature(p)
     assert sum(t.numel() for t in out.parameters()) == info["params"]

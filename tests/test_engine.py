@@ -12,10 +12,13 @@ import pytest
 from conftest import ROOT, cli
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.adapters.family import family_named
 from pipeline.core.errors import UserError
 from pipeline.eval.detect import PrePost, letterbox
 from pipeline.quant import fp16, trt_check
 from pipeline.quant import ort_qdq as oq
+
+F11 = family_named("yolo11")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def test_fp16_variant_is_strongly_typed_and_matches_fp32(files):
     from pipeline.stages.engine import FP16_BOX_FRAC, FP16_SCORE, make_variant
 
     dest = files["dir"] / "base_fp16.onnx"
-    info = make_variant("fp16", files["fp32"], dest, files["fp32"], files["x"], 320, files["dir"])
+    info = make_variant("fp16", files["fp32"], dest, files["fp32"], files["x"], 320, files["dir"], F11)
     m, inits = _types(dest)
     assert [i.type.tensor_type.elem_type for i in list(m.graph.input) + list(m.graph.output)] == [TensorProto.FLOAT] * 2
     weights = {n.name: n.input[1] for n in m.graph.node if n.op_type == "Conv"}
@@ -78,7 +81,7 @@ def test_int8_variant_keeps_fp32_qdq_scales_and_fp16_around(files):
     from pipeline.stages.engine import INT8_FP16_RATIO, make_variant
 
     dest = files["dir"] / "int8_fp16.onnx"
-    info = make_variant("int8", files["qdq"], dest, files["fp32"], files["x"], 320, files["dir"])
+    info = make_variant("int8", files["qdq"], dest, files["fp32"], files["x"], 320, files["dir"], F11)
     m, inits = _types(dest)
     qdq = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert qdq and all(inits[n.input[1]] == TensorProto.FLOAT for n in qdq)
@@ -120,7 +123,7 @@ def test_the_parity_checks_refuse_a_wrong_conversion(files, kind, monkeypatch):
     monkeypatch.setattr(fp16, "convert_file", buggy)
     src = files["fp32"] if kind == "fp16" else files["qdq"]
     with pytest.raises(UserError, match="FP16 output differs|INT8 with FP16 around it") as e:
-        make_variant(kind, src, files["dir"] / f"{kind}_wrong.onnx", files["fp32"], files["x"], 320, files["dir"])
+        make_variant(kind, src, files["dir"] / f"{kind}_wrong.onnx", files["fp32"], files["x"], 320, files["dir"], F11)
     print(f"{kind}: {e.value}")
 
 
@@ -218,7 +221,7 @@ def test_the_engine_stage_refuses_a_file_its_tensorrt_would_not_parse(files, tmp
     with pytest.raises(UserError, match=r"TensorRT 0\.1 would not build the strongly typed fp16 model \(\d+ "
                                         r"violation\(s\)\), first: node '.*' \(Sigmoid\): not supported in "
                                         r"TensorRT 0\.1"):
-        make_variant("fp16", files["fp32"], tmp_path / "a.onnx", files["fp32"], files["x"], 320, tmp_path,
+        make_variant("fp16", files["fp32"], tmp_path / "a.onnx", files["fp32"], files["x"], 320, tmp_path, F11,
                      files["decode"], tensorrt=trt)
 
 

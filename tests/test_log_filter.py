@@ -94,12 +94,12 @@ def test_resumed_finetune_prints_one_frozen_layer_line(tmp_path, ultra_lines):
     callbacks.default_callbacks["on_model_save"].append(cut)  # "killed" once epoch 1's last.pt is on disk
     try:
         with pytest.raises(Cut):
-            ua.finetune(tmp_path / "m.pt", y, tmp_path / "ft", epochs=2, imgsz=64, batch=4, workers=0)
+            ua.finetune(tmp_path / "m.pt", y, tmp_path / "ft", ua.TrainOptions(2, 64, {"batch": 4, "workers": 0}))
     finally:
         callbacks.default_callbacks["on_model_save"].remove(cut)
     log, lines = ultra_lines
     lines.clear()
-    last = ua.finetune(tmp_path / "m.pt", y, tmp_path / "ft", epochs=2, imgsz=64, batch=4, workers=0)
+    last = ua.finetune(tmp_path / "m.pt", y, tmp_path / "ft", ua.TrainOptions(2, 64, {"batch": 4, "workers": 0}))
     msgs = [m for _, m in lines]
     assert any(m.startswith("Resuming training") for m in msgs), msgs
     assert not any("for frozen layer" in m for m in msgs), msgs

@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.adapters import pruning as yp
 from pipeline.adapters import ultralytics_yolo as ua
-from pipeline.adapters import yolo11_prune as yp
-from pipeline.adapters.yolo11_blocks import fold_into, is_rewritten, rewrite
+from pipeline.adapters.blocks import fold_into, is_rewritten, rewrite
+from pipeline.adapters.family import family_named
 from pipeline.core.errors import UserError
 from pipeline.eval.detect import PrePost, letterbox
 
 ASSETS = Path(__import__("ultralytics").__file__).parent / "assets"
+
+F11 = family_named("yolo11")
 
 
 def _randomized(name, nc=8, seed=0):
@@ -42,7 +45,7 @@ def _real_images(imgsz):
 @pytest.mark.parametrize("name", ["yolo11n.yaml", "yolo11s.yaml"])
 def test_rewrite_is_exact_on_real_images(name):
     m = _randomized(name)
-    r = yp.prepare(m)
+    r = yp.prepare(m, F11)
     counts = rewrite(ua.build_from_yaml(name, nc=8))
     assert counts == {"C2f/C3k2": 8, "C2PSA": 1, "Attention": 1}
     for x in _real_images(320):
@@ -53,7 +56,7 @@ def test_rewrite_is_exact_on_real_images(name):
 def test_fold_back_is_exact_after_the_rewritten_model_changes():
     """A model trained in rewritten form (sparsity training) folds back into the stock modules exactly."""
     m = _randomized("yolo11n.yaml")
-    r = yp.prepare(m)
+    r = yp.prepare(m, F11)
     torch.manual_seed(1)
     with torch.no_grad():  # the rewritten model's weights move (as in training): the fold must carry every change
         for t in list(r.parameters()) + [b for n, b in r.named_buffers() if "running" in n]:
@@ -62,7 +65,7 @@ def test_fold_back_is_exact_after_the_rewritten_model_changes():
     assert not is_rewritten(stock)
     for x in _real_images(320):
         assert np.abs(ua.torch_forward(stock, x) - ua.torch_forward(r, x)).max() <= 1e-5
-    pruned, _ = yp.prune_at_ratio(r, 320, yp.PruneSpec(), 0.3)
+    pruned, _ = yp.prune_at_ratio(r, 320, yp.PruneSpec(), 0.3, F11)
     with pytest.raises(ValueError, match="cannot be folded"):
         fold_into(ua.build_from_yaml("yolo11n.yaml", nc=8), pruned)
 
@@ -71,8 +74,8 @@ def test_fold_back_is_exact_after_the_rewritten_model_changes():
 def test_sparsity_regularizer_pulls_the_weakest_groups_hardest():
     """Torch-Pruning's group regularizer on the rewritten model: each output channel of a group root gets the
     gradient reg * gamma * w (shrinking it), gamma from 1 for the group's strongest channel to 16 for its weakest."""
-    m = yp.prepare(_randomized("yolo11n.yaml"))
-    reg = yp.sparsity_regularizer(m, 320, 1e-3)
+    m = yp.prepare(_randomized("yolo11n.yaml"), F11)
+    reg = yp.sparsity_regularizer(m, 320, 1e-3, F11)
     for p in m.parameters():
         p.grad = torch.zeros_like(p)
     reg.regularize(m)
@@ -89,10 +92,12 @@ def test_sparsity_regularizer_pulls_the_weakest_groups_hardest():
 def _prune_in_subprocess(name, target, tmp_path):
     code = textwrap.dedent(f"""
         import json, resource, time
-        from pipeline.adapters import ultralytics_yolo as ua, yolo11_prune as yp
+        from pipeline.adapters import ultralytics_yolo as ua, pruning as yp
+        from pipeline.adapters.family import family_named
+        F11 = family_named("yolo11")
         m = ua.build_from_yaml("{name}", nc=8)
         t = time.time()
-        p, h, info = yp.prune(m, 320, yp.PruneSpec(macs_target={target}), log=lambda s: None)
+        p, h, info = yp.prune(m, 320, yp.PruneSpec(macs_target={target}), F11, log=lambda s: None)
         info["wall"] = time.time() - t
         info["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
         info["channels"] = yp.channel_report(p)
@@ -126,14 +131,14 @@ def test_macs_target_half_within_2pct_multiples_of_8_in_budget(name, tmp_path):
     got = sum(p.numel() for p in y.model.parameters())
     assert got == info["params"]
     imgs = [ASSETS / "bus.jpg", ASSETS / "zidane.jpg"]
-    ex = export_checked(tmp_path / "pruned.pt", tmp_path / "p.onnx", 320, 17, True, imgs, 1e-3)
+    ex = export_checked(tmp_path / "pruned.pt", tmp_path / "p.onnx", 320, 17, True, imgs, 1e-3, F11)
     assert ex["checker"] == "passed" and ex["parity_max_abs_diff"] <= 1e-3
     # replaying the saved history on the unpruned model gives the same architecture
     pruned = ua.load_detection_model(tmp_path / "pruned.pt")
     hist = yp.load_history(tmp_path / "history.json")
-    rebuilt = yp.replay(yp.base_from_pruned(pruned), hist, 320)
+    rebuilt = yp.replay(yp.base_from_pruned(pruned), hist, 320, F11)
     assert yp.arch_signature(rebuilt) == yp.arch_signature(pruned)
-    yp.verify_history(pruned, hist, 320, tmp_path / "pruned.pt")
+    yp.verify_history(pruned, hist, 320, F11, tmp_path / "pruned.pt")
 
 
 @pytest.mark.slow
@@ -142,10 +147,10 @@ def test_a_macs_ceiling_lands_at_or_below_the_target(round_to):
     """prune.macs_at_most: the target is a ceiling ("at most half the MACs"): the search accepts [0.49, 0.50] for
     0.5, not 0.49-0.51, and says so when it cannot."""
     m = _randomized("yolo11n.yaml")
-    _, _, info = yp.prune(m, 320, yp.PruneSpec(macs_target=0.5, at_most=True, round_to=round_to))
+    _, _, info = yp.prune(m, 320, yp.PruneSpec(macs_target=0.5, at_most=True, round_to=round_to), F11)
     assert 0.49 <= info["macs_fraction"] <= 0.5, info["macs_fraction"]
     with pytest.raises(UserError, match=r"unreachable within -2%\.\.0"):
-        yp.prune(m, 320, yp.PruneSpec(macs_target=0.02, at_most=True, max_layer_ratio=0.5))
+        yp.prune(m, 320, yp.PruneSpec(macs_target=0.02, at_most=True, max_layer_ratio=0.5), F11)
 
 
 @pytest.mark.slow
@@ -156,15 +161,15 @@ def test_a_waypoint_settles_for_the_nearest_reachable_cut_in_its_accept_range():
     m = _randomized("yolo11n.yaml")
     spec = yp.PruneSpec(macs_target=0.9, tolerance=0.01, at_most=True, round_to=16)
     with pytest.raises(UserError, match="unreachable"):
-        yp.prune(m, 320, spec, log=lambda s: None)
+        yp.prune(m, 320, spec, F11, log=lambda s: None)
     lines = []
-    pruned, _, info = yp.prune(m, 320, yp.PruneSpec(**{**spec.__dict__, "accept": (0.5, 0.98)}), log=lines.append)
+    pruned, _, info = yp.prune(m, 320, yp.PruneSpec(**{**spec.__dict__, "accept": (0.5, 0.98)}), F11, log=lines.append)
     frac = info["macs_fraction"]
     assert not 0.891 <= frac <= 0.9 and 0.5 <= frac <= 0.98, frac
     tried = [t["macs_fraction"] for t in info["trials"] if "macs_fraction" in t and 0.5 <= t["macs_fraction"] <= 0.98]
     assert abs(frac - 0.9) == pytest.approx(min(abs(f - 0.9) for f in tried), abs=1e-4), (frac, tried)
     assert info["trials"][-1] == {"settled_for": round(frac, 5)} and any("settling for" in s for s in lines)
-    assert yp.macs_params(pruned, 320)[0] == info["macs"]
+    assert yp.macs_params(pruned, 320, F11)[0] == info["macs"]
 
 
 @pytest.mark.slow
@@ -176,9 +181,10 @@ def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to
     from pipeline.adapters import prune_plan as pp
 
     m = _randomized("yolo11n.yaml")
-    roots = [g.root for g in pp.groups(yp.prepare(m), 320)]
+    roots = [g.root for g in pp.groups(yp.prepare(m, F11), 320, F11)]
     w = {r: 10.0 ** (-17 * i / (len(roots) - 1)) for i, r in enumerate(roots)}
-    p, _, info = yp.prune(m, 320, yp.PruneSpec(macs_target=0.5, round_to=round_to, group_weights=w), log=lambda s: None)
+    p, _, info = yp.prune(m, 320, yp.PruneSpec(macs_target=0.5, round_to=round_to, group_weights=w), F11,
+                          log=lambda s: None)
     assert abs(info["macs_fraction"] - 0.5) <= 0.02 * 0.5, info["trials"][-3:]
     assert len(info["trials"]) <= 80
     assert all(c["out"] % round_to == 0 for c in yp.channel_report(p) if c["groups"] == 1 and c["out"] > 16)
@@ -187,7 +193,7 @@ def test_weighted_search_lands_when_the_group_weights_span_many_decades(round_to
 @pytest.fixture
 def prepared_n():
     """A rewritten YOLO11n with random weights (seed 3), made afresh for each case."""
-    return yp.prepare(_randomized("yolo11n.yaml", seed=3))
+    return yp.prepare(_randomized("yolo11n.yaml", seed=3), F11)
 
 
 @pytest.fixture
@@ -210,8 +216,8 @@ def test_memoized_index_mapping_prunes_exactly_as_torch_pruning_alone(prepared_n
     got = []
     for memo in (False, True):
         yp.memoize_index_mapping(memo)
-        p1, h1 = yp.prune_at_ratio(prepared_n, 320, spec, ratio, ratio_dict=rd)
-        p2, h2 = yp.prune_at_ratio(p1, 320, spec, 0.25)  # a second step, on the pruned graph
+        p1, h1 = yp.prune_at_ratio(prepared_n, 320, spec, ratio, F11, ratio_dict=rd)
+        p2, h2 = yp.prune_at_ratio(p1, 320, spec, 0.25, F11)  # a second step, on the pruned graph
         got.append((h1, h2, p2.state_dict()))
     (a1, a2, sa), (b1, b2, sb) = got
     assert a1 == b1 and a2 == b2 and len(a1) > 40, spec
@@ -229,10 +235,10 @@ def test_a_search_reuses_a_trial_only_when_every_group_keeps_the_same_channels(r
 
     from pipeline.adapters import prune_plan as pp
 
-    prep = yp.prepare(_randomized("yolo11n.yaml", seed=5))
+    prep = yp.prepare(_randomized("yolo11n.yaml", seed=5), F11)
     spec = yp.PruneSpec(macs_target=0.5, round_to=round_to)
-    trials = yp._Trials(prep, 320, spec, yp.macs_params(prep, 320)[0])
-    wide, grps = yp._wide_convs(prep), pp.groups(prep, 320)
+    trials = yp._Trials(prep, 320, spec, yp.macs_params(prep, 320, F11)[0], F11)
+    wide, grps = yp._wide_convs(prep, F11), pp.groups(prep, 320, F11)
     rng = random.Random(round_to)
     w = {g.root: rng.random() for g in grps}
     above = yp.weighted_ratios(w, 0.3, 0.7)
@@ -241,7 +247,7 @@ def test_a_search_reuses_a_trial_only_when_every_group_keeps_the_same_channels(r
             [(0.0, above), (0.0, {**above, **{n: max(above.get(n, 0.0), 0.5) for n in wide}})]
     seen = {}
     for r, rd in cases:
-        pruned, _ = yp.prune_at_ratio(prep, 320, spec, r, ratio_dict=rd)
+        pruned, _ = yp.prune_at_ratio(prep, 320, spec, r, F11, ratio_dict=rd)
         key = trials.key(r, rd)
         convs = dict(pruned.named_modules())  # the key is the prediction: each group's kept channels, in order
         assert list(key) == [convs[g.root].out_channels for g in grps], (r, rd and max(rd.values()))
@@ -252,26 +258,26 @@ def test_a_search_reuses_a_trial_only_when_every_group_keeps_the_same_channels(r
 def test_macs_are_counted_once_per_structure_and_equal_torch_prunings_count():
     import torch_pruning as tp
 
-    prep = yp.prepare(_randomized("yolo11n.yaml", seed=2))
-    pruned, _ = yp.prune_at_ratio(prep, 160, yp.PruneSpec(ratio=0.3), 0.3)
+    prep = yp.prepare(_randomized("yolo11n.yaml", seed=2), F11)
+    pruned, _ = yp.prune_at_ratio(prep, 160, yp.PruneSpec(ratio=0.3), 0.3, F11)
     yp._MACS_MEMO.clear()
     sizes = []
-    for m in (prep, pruned, yp.prepare(prep)):  # the last: another object with the same structure, from the memo
-        assert yp.macs_params(m, 160) == tuple(int(v) for v in tp.utils.count_ops_and_params(
+    for m in (prep, pruned, yp.prepare(prep, F11)):  # the last: another object with the same structure, from the memo
+        assert yp.macs_params(m, 160, F11) == tuple(int(v) for v in tp.utils.count_ops_and_params(
             m.eval(), torch.zeros(1, 3, 160, 160)))
         sizes.append(len(yp._MACS_MEMO))
     assert sizes == [1, 2, 2]
-    assert yp.macs_params(pruned, 160)[0] < yp.macs_params(prep, 160)[0] < yp.macs_params(prep, 192)[0]
+    assert yp.macs_params(pruned, 160, F11)[0] < yp.macs_params(prep, 160, F11)[0] < yp.macs_params(prep, 192, F11)[0]
 
 
 @pytest.mark.slow
 def test_history_that_does_not_match_is_refused(tmp_path):
     m = _randomized("yolo11n.yaml")
-    p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25))
-    p2, h2, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.4))
-    yp.verify_history(p1, h1, 320, "p1.pt")
+    p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25), F11)
+    p2, h2, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.4), F11)
+    yp.verify_history(p1, h1, 320, F11, "p1.pt")
     with pytest.raises(UserError, match="does not match the checkpoint's weights"):
-        yp.verify_history(p1, h2, 320, "p1.pt")
+        yp.verify_history(p1, h2, 320, F11, "p1.pt")
 
 
 @pytest.mark.slow
@@ -281,14 +287,14 @@ def test_history_that_does_not_match_is_refused(tmp_path):
 def test_bad_targets(kw, msg):
     m = ua.build_from_yaml("yolo11n.yaml", nc=8)
     with pytest.raises(UserError, match=msg):
-        yp.prune(m, 320, yp.PruneSpec(**kw))
+        yp.prune(m, 320, yp.PruneSpec(**kw), F11)
 
 
 def test_unknown_module_is_named():
     m = ua.build_from_yaml("yolo11n.yaml", nc=8)
     m.model[5] = torch.nn.Sequential(torch.nn.GELU())  # not a YOLO11 block
     with pytest.raises(UserError, match=r"module 'model.5.0' \(torch.nn.modules.activation.GELU\)"):
-        yp.prepare(m)
+        yp.prepare(m, F11)
 
 
 @pytest.mark.slow
@@ -299,7 +305,7 @@ def test_importance_criteria_run(importance, synth_small, tmp_path):
     y = write_yolo(load_dataset(synth_small), tmp_path / "y")
     grads = ua.taylor_grads_fn(y, 256, 1, batch=4) if importance == "taylor" else None
     m = _randomized("yolo11n.yaml")
-    p, _, info = yp.prune(m, 256, yp.PruneSpec(ratio=0.25, importance=importance), grads_fn=grads)
+    p, _, info = yp.prune(m, 256, yp.PruneSpec(ratio=0.25, importance=importance), F11, grads_fn=grads)
     assert info["macs_fraction"] < 0.7
     assert ua.torch_forward(p, torch.rand(1, 3, 256, 256)).shape == (1, 12, 1344)
 
@@ -315,7 +321,7 @@ def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path
     ds = load_dataset(synth_small)
     y = write_yolo(ds, tmp_path / "y")
     m = ua.build_from_yaml("yolo11n.yaml", nc=8, names=ds.names)
-    p, _, info = yp.prune(m, 256, yp.PruneSpec(ratio=0.3))
+    p, _, info = yp.prune(m, 256, yp.PruneSpec(ratio=0.3), F11)
     ua.save_checkpoint(p, tmp_path / "p.pt")
     from pipeline.adapters.offline import cpu_threads
 
@@ -324,7 +330,7 @@ def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path
 
     vals, stock = [], BaseValidator.__call__
     monkeypatch.setattr(BaseValidator, "__call__", lambda self, *a, **k: vals.append(k) or stock(self, *a, **k))
-    best = ua.finetune(tmp_path / "p.pt", y, tmp_path / "ft", epochs=1, imgsz=256, batch=8, workers=0)
+    best = ua.finetune(tmp_path / "p.pt", y, tmp_path / "ft", ua.TrainOptions(1, 256, {"batch": 8, "workers": 0}))
     # ultralytics' select_device set min(8, cores - 1) threads (one on a 2-core box); the trainer computes on all
     assert torch.get_num_threads() == cpu_threads()
     # the epoch's validation only, not a second one of best.pt after training (last.pt ships); both checkpoints
@@ -347,8 +353,8 @@ def test_cli_refuses_pruned_checkpoint_whose_history_does_not_match(tmp_path, sy
 
     m = _randomized("yolo11n.yaml")
     m.names = dict(enumerate(["c"] * 8))
-    p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25))
-    _, h2, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.4))
+    p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25), F11)
+    _, h2, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.4), F11)
     good, bad = tmp_path / "good", tmp_path / "bad"
     for d, h in ((good, h1), (bad, h2)):
         d.mkdir()
@@ -367,7 +373,7 @@ def test_cli_refuses_pruned_checkpoint_whose_history_does_not_match(tmp_path, sy
 def test_dfl_last_axis_rewrite_is_exact_and_exports(tmp_path):
     import onnx
 
-    from pipeline.adapters.yolo11_blocks import DFLLastAxis, rewrite_dfl
+    from pipeline.adapters.blocks import DFLLastAxis, rewrite_dfl
     from pipeline.stages.export import export_checked
 
     m = _randomized("yolo11n.yaml")
@@ -377,7 +383,7 @@ def test_dfl_last_axis_rewrite_is_exact_and_exports(tmp_path):
         a, b = ua.torch_forward(m, x), ua.torch_forward(r, x)
         assert np.abs(a - b).max() <= 1e-6 * max(1.0, float(np.abs(a).max())) * 10
     ck = ua.save_checkpoint(m, tmp_path / "m.pt")
-    info = export_checked(ck, tmp_path / "m.onnx", 320, 17, True, [ASSETS / "bus.jpg"], 1e-3, dfl_last_axis=True)
+    info = export_checked(ck, tmp_path / "m.onnx", 320, 17, True, [ASSETS / "bus.jpg"], 1e-3, F11, dfl_last_axis=True)
     assert info["rewrites"] == ["dfl_last_axis"] and info["parity_max_abs_diff"] <= 1e-3
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if "dfl" in n.name}
     assert "MatMul" in ops and "Conv" not in ops
@@ -426,7 +432,7 @@ def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     the result changes no output (measured on images) and lands on the MACs target."""
     from conftest import cli
 
-    from pipeline.adapters import yolo11_prune as yp
+    from pipeline.adapters import pruning as yp
 
     weights = ua.save_checkpoint(_randomized("yolo11n.yaml"), tmp_path / "base.pt")
     sets = ["--set", "data.synthetic.train=16", "--set", "data.synthetic.val=8", "--set", "model.imgsz=96",
@@ -450,8 +456,8 @@ def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     assert rec["history"][0] == first_rec["history"][0] and rec["prefix_from"]["key"] == first_rec["key"]
     assert rec["history"][-1]["distill"] and rec["history"][-1]["train_loss"]["kd_loss"] > 0  # the fade phase distils
     model = ua.load_detection_model(faded)
-    targets = yp.fade_targets(yp.prepare(model), rec["cut"]["history"], 96)
-    bns = dict(yp.prepare(model).named_modules())
+    targets = yp.fade_targets(yp.prepare(model, F11), rec["cut"]["history"], 96, F11)
+    bns = dict(yp.prepare(model, F11).named_modules())
     zero = [float(bns[n].weight.detach()[i].abs().max() + bns[n].bias.detach()[i].abs().max())
             for n, i in targets.items()]
     assert targets and max(zero) == 0.0
@@ -469,11 +475,11 @@ def test_a_fade_phase_extends_a_schedule_and_its_planned_cut_is_exact(tmp_path):
     assert hrec["epochs"] == 4 and [h["phase"] for h in hrec["history"]] == [1, 2, 2, 3] and hrec["history"][-1]["hold"]
     assert hrec["cut"] == rec["cut"] and hrec["prefix_from"]["key"] == rec["key"] != hrec["key"]
     assert set(hrec["trained_on"]) == {"1", "2", "3"} and hrec["trained_on"]["3"].startswith("cpu")  # where it ran
-    bns = dict(yp.prepare(ua.load_detection_model(held)).named_modules())
+    bns = dict(yp.prepare(ua.load_detection_model(held), F11).named_modules())
     assert max(float(bns[n].weight.detach()[i].abs().max() + bns[n].bias.detach()[i].abs().max())
                for n, i in targets.items()) == 0.0
-    before = dict(yp.prepare(model).named_parameters())
-    moved = [n for n, p in yp.prepare(ua.load_detection_model(held)).named_parameters()
+    before = dict(yp.prepare(model, F11).named_parameters())
+    moved = [n for n, p in yp.prepare(ua.load_detection_model(held), F11).named_parameters()
              if not torch.equal(p.detach().float(), before[n].detach().float())]
     assert moved  # it trained
 

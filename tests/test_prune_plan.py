@@ -13,8 +13,11 @@ import pytest
 from conftest import ROOT, cli
 
 from pipeline.adapters import prune_plan as pp
+from pipeline.adapters import pruning as yp
 from pipeline.adapters import ultralytics_yolo as ua
-from pipeline.adapters import yolo11_prune as yp
+from pipeline.adapters.family import family_named
+
+F11 = family_named("yolo11")
 
 
 def _sets(base_ckpt, **extra):
@@ -56,18 +59,18 @@ def test_the_sensitivity_scan_equals_pruning_each_group_alone(base_ckpt, val_syn
     from pipeline.eval.detect import PrePost
 
     ds = load_dataset(val_synth)
-    evaluate = pp.Evaluator(ds.split("val")[:6], ds, PrePost(imgsz=320, conf=0.001, iou=0.7, max_det=300))
-    prep = yp.prepare(ua.load_detection_model(base_ckpt))
+    evaluate = pp.Evaluator(ds.split("val")[:6], ds, PrePost(imgsz=320, conf=0.001, iou=0.7, max_det=300), F11)
+    prep = yp.prepare(ua.load_detection_model(base_ckpt), F11)
     spec = yp.PruneSpec(macs_target=0.5, round_to=16)
-    every = pp.groups(prep, 320)
+    every = pp.groups(prep, 320, F11)
     pick = ["model.0.conv", "model.2.m.0.cv1.conv", "model.9.cv1.conv", "model.23.cv2.0.0.conv",
             "model.10.m.0.ffn.1.conv"]  # the last: C2PSA's stream, through the attention's proj BN
     grps = [g for g in every if g.root in pick] + [next(g for g in every if g.channels == 16)]
     assert len(grps) == 6
-    rows = pp.sensitivity(prep, 320, spec, grps, evaluate, 0.5, log=lambda s: None)["groups"]
+    rows = pp.sensitivity(prep, 320, spec, grps, evaluate, 0.5, F11, log=lambda s: None)["groups"]
     base = evaluate(prep)
     for g, row in zip(grps, rows):
-        pruned, _ = yp.prune_at_ratio(prep, 320, spec, 0.0, ratio_dict={g.root: 0.5})
+        pruned, _ = yp.prune_at_ratio(prep, 320, spec, 0.0, F11, ratio_dict={g.root: 0.5})
         kept = dict(pruned.named_modules())[g.root].out_channels
         assert row["pruned_channels"] == g.channels - kept, g.root
         assert row["map50_95"] == evaluate(pruned) and row["drop"] == base - row["map50_95"], g.root
@@ -82,15 +85,15 @@ def test_taylor_importance_ranks_the_sensitivity_scan(base_ckpt, val_synth, tmp_
     from pipeline.eval.detect import PrePost
 
     ds = load_dataset(val_synth)
-    evaluate = pp.Evaluator(ds.split("val")[:4], ds, PrePost(imgsz=320, conf=0.001, iou=0.7, max_det=300))
+    evaluate = pp.Evaluator(ds.split("val")[:4], ds, PrePost(imgsz=320, conf=0.001, iou=0.7, max_det=300), F11)
     grads = ua.taylor_grads_fn(write_yolo(ds, tmp_path / "y"), 320, 1, batch=4)
-    prep = yp.prepare(ua.load_detection_model(base_ckpt))
+    prep = yp.prepare(ua.load_detection_model(base_ckpt), F11)
     spec = yp.PruneSpec(macs_target=0.5, round_to=16, importance="taylor")
-    grp = [g for g in pp.groups(prep, 320) if g.root == "model.9.cv1.conv"]
+    grp = [g for g in pp.groups(prep, 320, F11) if g.root == "model.9.cv1.conv"]
     with pytest.raises(Exception, match="taylor importance needs training batches"):
-        pp.sensitivity(prep, 320, spec, grp, evaluate, 0.5, log=lambda s: None)
-    row = pp.sensitivity(prep, 320, spec, grp, evaluate, 0.5, log=lambda s: None, grads_fn=grads)["groups"][0]
-    pruned, _ = yp.prune_at_ratio(prep, 320, spec, 0.0, grads, ratio_dict={grp[0].root: 0.5})
+        pp.sensitivity(prep, 320, spec, grp, evaluate, 0.5, F11, log=lambda s: None)
+    row = pp.sensitivity(prep, 320, spec, grp, evaluate, 0.5, F11, log=lambda s: None, grads_fn=grads)["groups"][0]
+    pruned, _ = yp.prune_at_ratio(prep, 320, spec, 0.0, F11, grads, ratio_dict={grp[0].root: 0.5})
     assert row["pruned_channels"] > 0 and row["map50_95"] == evaluate(pruned)
 
 
@@ -107,7 +110,7 @@ def test_latency_mode_scans_every_group_and_times_against_uniform(tmp_path, base
     out = run / "prune"
     sens = json.loads((out / "sensitivity.json").read_text())
     base = ua.load_detection_model(base_ckpt)
-    n_groups = len(pp.groups(yp.prepare(base), 320))
+    n_groups = len(pp.groups(yp.prepare(base, F11), 320, F11))
     assert len(sens["groups"]) == n_groups > 40
     assert all(g["latency_ms"] is not None and g["latency_ms"] >= 0 for g in sens["groups"])
     assert sum(g["latency_ms"] > 0 for g in sens["groups"]) > n_groups // 2
@@ -126,7 +129,7 @@ def test_latency_mode_scans_every_group_and_times_against_uniform(tmp_path, base
     # (0.0 -> 0.0 beside the other worker; 0.0 -> 0.09 alone): the mAP rise itself is test_reconstruct's, on a fixed cut
     assert rec["mse_after"] < 0.8 * rec["mse_before"] and rec["map50_95_after"] >= rec["map50_95_before"], rec
     pruned = ua.load_detection_model(out / "pruned.pt")
-    yp.verify_history(pruned, yp.load_history(out / "history.json"), 320, out / "pruned.pt")
+    yp.verify_history(pruned, yp.load_history(out / "history.json"), 320, F11, out / "pruned.pt")
     assert all(c["out"] % 8 == 0 for c in plan["channels"] if c["groups"] == 1 and c["out"] > 16)
 
 
@@ -147,7 +150,7 @@ def test_iterative_schedule_records_every_step_and_replays(tmp_path, base_ckpt):
     hist = yp.load_history(run / "prune" / "history.json")
     assert len(yp.as_steps(hist)) == 2
     pruned = ua.load_detection_model(run / "prune" / "pruned.pt")
-    yp.verify_history(pruned, hist, 320, run / "prune" / "pruned.pt")
+    yp.verify_history(pruned, hist, 320, F11, run / "prune" / "pruned.pt")
     # the refusals below reuse this run's data and load stages (the stage cache is by content) and skip the
     # reconstruction (tested on its own): each is refused before anything is written
     no_recon = ["--set", "prune.reconstruct.enabled=false"]
@@ -175,7 +178,8 @@ def test_pruned_checkpoint_ultralytics_val_agrees_with_bench(tmp_path, base_ckpt
     # Uniform pruning without fine-tuning leaves nothing to compare (mAP ~0); the stride-32 groups the sensitivity
     # scan finds free on this data keep the model working while its architecture really changes.
     p5 = ["model.22.cv1.conv", "model.22.m.0.cv3.conv", "model.23.cv3.2.0.0.conv", "model.23.cv3.2.1.0.conv"]
-    p, h = yp.prune_at_ratio(yp.prepare(base), 320, yp.PruneSpec(ratio=0.5), 0.0, ratio_dict=dict.fromkeys(p5, 0.5))
+    p, h = yp.prune_at_ratio(yp.prepare(base, F11), 320, yp.PruneSpec(ratio=0.5), 0.0, F11,
+                             ratio_dict=dict.fromkeys(p5, 0.5))
     p.names = base.names
     d = tmp_path / "p"
     d.mkdir()

@@ -8,11 +8,14 @@ import pytest
 import torch
 from conftest import BASE_CKPT
 
+from pipeline.adapters import pruning as yp
 from pipeline.adapters import ultralytics_yolo as ua
-from pipeline.adapters import yolo11_prune as yp
+from pipeline.adapters.family import family_named
 from pipeline.adapters.reconstruct import conv_units, kept_channels, reconstruct
 
 IMGSZ = 320
+
+F11 = family_named("yolo11")
 
 
 def _tensor(images):
@@ -29,15 +32,15 @@ def pruned_half():
     if not BASE_CKPT.is_file():
         pytest.skip(f"{BASE_CKPT} is absent: `make base` makes it")
     base = ua.load_detection_model(BASE_CKPT)
-    pruned, history, info = yp.prune(base, IMGSZ, yp.PruneSpec(macs_target=0.5), log=lambda s: None)
+    pruned, history, info = yp.prune(base, IMGSZ, yp.PruneSpec(macs_target=0.5), F11, log=lambda s: None)
     return base, pruned, history
 
 
 @pytest.mark.slow
 def test_kept_channels_are_exactly_the_ones_torch_pruning_kept(pruned_half):
     base, pruned, history = pruned_half
-    ref = yp.prepare(base)
-    kept = kept_channels(ref, history, IMGSZ)
+    ref = yp.prepare(base, F11)
+    kept = kept_channels(ref, history, IMGSZ, F11)
     ref_units = {n: (c, b) for n, c, b in conv_units(ref)}
     checked = 0
     for name, conv, bn in conv_units(pruned):
@@ -61,7 +64,7 @@ def test_reconstruction_brings_the_pruned_model_back_toward_the_base(pruned_half
     ds = load_dataset(val_synth)
     imgs = ds.split("val")
     calib, held = _tensor(imgs[:24]), imgs[24:]
-    ref = yp.prepare(base).eval()
+    ref = yp.prepare(base, F11).eval()
     ev = Evaluator(held, ds, PrePost(imgsz=IMGSZ))
     x = _tensor(held)
 
@@ -74,7 +77,7 @@ def test_reconstruction_brings_the_pruned_model_back_toward_the_base(pruned_half
     sig = yp.arch_signature(model)
     box0, cls0 = head_error(model)
     map0 = ev(model)
-    stats = reconstruct(ref, model, history, calib, IMGSZ, positions=128)
+    stats = reconstruct(ref, model, history, calib, IMGSZ, F11, positions=128)
     box1, cls1 = head_error(model)
     map1 = ev(model)
     print(f"held-out head MSE boxes {box0:.3g} -> {box1:.3g}, scores {cls0:.5g} -> {cls1:.5g}; "
@@ -102,8 +105,9 @@ def test_stepped_forward_refits_exactly_as_the_whole_model_forward(pruned_half, 
     base, pruned, history = pruned_half
     calib = _tensor(load_dataset(val_synth).split("val")[:4])
     a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
-    sa = reconstruct(yp.prepare(base).eval(), a, history, calib, IMGSZ, positions=64, batch=3)  # 2 batches: 3 + 1
-    sb = reconstruct(yp.prepare(base).eval(), b, history, calib, IMGSZ, positions=64, batch=3, stepped=False)
+    ref = yp.prepare(base, F11).eval()
+    sa = reconstruct(ref, a, history, calib, IMGSZ, F11, positions=64, batch=3)  # 2 batches: 3 + 1
+    sb = reconstruct(ref, b, history, calib, IMGSZ, F11, positions=64, batch=3, stepped=False)
     assert sa["stepped"] and not sb["stepped"] and len(sa["layers"]) == len(sb["layers"]) >= 80
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k

@@ -185,7 +185,7 @@ def test_importing_every_module_changes_nothing_in_the_process():
 
 
 def test_the_pruning_memo_and_offline_mode_are_on_only_inside_their_blocks():
-    got = _run("from pipeline.adapters import yolo11_prune as yp\n"
+    got = _run("from pipeline.adapters import pruning as yp\n"
                "from pipeline.adapters.offline import offline\n"
                "before = state()\n"
                "with yp.fast_index_mapping():\n"

@@ -1,5 +1,5 @@
 """Where to prune: per-group sensitivity (accuracy) and per-group latency (measured on the target runner), turned
-into the non-uniform per-group ratios that `yolo11_prune.prune` searches to a MACs target.
+into the non-uniform per-group ratios that `pruning.prune` searches to a MACs target.
 
 A *group* is one Torch-Pruning dependency group (channels that must go together), named by its root conv.
 - Sensitivity: each group is pruned alone at one ratio and the model's mAP50-95 is measured on held-out images;
@@ -29,7 +29,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from pipeline.adapters import yolo11_prune as yp
+from pipeline.adapters import pruning as yp
 
 
 @dataclass
@@ -40,11 +40,11 @@ class Group:
     in_convs: list[str]
 
 
-def groups(prepared: nn.Module, imgsz: int) -> list[Group]:
-    """Every prunable dependency group of a prepared (rewritten) YOLO11, as MetaPruner would enumerate them."""
-    dg = yp.dependency_graph(prepared, imgsz)
+def groups(prepared: nn.Module, imgsz: int, fam) -> list[Group]:
+    """Every prunable dependency group of a prepared (rewritten) model, as MetaPruner would enumerate them."""
+    dg = yp.dependency_graph(prepared, imgsz, fam)
     out = []
-    for g in yp.prunable_groups(dg, prepared):
+    for g in yp.prunable_groups(dg, prepared, fam):
         root = g[0].dep.target.module
         outs, ins = [], []
         for dep, _ in g:
@@ -58,7 +58,7 @@ def groups(prepared: nn.Module, imgsz: int) -> list[Group]:
 
 
 def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[Group], evaluate: Callable,
-                ratio: float, log=print, grads_fn=None) -> dict:
+                ratio: float, fam, log=print, grads_fn=None) -> dict:
     """mAP50-95 of the model with each group alone pruned at `ratio` (round_to honoured); `grads_fn` fills the
     gradients Taylor importance ranks by.
 
@@ -70,7 +70,7 @@ def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[
     work = copy.deepcopy(prepared).eval()
     names = {id(m): n for n, m in work.named_modules()}
     picked = {}
-    pruner = yp._pruner(work, imgsz, spec, 0.0, grads_fn, ratio_dict={g.root: ratio for g in grps})
+    pruner = yp._pruner(work, imgsz, spec, 0.0, fam, grads_fn, ratio_dict={g.root: ratio for g in grps})
     for group in pruner.step(interactive=True):
         picked[names[id(group[0].dep.target.module)]] = (len(group[0].idxs), yp.group_bn_channels(group))
     rows = []
@@ -97,11 +97,12 @@ def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[
     return {"ratio": ratio, "base_map50_95": base_map, "groups": rows}
 
 
-def _ort_session(model: nn.Module, imgsz: int, path: Path, threads: int, profile_prefix: str | None = None):
-    """An ONNX Runtime CPU session over a static (1, 3, imgsz, imgsz) export of `model` (legacy exporter)."""
+def _ort_session(model: nn.Module, imgsz: int, path: Path, threads: int, fam, profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session over a static (1, 3, imgsz, imgsz) export of `model`'s deployed form (legacy
+    exporter)."""
     import onnxruntime as ort
 
-    m = copy.deepcopy(model).eval()
+    m = copy.deepcopy(fam.deploy_form(model)).eval()
     for p in m.parameters():
         p.requires_grad_(False)
     torch.onnx.export(m, torch.zeros(1, 3, imgsz, imgsz), str(path), opset_version=17, dynamo=False,
@@ -116,11 +117,11 @@ def _ort_session(model: nn.Module, imgsz: int, path: Path, threads: int, profile
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def onnx_node_times(model: nn.Module, imgsz: int, threads: int = 2, runs: int = 30) -> dict[str, float]:
-    """Mean milliseconds per ONNX Runtime node (CPU), profiled on an ONNX export of `model`."""
+def onnx_node_times(model: nn.Module, imgsz: int, fam, threads: int = 2, runs: int = 30) -> dict[str, float]:
+    """Mean milliseconds per ONNX Runtime node (CPU), profiled on an ONNX export of `model`'s deployed form."""
 
     with tempfile.TemporaryDirectory(prefix="yolo-edge-lat-") as td:
-        sess = _ort_session(model, imgsz, Path(td) / "m.onnx", threads, profile_prefix=str(Path(td) / "prof"))
+        sess = _ort_session(model, imgsz, Path(td) / "m.onnx", threads, fam, profile_prefix=str(Path(td) / "prof"))
         x = torch.rand(1, 3, imgsz, imgsz).numpy()
         for _ in range(runs):
             sess.run(None, {"images": x})
@@ -242,12 +243,12 @@ class Evaluator:
     once, post-processed and scored as bench scores a runner (eval.measure.detections, pycocotools), against the
     dataset's own ground truth for them."""
 
-    def __init__(self, images, dataset, spec):
+    def __init__(self, images, dataset, spec, fam):
         import cv2
 
         from pipeline.eval.detect import letterbox
 
-        self.spec = spec
+        self.spec, self.fam = spec, fam
         self.cat_ids = [dataset.cat_id(i) for i in range(dataset.nc)]
         self.items = []
         for im in images:
@@ -262,7 +263,7 @@ class Evaluator:
         from pipeline.eval.coco import coco_eval
         from pipeline.eval.measure import detections
 
-        model = model.eval()
+        model = self.fam.deploy_form(model).eval()
         dets = []
         for i in range(0, len(self.items), batch):
             chunk = self.items[i:i + batch]
@@ -274,7 +275,7 @@ class Evaluator:
         return coco_eval(self.gt, dets)["map50_95"]
 
 
-def measure_latency(models: dict[str, nn.Module], imgsz: int, threads: int = 2, rounds: int = 7,
+def measure_latency(models: dict[str, nn.Module], imgsz: int, fam, threads: int = 2, rounds: int = 7,
                     iters: int = 10) -> dict[str, float]:
     """Median ONNX Runtime CPU latency (ms) of each model, exported to ONNX and timed in interleaved rounds so
     that load drift on the machine hits every model alike."""
@@ -285,7 +286,7 @@ def measure_latency(models: dict[str, nn.Module], imgsz: int, threads: int = 2, 
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="yolo-edge-lat-") as td:
         for name, model in models.items():
-            sessions[name] = _ort_session(model, imgsz, Path(td) / f"{len(sessions)}.onnx", threads)
+            sessions[name] = _ort_session(model, imgsz, Path(td) / f"{len(sessions)}.onnx", threads, fam)
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     samples: dict[str, list[float]] = {n: [] for n in sessions}
     for s in sessions.values():

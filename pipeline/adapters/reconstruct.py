@@ -52,12 +52,12 @@ def _skipped(model: nn.Module, name: str, conv: nn.Conv2d) -> str | None:
     return None
 
 
-def kept_channels(reference: nn.Module, history: list, imgsz: int) -> dict[str, torch.Tensor]:
+def kept_channels(reference: nn.Module, history: list, imgsz: int, fam) -> dict[str, torch.Tensor]:
     """conv name -> indices of the reference's output channels that the pruned model keeps (in order), read by
     replaying the Torch-Pruning history on a copy of the reference tagged with channel indices."""
     import copy
 
-    from pipeline.adapters.yolo11_prune import dependency_graph
+    from pipeline.adapters.pruning import dependency_graph
 
     tagged = copy.deepcopy(reference).float().eval()
     units = conv_units(tagged)
@@ -69,7 +69,7 @@ def kept_channels(reference: nn.Module, history: list, imgsz: int) -> dict[str, 
                 conv.bias.copy_(torch.arange(conv.out_channels, dtype=torch.float32))
     for p in tagged.parameters():
         p.requires_grad_(True)
-    dependency_graph(tagged, imgsz).load_pruning_history(history)
+    dependency_graph(tagged, imgsz, fam).load_pruning_history(history)
     kept = {}
     for name, conv, bn in conv_units(tagged):
         if bn is not None:
@@ -204,7 +204,7 @@ def _patches(x: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor) -> torch.Tenso
     return cols[:, :, sel].permute(0, 2, 1).reshape(-1, cols.shape[1])
 
 
-def reconstruct(reference: nn.Module, pruned: nn.Module, history: list, images: torch.Tensor, imgsz: int, *,
+def reconstruct(reference: nn.Module, pruned: nn.Module, history: list, images: torch.Tensor, imgsz: int, fam, *,
                 positions: int = 256, alpha: float = 0.1, batch: int = 16, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None, stepped: bool = True) -> dict:
     """Refit `pruned` in place (see the module docstring). `reference` is the model `history` was taken on (the
@@ -212,7 +212,7 @@ def reconstruct(reference: nn.Module, pruned: nn.Module, history: list, images: 
     stepped=False forces the whole-model forward per conv (the reference path the stepped one is tested against)."""
     reference, pruned = reference.eval(), pruned.eval()
     t0 = time.time()
-    kept = kept_channels(reference, history, imgsz)
+    kept = kept_channels(reference, history, imgsz, fam)
     ref_units = {n: (c, b) for n, c, b in conv_units(reference)}
     units = {n: (c, b) for n, c, b in conv_units(pruned)}
     order = [n for n in execution_order(pruned, images) if n in ref_units]

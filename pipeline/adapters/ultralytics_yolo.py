@@ -111,22 +111,25 @@ def load_detection_model(path: str | Path) -> DetectionModel:
     return model
 
 
-def check_model_spec(spec: str | Path) -> None:
-    """A model the user names (a .pt checkpoint, a model .yaml): refused by name unless it is a detection model that
-    ultralytics loads or builds. A config of the user's own is built once to be sure (quietly: the stage that builds
-    it again logs what ultralytics has to say)."""
+def check_model_spec(spec: str | Path, family: str | None = None):
+    """A model the user names (a .pt checkpoint, a model .yaml): refused by name unless it is a detection model of a
+    supported family (YOLOv8, YOLO11, YOLO26; `family` overrides the detection) that ultralytics loads or builds.
+    A config is built once to be sure (quietly: the stage that builds it again logs what ultralytics has to say).
+    Returns the model's family."""
+    from pipeline.adapters.family import family_of
+
     if str(spec).endswith((".yaml", ".yml")):
         resolve_yaml(spec)
-        if Path(spec).is_file():
-            with silenced(LOGGER):
-                build_from_yaml(spec, nc=1)
+        with silenced(LOGGER):
+            model = build_from_yaml(spec, nc=1)
     else:
-        load_detection_model(spec)
+        model = load_detection_model(spec)
+    return family_of(model, family, spec)
 
 
-def check_pruned_checkpoint(path: str | Path, imgsz: int) -> None:
+def check_pruned_checkpoint(path: str | Path, imgsz: int, fam) -> None:
     """A checkpoint that says it was pruned must come with a history that rebuilds its architecture."""
-    from pipeline.adapters import yolo11_prune as yp
+    from pipeline.adapters import pruning as yp
 
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -139,7 +142,7 @@ def check_pruned_checkpoint(path: str | Path, imgsz: int) -> None:
     hist = path.parent / name
     if not hist.is_file():
         raise UserError(f"pruned checkpoint without its pruning history ({hist.name} is not beside it)", path)
-    yp.verify_history(load_detection_model(path), yp.load_history(hist), imgsz, path)
+    yp.verify_history(load_detection_model(path), yp.load_history(hist), imgsz, fam, path)
 
 
 def build_from_yaml(spec: str | Path, nc: int, names: list[str] | None = None) -> DetectionModel:
@@ -182,16 +185,11 @@ def names_of(model: torch.nn.Module) -> list[str]:
     return [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
 
 
-def model_stats(model: torch.nn.Module, imgsz: int) -> dict:
-    """Parameters and MACs (Torch-Pruning's counter, at one imgsz x imgsz image)."""
+def model_stats(model: torch.nn.Module, imgsz: int, fam) -> dict:
+    """Parameters and MACs of the family's deployed form (Torch-Pruning's counter, at one imgsz x imgsz image)."""
     from copy import deepcopy
 
-    import torch_pruning as tp
-
-    m = deepcopy(model).float().eval()
-    x = torch.zeros(1, 3, imgsz, imgsz)
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(m, x)
+    macs, params = fam.macs_params(deepcopy(model).float().eval(), imgsz)
     return {"params": int(params), "macs": int(macs)}
 
 
@@ -256,7 +254,42 @@ def export_onnx(weights: str | Path, dest: str | Path, *, imgsz: int, opset: int
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
+from dataclasses import dataclass, field
+
 from ultralytics.models.yolo.detect import DetectionTrainer
+
+
+@dataclass
+class Distill:
+    """Distillation from an unpruned teacher: ultralytics' feature loss at `feature_weight` and, with `head_kd`
+    ({"head_weight", "temperature", "channel_weight", "channel_temperature"}), the head-output loss (distill.py)."""
+
+    teacher: str | Path
+    feature_weight: float = 0.0
+    head_kd: dict | None = None
+
+
+@dataclass
+class Sparsify:
+    """Sparsity training of a rewritten model (its family's `prepare`): Torch-Pruning's group regularization at
+    `reg` and, with `fade` ({"targets": pruning.fade_targets(...), "epochs": n}), the planned cut's BN channels fading
+    to zero over n epochs (n = 0: they are zero, and held there)."""
+
+    fam: object
+    reg: float = 0.0
+    fade: dict | None = None
+
+
+@dataclass
+class TrainOptions:
+    """One fine-tuning run: its length and input size, the stock trainer's own arguments (batch, nbs, seed, workers,
+    device, optimizer, lr0, close_mosaic, warmup...), and what this project adds to its steps."""
+
+    epochs: int
+    imgsz: int
+    trainer: dict = field(default_factory=dict)
+    distill: Distill | None = None
+    sparsify: Sparsify | None = None
 
 
 class KeepArchitectureTrainer(DetectionTrainer):
@@ -267,11 +300,13 @@ class KeepArchitectureTrainer(DetectionTrainer):
     module as `weights`; returning it keeps the pruned architecture (and, on resume, the EMA weights it saved).
     """
 
-    head_kd: dict | None = None  # {"head_weight", "temperature"}: distil the head outputs too (yolo11_distill)
-    sparsity: float = 0.0  # group-sparsity regularization strength (a rewritten model; yolo11_prune)
-    fade: dict | None = None  # {"targets": {BN name: channel indices}, "epochs": n}: those channels fade to zero
+    options: TrainOptions | None = None  # distillation and sparsity (the rest reached the stock trainer as overrides)
     _regularizer = None
     _fade_state = None
+
+    @property
+    def _sparsify(self) -> Sparsify | None:
+        return self.options.sparsify if self.options else None
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         if not isinstance(weights, torch.nn.Module):
@@ -293,24 +328,25 @@ class KeepArchitectureTrainer(DetectionTrainer):
                 strip_optimizer(self.best, updates={"train_results": ckpt.get("train_results")})
 
     def optimizer_step(self):
-        """With `sparsity`, Torch-Pruning's group regularizer adds its gradient before the stock step (which
+        """With sparsity training, Torch-Pruning's group regularizer adds its gradient before the stock step (which
         unscales, clips and steps: with AMP the gradients are still scaled here, so the term is scaled alike)."""
-        if self.sparsity:
-            from pipeline.adapters import yolo11_prune as yp
+        sp = self._sparsify
+        if sp is not None and sp.reg:
+            from pipeline.adapters import pruning as yp
 
             student = getattr(self.model, "student_model", self.model)  # distilling: the student, not the teacher
             if self._regularizer is None:
-                self._regularizer = yp.sparsity_regularizer(student, self.args.imgsz, self.sparsity)
+                self._regularizer = yp.sparsity_regularizer(student, self.args.imgsz, sp.reg, sp.fam)
             scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-            self._regularizer.reg = self.sparsity * scale
+            self._regularizer.reg = sp.reg * scale
             with yp.fast_index_mapping():
                 self._regularizer.regularize(student)
         super().optimizer_step()
-        if self.fade:
-            self._fade_step()
+        if sp is not None and sp.fade:
+            self._fade_step(sp.fade)
 
     @torch.no_grad()
-    def _fade_step(self):
+    def _fade_step(self, fade: dict):
         """Scale the fading BN channels (weight and bias, in the model and its EMA, which is what gets saved) so
         that they follow s = 1 - progress / fade epochs down to exactly zero, and hold them there after. The
         optimizer may move them between steps; the factor s_now / s_before is applied to whatever they are."""
@@ -319,7 +355,7 @@ class KeepArchitectureTrainer(DetectionTrainer):
             st = self._fade_state = {"epoch": self.epoch, "batches": 0, "s": (st or {}).get("s")}
         st["batches"] += self.accumulate
         progress = self.epoch + min(1.0, st["batches"] / max(len(self.train_loader), 1))
-        s = max(0.0, 1.0 - progress / self.fade["epochs"]) if self.fade["epochs"] > 0 else 0.0  # 0: held
+        s = max(0.0, 1.0 - progress / fade["epochs"]) if fade["epochs"] > 0 else 0.0  # 0: held
         if st["s"] is None:  # the first step (or the first after a resume): the weights are where they were left
             st["s"] = s
         factor = s / st["s"] if st["s"] > 0 else 0.0
@@ -328,7 +364,7 @@ class KeepArchitectureTrainer(DetectionTrainer):
             if model is None:
                 continue
             mods = dict(getattr(model, "student_model", model).named_modules())  # distilling: the student
-            for name, idxs in self.fade["targets"].items():
+            for name, idxs in fade["targets"].items():
                 bn = mods[name]
                 i = torch.as_tensor(idxs, device=bn.weight.device)
                 bn.weight.data[i] *= factor
@@ -341,10 +377,12 @@ class KeepArchitectureTrainer(DetectionTrainer):
         its trained projector kept."""
         from ultralytics.nn.distill_model import DistillationModel
 
-        from pipeline.adapters.yolo11_distill import HeadDistillationModel
+        from pipeline.adapters.distill import HeadDistillationModel
 
         super().set_model_attributes()
-        if self.args.distill_model is None or not self.head_kd or isinstance(self.model, HeadDistillationModel):
+        kd = self.options.distill if self.options else None
+        head_kd = kd.head_kd if kd is not None else None
+        if self.args.distill_model is None or not head_kd or isinstance(self.model, HeadDistillationModel):
             return
         projector = None
         if isinstance(self.model, DistillationModel):
@@ -352,34 +390,25 @@ class KeepArchitectureTrainer(DetectionTrainer):
         else:
             student, teacher = self.model, self.args.distill_model
         student.args = self.args
-        self.model = HeadDistillationModel(teacher, student, **self.head_kd)
+        self.model = HeadDistillationModel(teacher, student, **head_kd)
         if projector is not None:
             self.model.projector.load_state_dict(projector.state_dict())
 
 
-def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int, batch: int,
-             seed: int = 0, workers: int = 2, device: str = "cpu", distill_from: str | Path | None = None,
-             feature_weight: float = 0.0, head_kd: dict | None = None, sparsity: float = 0.0,
-             fade: dict | None = None, **kw) -> Path:
+def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, opts: TrainOptions) -> Path:
     """Fine-tune the model in `weights` without changing its architecture; resumes from out_dir/weights/last.pt
     when a previous run was cut off. Returns the final epoch's checkpoint (EMA weights, FP16 as ultralytics saves
-    them), not ultralytics' best.pt: that one is picked on the val split, which bench scores.
-
-    With `distill_from` (the teacher checkpoint) the student is distilled: ultralytics' feature loss at
-    `feature_weight` and, with `head_kd` ({"head_weight", "temperature"}), the head-output loss. With `sparsity`
-    > 0 (a rewritten model: yolo11_prune.prepare) it is sparsity training instead (group-lasso regularization);
-    with `fade` ({"targets": yolo11_prune.fade_targets(...), "epochs": n}) those channels fade to zero over n epochs
-    (n = 0: they are zero, and held there)."""
+    them), not ultralytics' best.pt: that one is picked on the val split, which bench scores. `opts` says how
+    (TrainOptions: the stock trainer's arguments, distillation, sparsity training)."""
 
     def trainer(overrides):
         t = KeepArchitectureTrainer(overrides=overrides)
         for event in ("on_train_start", "on_val_start"):  # the final validation selects the device again
             t.add_callback(event, _all_cpu_threads)
-        t.head_kd = head_kd if distill_from else None
-        t.sparsity = sparsity
-        t.fade = fade
+        t.options = opts
         return t
 
+    tr = opts.trainer
     out_dir = Path(out_dir).resolve()
     last = out_dir / "weights" / "last.pt"
     if last.is_file() and (out_dir / "weights" / "done").exists():
@@ -387,8 +416,8 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
     if last.is_file():
         try:
             # this machine's data path, device, workers and folder: a run begun on another one (a GPU) goes on here
-            overrides = {"resume": str(last), "model": str(last), "data": str(data_yaml), "device": device,
-                         "workers": workers, "save_dir": str(out_dir)}
+            overrides = {"resume": str(last), "model": str(last), "data": str(data_yaml),
+                         "device": tr.get("device", "cpu"), "workers": tr.get("workers", 2), "save_dir": str(out_dir)}
             with collapsed_repeats(LOGGER):  # a resume: ~200 frozen-layer notices, one line
                 trainer(overrides).train()
             (out_dir / "weights" / "done").touch()
@@ -399,11 +428,11 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
             LOGGER.warning(f"cannot resume from {last} ({type(e).__name__}: {str(e)[:120]}); starting over")
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    overrides = dict(model=str(weights), data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed,
-                     workers=workers, device=device, project=str(out_dir.parent), name=out_dir.name, exist_ok=True,
-                     plots=False, amp=False, deterministic=True, verbose=False, **kw)
-    if distill_from:
-        overrides.update(distill_model=str(distill_from), dis=feature_weight)
+    overrides = dict(model=str(weights), data=str(data_yaml), epochs=opts.epochs, imgsz=opts.imgsz,
+                     project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False, amp=False,
+                     deterministic=True, verbose=False, **{"seed": 0, "workers": 2, "device": "cpu", **tr})
+    if opts.distill is not None:
+        overrides.update(distill_model=str(opts.distill.teacher), dis=opts.distill.feature_weight)
     with collapsed_repeats(LOGGER):  # distilling: a "Freezing layer" notice per teacher parameter, one line
         trainer(overrides).train()
     (out_dir / "weights" / "done").touch()

@@ -38,6 +38,8 @@ class DataCfg(Strict):
 class ModelCfg(Strict):
     weights: str | None = None  # a user's .pt; for the default: the shipped base checkpoint
     arch: str = "yolo11n.yaml"  # what `make base` trains when weights are absent or to reproduce them
+    # yolov8 | yolo11 | yolo26; read from the checkpoint's structure when unset (pipeline/adapters/family.py)
+    family: Literal["yolov8", "yolo11", "yolo26"] | None = None
     imgsz: int = Field(320, ge=32)  # the synthetic data's size; `yolo-edge init` writes the checkpoint's own
 
 

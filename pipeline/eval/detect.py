@@ -1,9 +1,16 @@
-"""Pre- and post-processing of a YOLO11 detector, in numpy only (the Jetson side imports this too).
+"""Pre- and post-processing of a YOLO detector, in numpy only (the Jetson side imports this too).
 
-Preprocessing is ultralytics' LetterBox (centered, pad 114, bilinear resize, BGR->RGB, /255, NCHW float32);
-postprocessing is its validation NMS (multi-label, class-aware, conf >= conf, IoU iou, at most max_det), with
-boxes scaled back to the original image as `scale_boxes` does. The spec is written into deploy bundles so the
-device does exactly the same.
+Preprocessing is ultralytics' LetterBox (centered, pad 114, bilinear resize, BGR->RGB, /255, NCHW float32).
+The detector's output is (1, 4 + nc, anchors): per-anchor boxes in input pixels, then class scores. Postprocessing
+(`PrePost.post`) is the family's:
+- `nms` (YOLOv8, YOLO11; boxes xywh): ultralytics' validation NMS (multi-label, class-aware, conf > conf, IoU iou, at
+  most max_det);
+- `topk` (YOLO26's NMS-free one-to-one head; boxes x1y1x2y2): ultralytics' end-to-end selection
+  (`Detect.get_topk_index`): the max_det anchors with the best class score, then the max_det best (anchor, class)
+  scores among them, those over conf kept.
+- `final` (an ultralytics end-to-end export, such as its INT8 peer of a YOLO26): the output is (1, K, 6) detections
+  (x1, y1, x2, y2, score, class), those over conf kept. Boxes are scaled back to the original image as
+`scale_boxes` does. The spec is written into deploy bundles so the device does exactly the same.
 """
 
 from __future__ import annotations
@@ -23,15 +30,17 @@ class PrePost:
     max_det: int = 300
     max_nms: int = 30000
     max_wh: int = 7680
+    post: str = "nms"  # "nms" | "topk": the model family's post-processing; "final": detections already
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_recipe(cls, recipe) -> PrePost:
-        """The recipe's input size and bench thresholds: what every stage that runs the detector uses."""
+    def from_recipe(cls, recipe, post: str = "nms") -> PrePost:
+        """The recipe's input size and bench thresholds and the family's post-processing: what every stage that runs
+        the detector uses."""
         b = recipe.bench
-        return cls(imgsz=recipe.model.imgsz, conf=b.conf, iou=b.iou, max_det=b.max_det)
+        return cls(imgsz=recipe.model.imgsz, conf=b.conf, iou=b.iou, max_det=b.max_det, post=post)
 
 
 def letterbox_geometry(frame_hw: tuple[int, int], imgsz: int) -> dict:
@@ -80,9 +89,46 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: int) -> np.
     return np.array(keep, dtype=np.int64)
 
 
+def topk_select(p: np.ndarray, max_det: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ultralytics' end-to-end selection (Detect.get_topk_index, class-aware) over p (N, 4 + nc): the k = min(max_det,
+    N) anchors with the best class score, then the k best (anchor, class) scores among those anchors. Returns
+    (anchor indices, class indices, scores), best first."""
+    scores = p[:, 4:]
+    n, nc = scores.shape
+    k = min(max_det, n)
+    anchors = np.argsort(-scores.max(1), kind="stable")[:k]
+    flat = scores[anchors].reshape(-1)
+    top = np.argsort(-flat, kind="stable")[:k]
+    return anchors[top // nc], top % nc, flat[top]
+
+
+def _unletterbox(xyxy: np.ndarray, undo: tuple, orig_hw: tuple[int, int]) -> np.ndarray:
+    gx, gy, px, py = undo
+    xyxy = (xyxy - np.array([px, py, px, py], np.float32)) / np.array([gx, gy, gx, gy], np.float32)
+    h0, w0 = orig_hw
+    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w0)
+    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h0)
+    return xyxy
+
+
+def _detections(xyxy, sc, j, undo, orig_hw) -> np.ndarray:
+    xyxy = _unletterbox(xyxy.astype(np.float32), undo, orig_hw)
+    return np.concatenate([xyxy, sc[:, None], j[:, None].astype(np.float32)], 1).astype(np.float32)
+
+
 def postprocess(out: np.ndarray, undo: tuple, orig_hw: tuple[int, int], spec: PrePost) -> np.ndarray:
-    """out: (1, 4+nc, N) raw detector output (xywh in input pixels, class scores). Returns (k, 6):
-    x1, y1, x2, y2 (original image pixels), score, class."""
+    """out: (1, 4+nc, N) raw detector output (boxes in input pixels: xywh for `nms`, x1y1x2y2 for `topk`; class
+    scores), or for `final` (1, K, 6) detections. Returns (k, 6): x1, y1, x2, y2 (original image pixels), score,
+    class."""
+    if spec.post == "final":
+        d = out[0][out[0][:, 4] > spec.conf][: spec.max_det]
+        return _detections(d[:, :4], d[:, 4], d[:, 5].astype(np.int64), undo, orig_hw)
+    if spec.post == "topk":
+        p = out[0].T  # (N, 4+nc)
+        a, j, sc = topk_select(p, spec.max_det)
+        keep = sc > spec.conf
+        a, j, sc = a[keep], j[keep], sc[keep]
+        return _detections(p[a, :4], sc, j, undo, orig_hw)
     p = out[0].T  # (N, 4+nc)
     cls_scores = p[:, 4:]
     i, j = np.nonzero(cls_scores > spec.conf)  # multi-label: one candidate per (box, class) over conf
@@ -95,13 +141,7 @@ def postprocess(out: np.ndarray, undo: tuple, orig_hw: tuple[int, int], spec: Pr
     xywh = p[i, :4]
     xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
     keep = nms(xyxy + (j[:, None] * spec.max_wh).astype(xyxy.dtype), sc, spec.iou, spec.max_det)
-    xyxy, sc, j = xyxy[keep], sc[keep], j[keep]
-    gx, gy, px, py = undo
-    xyxy = (xyxy - np.array([px, py, px, py], np.float32)) / np.array([gx, gy, gx, gy], np.float32)
-    h0, w0 = orig_hw
-    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w0)
-    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h0)
-    return np.concatenate([xyxy, sc[:, None], j[:, None].astype(np.float32)], 1).astype(np.float32)
+    return _detections(xyxy[keep], sc[keep], j[keep], undo, orig_hw)
 
 
 # The end-to-end graph's outputs (pipeline/quant/e2e.py), in TensorRT EfficientNMS's layout.

@@ -1,7 +1,8 @@
 """End to end inside the engine (variant `*-e2e`): one ONNX from a camera frame to final detections.
 
-`build_e2e` wraps a detector ONNX (input 'images' float32 (1, 3, S, S), RGB / 255; output (1, 4 + nc, N): xywh
-centers in input pixels, then class scores; an FP32 export or an INT8 Q/DQ file alike) into one graph:
+`build_e2e` wraps a detector ONNX (input 'images' float32 (1, 3, S, S), RGB / 255; output (1, 4 + nc, N): boxes
+in input pixels, then class scores; an FP32 export or an INT8 Q/DQ file alike) into one graph, its tail the
+family's post-processing (spec.post): for `nms` (YOLOv8, YOLO11; xywh boxes)
 
     frame uint8 (H, W, 3) BGR
       -> cv2.resize INTER_LINEAR bit for bit (int32 Gather/Mul/Add/Div with cv2's 11-bit weights; or, with
@@ -13,6 +14,10 @@ centers in input pixels, then class scores; an FP32 export or an INT8 Q/DQ file 
       -> boxes x1y1x2y2 in frame pixels (minus pad, over gain, clipped), zero in unused slots
     outputs, EfficientNMS's layout: num_dets int32 (1, 1), boxes float32 (1, K, 4), scores float32 (1, K),
     classes int32 (1, K), K = max_det.
+
+For `topk` (YOLO26's NMS-free one-to-one head; x1y1x2y2 boxes) no NMS op: ReduceMax over classes -> TopK(max_det)
+anchors -> Gather their class scores -> TopK(max_det) over those (anchor, class) pairs -> scores over conf valid
+(detect.topk_select), then the same boxes-to-frame tail and outputs.
 
 It reproduces detect.letterbox + detect.postprocess: every size is computed at build time from the frame size
 and spec.imgsz with letterbox's own rounding; the NMS is ONNX's NonMaxSuppression per class (the Python path's NMS
@@ -172,15 +177,11 @@ def _letterbox(b: _Nodes, frame_hw: tuple[int, int], geo: dict, spec: PrePost, r
     node("Div", [x, const("pre/255", np.array(255.0, np.float32))], det_in)
 
 
-def _select(b: _Nodes, det_out: str, nc: int, n: int, k: int, k_eff: int, frame_hw: tuple[int, int], geo: dict,
-            spec: PrePost) -> None:
-    """NMS on the detector's output det_out (1, 4 + nc, N), then the best k detections in the frame's pixels: the
-    graph's outputs num_dets, boxes, scores, classes."""
+def _nms_candidates(b: _Nodes, det_out: str, nc: int, n: int, k_eff: int, spec: PrePost):
+    """`nms` (YOLOv8, YOLO11): NonMaxSuppression on the detector's output det_out (1, 4 + nc, N; boxes xywh), then the
+    best k_eff kept (box, class) pairs. Returns (x1y1x2y2 in input pixels (K, 4), scores (K,), classes int64 (K,),
+    valid bool (K,))."""
     node, const = b.node, b.const
-    h0, w0 = frame_hw
-    left, top = geo["pad_xy"]
-    gx, gy = geo["gain"]
-    # ---- NMS: boxes (1, N, 4) xywh, scores (1, nc, N)
     xywh = node("Slice", [det_out, const("post/s0", np.array([0], np.int64)), const("post/s4", np.array([4], np.int64)),
                           const("post/ax1", np.array([1], np.int64))], "post/xywh_t")  # (1, 4, N)
     scores = node("Slice", [det_out, "post/s4", const("post/send", np.array([4 + nc], np.int64)), "post/ax1"],
@@ -213,6 +214,54 @@ def _select(b: _Nodes, det_out: str, nc: int, n: int, k: int, k_eff: int, frame_
     half = node("Div", [wh, const("post/2", np.array(2.0, np.float32))], "post/half")
     xyxy = node("Concat", [node("Sub", [xy, half], "post/x1y1"), node("Add", [xy, half], "post/x2y2")],
                 "post/xyxy_in", axis=1)
+    return xyxy, top_s, cls, valid
+
+
+def _topk_candidates(b: _Nodes, det_out: str, nc: int, n: int, k_eff: int, spec: PrePost, opset: int):
+    """`topk` (YOLO26's one-to-one head, no NMS): detect.topk_select in ONNX ops on det_out (1, 4 + nc, N; boxes
+    x1y1x2y2): the k_eff anchors with the best class score (ReduceMax, TopK), then the k_eff best (anchor, class)
+    scores among them (TopK over the flattened k_eff x nc block), those over conf valid. Returns as
+    `_nms_candidates`."""
+    node, const = b.node, b.const
+    xyxy_t = node("Slice", [det_out, const("post/s0", np.array([0], np.int64)),
+                            const("post/s4", np.array([4], np.int64)), const("post/ax1", np.array([1], np.int64))],
+                  "post/xyxy_t")  # (1, 4, N)
+    scores = node("Slice", [det_out, "post/s4", const("post/send", np.array([4 + nc], np.int64)), "post/ax1"],
+                  "post/cls_scores")  # (1, nc, N)
+    ax0 = const("post/ax0", np.array([0], np.int64))
+    boxes = node("Squeeze", [node("Transpose", [xyxy_t], "post/xyxy_nt", perm=[0, 2, 1]), ax0], "post/boxes_n")
+    sc = node("Squeeze", [node("Transpose", [scores], "post/scores_t", perm=[0, 2, 1]), ax0], "post/scores_n")
+    if opset >= 18:  # ReduceMax's axes became an input in opset 18
+        best = node("ReduceMax", [sc, "post/ax1"], "post/best", keepdims=0)
+    else:
+        best = node("ReduceMax", [sc], "post/best", axes=[1], keepdims=0)  # (N,)
+    kk = const("post/K", np.array([k_eff], np.int64))
+    node("TopK", [best, kk], ["post/anc_s", "post/anc"], axis=0, largest=1, sorted=1)  # (K,): the best anchors
+    cand = node("Gather", [sc, "post/anc"], "post/cand", axis=0)  # (K, nc)
+    flat = node("Reshape", [cand, const("post/flat", np.array([k_eff * nc], np.int64))], "post/cand_flat")
+    top_s, top_i = node("TopK", [flat, kk], ["post/top_s", "post/top_i"], axis=0, largest=1, sorted=1), "post/top_i"
+    ncc = const("post/nc", np.array(nc, np.int64))
+    row = node("Div", [top_i, ncc], "post/row")  # int64 division: floor for non-negative
+    cls = node("Sub", [top_i, node("Mul", [row, ncc], "post/row_nc")], "post/cls")
+    anchor = node("Gather", ["post/anc", row], "post/anchor", axis=0)
+    xyxy = node("Gather", [boxes, anchor], "post/xyxy_in", axis=0)  # (K, 4)
+    valid = node("Greater", [top_s, const("post/conf", np.array(spec.conf, np.float32))], "post/valid")
+    const("post/zero", np.array(0, np.float32))
+    return xyxy, top_s, cls, valid
+
+
+def _select(b: _Nodes, det_out: str, nc: int, n: int, k: int, k_eff: int, frame_hw: tuple[int, int], geo: dict,
+            spec: PrePost, opset: int) -> None:
+    """The family's selection on the detector's output det_out (1, 4 + nc, N) (NMS, or YOLO26's top-K), then the
+    best k detections in the frame's pixels: the graph's outputs num_dets, boxes, scores, classes."""
+    node, const = b.node, b.const
+    h0, w0 = frame_hw
+    left, top = geo["pad_xy"]
+    gx, gy = geo["gain"]
+    if spec.post == "topk":
+        xyxy, top_s, cls, valid = _topk_candidates(b, det_out, nc, n, k_eff, spec, opset)
+    else:
+        xyxy, top_s, cls, valid = _nms_candidates(b, det_out, nc, n, k_eff, spec)
     xyxy = node("Div", [node("Sub", [xyxy, const("post/pad", np.array([left, top, left, top], np.float32))],
                              "post/unpad"),
                         const("post/gain", np.array([gx, gy, gx, gy], np.float32))], "post/xyxy_frame")
@@ -235,7 +284,6 @@ def _select(b: _Nodes, det_out: str, nc: int, n: int, k: int, k_eff: int, frame_
     node("Unsqueeze", [out_boxes, "post/ax0"], "boxes")
     node("Unsqueeze", [out_scores, "post/ax0"], "scores")
     node("Unsqueeze", [out_cls, "post/ax0"], "classes")
-
 
 
 def _assemble(det: onnx.ModelProto, b: _Nodes, n_pre: int, frame_hw: tuple[int, int], k: int,
@@ -275,7 +323,7 @@ def build_e2e(model_onnx: Path, dest: Path, frame_hw: tuple[int, int], spec: Pre
     k = int(max_det if max_det is not None else spec.max_det)
     if not 0 < k < TRT_TOPK_MAX:
         raise UserError(f"max_det {k} out of range: TensorRT's TopK needs 0 < K < {TRT_TOPK_MAX}")
-    k_eff = min(k, nc * n)
+    k_eff = min(k, n) if spec.post == "topk" else min(k, nc * n)
     h0, w0 = (int(v) for v in frame_hw)
     if h0 <= 0 or w0 <= 0:
         raise UserError(f"frame size {frame_hw} is not a positive (H, W)")
@@ -289,13 +337,14 @@ def build_e2e(model_onnx: Path, dest: Path, frame_hw: tuple[int, int], spec: Pre
     b = _Nodes()
     _letterbox(b, (h0, w0), geo, spec, resize, det.graph.input[0].name)
     n_pre = len(b.nodes)  # the detector's graph follows (prefixed)
-    _select(b, det.graph.output[0].name, nc, n, k, k_eff, (h0, w0), geo, spec)
+    _select(b, det.graph.output[0].name, nc, n, k, k_eff, (h0, w0), geo, spec, opset)
     model = _assemble(det, b, n_pre, (h0, w0), k, opset)
     dest.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dest))
     return {"frame_hw": [h0, w0], "imgsz": s, "resized_hw": [nh, nw], "pads_tblr": [top, bottom, left, right],
-            "gain_xy": [gx, gy], "nc": nc, "anchors": n, "max_det": k, "conf": spec.conf, "iou": spec.iou,
-            "opset": opset, "outputs": list(OUTPUTS)}
+            "gain_xy": [gx, gy], "nc": nc, "anchors": n, "max_det": k, "conf": spec.conf,
+            **({"iou": spec.iou} if spec.post == "nms" else {}), "selection": spec.post, "opset": opset,
+            "outputs": list(OUTPUTS)}
 
 
 def session(path: Path, threads: int = 2):

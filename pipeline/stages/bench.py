@@ -18,6 +18,7 @@ from pipeline.core.store import StageRecord, atomic_path, sha256_file, write_jso
 from pipeline.eval.bootstrap import annotate_rows
 from pipeline.eval.detect import PrePost
 from pipeline.report.markdown import render_devices, render_markdown
+from pipeline.stages.load import prepost
 
 VERSION = 5  # 5: speed-ups as the median of per-round ratios (4: interleaved timing, mAP intervals, vector units)
 
@@ -390,7 +391,7 @@ def _vs_base(rows: list[dict], bases: dict[str, str], timing, tvs: dict) -> None
 def run(ctx: Context) -> StageRecord:
     vs = variants(ctx)
     cfg = ctx.recipe.bench
-    spec = PrePost.from_recipe(ctx.recipe)
+    spec = prepost(ctx)
     check_injection(cfg, vs)
     inputs = {"eval": ctx.output("data", "eval"), "data": ctx.output("data", "yolo")}
     for v in vs:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.data.evalset import EvalSet, write_eval_set
@@ -77,6 +78,23 @@ def dataset(ctx: Context) -> Dataset:
 def eval_set(ctx: Context, verify: bool = True) -> EvalSet:
     """The run's evaluation set: images, their digests and the dataset's own ids, with their ground truth."""
     return EvalSet.load(ctx.output("data", "eval"), verify=verify)
+
+
+def held_out_images(ctx: Context, n: int, seed: int, why: str = "prune.mode/steps"):
+    """(a seeded sample of n train images that are not in the eval split (checked by content hash), the dataset)."""
+    import numpy as np
+
+    from pipeline.core.store import sha256_file
+
+    ds = dataset(ctx)
+    if "train" not in ds.splits or not ds.split("train"):
+        raise UserError(f"{why} need train images to measure accuracy on; the dataset has none",
+                        ctx.recipe.data.source)
+    eval_hashes = set(eval_set(ctx, verify=False).hashes())  # the images bench scores, by content
+    train = ds.split("train")
+    order = np.random.default_rng(seed).permutation(len(train))
+    picked = [train[i] for i in order if sha256_file(train[i].path) not in eval_hashes][:n]
+    return picked, ds
 
 
 def meta(ctx: Context) -> dict:

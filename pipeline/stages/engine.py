@@ -100,15 +100,14 @@ def _weighted_error(ref: list[np.ndarray], got: list[np.ndarray], imgsz: int) ->
     return tot / len(ref)
 
 
-def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray, imgsz: int, work: Path,
+def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray, imgsz: int, work: Path, fam,
                  exclude: list[str] | tuple = ("detect-decode",), tensorrt: str = "10.3") -> dict:
     """Write one strongly typed variant (kind 'fp16': from an FP32 ONNX; 'int8': from a Q/DQ ONNX) and check it:
     TensorRT `tensorrt`'s operator table and rules, then ORT parity against `fp32_ref` on images `x` (N, 3, H, W).
     Returns its metrics; raises UserError when it breaks a TensorRT rule or the tolerance."""
     from pipeline.quant import fp16
-    from pipeline.quant.ort_qdq import head_decode_nodes
 
-    keep = head_decode_nodes(onnx.load(str(src)), list(exclude))
+    keep = fam.float_decode_nodes(onnx.load(str(src)), list(exclude))
     rep = fp16.convert_file(src, dest, keep)
     emu = work / f"{dest.stem}.emulated.onnx"
     fp16.convert_file(src, emu, keep, emulate=True)
@@ -136,7 +135,8 @@ def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray
     else:
         # what FP16 alone does to the same FP32 model (its float parts rounded, no Q/DQ), measured the same way
         fp16_ref = work / f"{dest.stem}.fp16-alone.emulated.onnx"
-        fp16.convert_file(fp32_ref, fp16_ref, head_decode_nodes(onnx.load(str(fp32_ref)), list(exclude)), emulate=True)
+        fp16.convert_file(fp32_ref, fp16_ref, fam.float_decode_nodes(onnx.load(str(fp32_ref)), list(exclude)),
+                          emulate=True)
         e_fp16 = _weighted_error(ref, _outputs(fp16_ref, x), imgsz)
         base = _weighted_error(ref, _outputs(src, x), imgsz)
         e_emu, e_real = _weighted_error(ref, emulated, imgsz), _weighted_error(ref, real, imgsz)
@@ -178,6 +178,9 @@ def parity_inputs(ctx: Context, n: int = PARITY_IMAGES) -> np.ndarray:
 
 def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
     """The dev-box half: the strongly typed ONNX files and their parity, as the `engine` record."""
+    from pipeline.stages.load import family
+
+    fam = family(ctx)
     srcs = variant_sources(ctx)
     inputs = {}
     for name, (_, src, ref) in srcs.items():
@@ -197,7 +200,7 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
         outputs, metrics, effective = {}, {}, {}
         for name, (kind, _, _) in srcs.items():
             info = make_variant(kind, inputs[f"{name}.src"], out / f"{name}.onnx", inputs[f"{name}.ref"], x,
-                                ctx.recipe.model.imgsz, work, ctx.recipe.quantize.exclude, mx.version)
+                                ctx.recipe.model.imgsz, work, fam, ctx.recipe.quantize.exclude, mx.version)
             outputs[name] = f"{name}.onnx"
             metrics[name] = info
             effective[name] = {"precision": "fp16" if kind == "fp16" else "int8-qdq+fp16", "io": "fp32",

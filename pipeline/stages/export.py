@@ -24,9 +24,9 @@ def parity_images(ctx: Context, n: int = 8) -> list[Path]:
 
 
 def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: bool, images: list[Path],
-                   atol: float, dfl_last_axis: bool = False) -> dict:
-    """Export, then check: onnx.checker, and ONNX Runtime vs the *original* PyTorch model on real images (so an
-    export-time rewrite is checked too)."""
+                   atol: float, fam, dfl_last_axis: bool = False) -> dict:
+    """Export the family's deployed form of `weights`, then check: onnx.checker, and ONNX Runtime vs that form of the
+    *original* PyTorch model on real images (so an export-time rewrite is checked too)."""
     import tempfile
 
     import onnx
@@ -36,18 +36,17 @@ def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: 
 
     rewrites = []
     with tempfile.TemporaryDirectory() as td:
-        src = weights
+        m = fam.deploy_form(ua.load_detection_model(weights))
         if dfl_last_axis:
-            from pipeline.adapters.yolo11_blocks import rewrite_dfl
+            from pipeline.adapters.blocks import rewrite_dfl
 
-            m = ua.load_detection_model(weights)
             if rewrite_dfl(m):
                 rewrites.append("dfl_last_axis")
-            src = ua.save_checkpoint(m, Path(td) / "rewritten.pt")
-        ua.export_onnx(src, dest, imgsz=imgsz, opset=opset, simplify=simplify)
+        ua.export_onnx(ua.save_checkpoint(m, Path(td) / "deployed.pt"), dest, imgsz=imgsz, opset=opset,
+                       simplify=simplify)
     m = onnx.load(str(dest))
     onnx.checker.check_model(m, full_check=True)
-    torch_model = ua.load_detection_model(weights)
+    torch_model = fam.deploy_form(ua.load_detection_model(weights))
     runner = OnnxRuntimeRunner(dest, threads=2)
     diffs, px = [], []
     for p in images:
@@ -67,21 +66,25 @@ def export_checked(weights: Path, dest: Path, imgsz: int, opset: int, simplify: 
         raise UserError(f"ONNX Runtime output differs from PyTorch by {worst:.2e} (> {atol:g}; boxes in units of "
                         f"the {imgsz}px input, scores as probabilities)", dest)
     opsets = {o.domain or "ai.onnx": o.version for o in m.opset_import}
-    return {"opset": opsets.get("ai.onnx"), "checker": "passed", "parity_max_abs_diff": worst,
+    return {"opset": opsets.get("ai.onnx"), "checker": "passed", "family": fam.name, "parity_max_abs_diff": worst,
             "parity_max_abs_diff_px": max(px), "rewrites": rewrites,
             "parity_images": len(images), "inputs": [[d.dim_value for d in i.type.tensor_type.shape.dim]
                                                      for i in m.graph.input]}
 
 
 def run(ctx: Context, source_stage: str = "load", stage_name: str = "export") -> StageRecord:
+    from pipeline.stages.load import family
+
     cfg = ctx.recipe.export
+    fam = family(ctx)
     # e2e: bench builds those
-    config = {**cfg.model_dump(exclude={"e2e"}), "imgsz": ctx.recipe.model.imgsz, "parity_images": 8}
+    config = {**cfg.model_dump(exclude={"e2e"}), "imgsz": ctx.recipe.model.imgsz, "parity_images": 8,
+              **({"family": fam.name} if fam.name != "yolo11" else {})}  # YOLO11's key as before the families
     inputs = {"model": ctx.output(source_stage, "model")}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         metrics = export_checked(inputs["model"], out / "model.onnx", ctx.recipe.model.imgsz, cfg.opset,
-                                 cfg.simplify, parity_images(ctx, 8), cfg.parity_atol, cfg.dfl_last_axis)
+                                 cfg.simplify, parity_images(ctx, 8), cfg.parity_atol, fam, cfg.dfl_last_axis)
         (out / "export.json").write_text(json.dumps(metrics, indent=1))
         return StageResult(outputs={"onnx": "model.onnx"}, metrics=metrics,
                            requested={"opset": cfg.opset}, effective={"opset": metrics["opset"]})

@@ -27,26 +27,27 @@ def run(ctx: Context) -> StageRecord:
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.adapters import ultralytics_yolo as ua
-        from pipeline.adapters import yolo11_prune as yp
+        from pipeline.stages.load import family
 
+        fam = family(ctx)
         pruned = ua.load_detection_model(inputs["model"])
-        want = yp.arch_signature(pruned)
+        want = fam.signature(pruned)
         key = sha256_json({"config": config, "model": sha256_file(inputs["model"]),
                            "teacher": sha256_file(inputs["teacher"]) if "teacher" in inputs else None})
         work = ctx.run_dir / ".work" / f"finetune-{key[:16]}"
         if (work / "weights" / "last.pt").is_file():
             console.print(f"  resuming the interrupted fine-tune in {work}")
-        last = ua.finetune(inputs["model"], inputs["data"] / "data.yaml", work, epochs=c.epochs,
-                           imgsz=ctx.recipe.model.imgsz, distill_from=inputs.get("teacher"),
-                           **c.trainer_args(), **c.distill.trainer_args())
+        kd = ua.Distill(inputs["teacher"], **c.distill.trainer_args()) if "teacher" in inputs else None
+        opts = ua.TrainOptions(c.epochs, ctx.recipe.model.imgsz, c.trainer_args(), distill=kd)
+        last = ua.finetune(inputs["model"], inputs["data"] / "data.yaml", work, opts)
         model = ua.load_detection_model(last)
-        if yp.arch_signature(model) != want:
+        if fam.signature(model) != want:
             raise UserError("the fine-tuned checkpoint does not have the pruned architecture: refusing it", last)
         model.names = pruned.names
         ua.save_checkpoint(model, out / "model.pt", pruning={"history_file": "history.json"})
         shutil.copyfile(inputs["history"], out / "history.json")
         history = ua.training_history(work)
-        stats = ua.model_stats(model, ctx.recipe.model.imgsz)
+        stats = ua.model_stats(model, ctx.recipe.model.imgsz, fam)
         (out / "model.json").write_text(json.dumps({**stats, "history": history}, indent=1))
         shutil.rmtree(work, ignore_errors=True)
         return StageResult(outputs={"model": "model.pt", "history": "history.json", "info": "model.json"},

@@ -1,5 +1,6 @@
-"""`load` stage: a user's YOLO11 `.pt`, or a `.yaml` architecture built with the dataset's class count,
-re-saved as an FP32 ultralytics checkpoint with its parameter and MAC counts. A training record beside the
+"""`load` stage: a user's YOLOv8, YOLO11 or YOLO26 `.pt`, or a `.yaml` architecture built with the dataset's class
+count, re-saved as an FP32 ultralytics checkpoint with its family (read from its structure; `model.family`
+overrides), parameter and MAC counts (of the deployed form). A training record beside the
 weights (`<name>.json`, as `make base` writes it) is read for how the model was trained and whether its
 convergence check passed; bench reports it next to base-fp32."""
 
@@ -13,7 +14,22 @@ from pipeline.core.stage import Context, StageResult, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.stages import data as data_stage
 
-VERSION = 2
+VERSION = 3  # 3: the model family
+
+
+def family(ctx: Context):
+    """The run's model family, as the load stage recorded it (pipeline/adapters/family.py)."""
+    from pipeline.adapters.family import family_named
+
+    return family_named(json.loads(ctx.output("load", "info").read_text()).get("family", "yolo11"))
+
+
+def prepost(ctx: Context):
+    """The letterbox and post-processing every stage that runs the detector uses: the recipe's input size and bench
+    thresholds, the family's post-processing (NMS, or YOLO26's top-K)."""
+    from pipeline.eval.detect import PrePost
+
+    return PrePost.from_recipe(ctx.recipe, post=family(ctx).post)
 
 
 def weights_spec(ctx: Context) -> str:
@@ -49,6 +65,7 @@ def run(ctx: Context) -> StageRecord:
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.adapters import ultralytics_yolo as ua
+        from pipeline.adapters.family import family_of
 
         if "weights" in inputs:
             model = ua.load_detection_model(inputs["weights"])
@@ -59,7 +76,8 @@ def run(ctx: Context) -> StageRecord:
             check_class_order(model, meta["names"], inputs["weights"])
         else:
             model = ua.build_from_yaml(spec, nc=len(meta["names"]), names=meta["names"])
-        stats = ua.model_stats(model, ctx.recipe.model.imgsz)
+        fam = family_of(model, ctx.recipe.model.family, spec)
+        stats = {**ua.model_stats(model, ctx.recipe.model.imgsz, fam), "family": fam.name}
         ua.save_checkpoint(model, out / "model.pt")
         info = {**stats, "nc": len(meta["names"]), "names": ua.names_of(model) or meta["names"], "source": spec}
         if "training" in inputs:

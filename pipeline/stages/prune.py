@@ -31,15 +31,16 @@ from pathlib import Path
 from pipeline.core.errors import UnreachableTarget, UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
-from pipeline.cutting import cut_tools, make_cut, spec_of
+from pipeline.cutting import Cutter, make_cut, spec_of
+from pipeline.stages.cuts import cutter
 
 VERSION = 6
 WAYPOINT_GAP = 0.1  # an iterative waypoint keeps MACs >= (1 + this) x the final target, relative to the model it cuts
 
 
 def run(ctx: Context) -> StageRecord:
-    spec = spec_of(ctx)
     c = ctx.recipe.prune
+    spec = spec_of(c)
     if c.steps > 1 and c.ratio is not None:
         raise UserError("prune.steps > 1 needs prune.macs_target (the steps approach it), not prune.ratio",
                         ctx.recipe_path)
@@ -58,8 +59,8 @@ def run(ctx: Context) -> StageRecord:
         inputs["data"] = ctx.output("data", "yolo")
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
+        from pipeline.adapters import pruning as yp
         from pipeline.adapters import ultralytics_yolo as ua
-        from pipeline.adapters import yolo11_prune as yp
 
         model = ua.load_detection_model(inputs["model"])
         sparse = None
@@ -70,21 +71,22 @@ def run(ctx: Context) -> StageRecord:
             model = ua.load_detection_model(path)
             sparse = {k: srec[k] for k in ("source", "path", "key", "model_digest", "data_digest", "settings",
                                            "epochs", "final_val_map50_95")}
-        grads_fn, evaluator, calib = cut_tools(ctx, inputs.get("data"), needs_eval)
+        cut = cutter(ctx, inputs.get("data"), needs_eval)
 
         if sparse is not None and "cut" in srec:  # the fade phase trained toward this plan: apply it
-            pruned, history, info, plan = _planned_cut(ctx, model, srec["cut"], evaluator, calib, out)
+            pruned, history, info, plan = _planned_cut(ctx, model, srec["cut"], cut, out)
             steps = [{"step": 1, **_summary(info), **plan}]
         elif c.steps == 1:
-            pruned, history, info, plan = _prune_once(ctx, model, spec, grads_fn, evaluator, out, calib)
+            pruned, history, info, plan = _prune_once(ctx, model, spec, cut, out)
             steps = [{"step": 1, **_summary(info), **plan}]
         else:
-            pruned, history, info, steps = _iterative(ctx, model, spec, grads_fn, evaluator, out, inputs, calib)
+            pruned, history, info, steps = _iterative(ctx, model, spec, cut, out, inputs)
         pruned.names = model.names
         ua.save_checkpoint(pruned, out / "pruned.pt", pruning={"history_file": "history.json", "spec": _jsonable(spec),
                                                                "macs_fraction": info["macs_fraction"]})
         yp.save_history(history, out / "history.json")
-        meta = {"spec": _jsonable(spec), "mode": c.mode, "steps": steps, "sparsity": sparse, **info}
+        meta = {"spec": _jsonable(spec), "mode": c.mode, "steps": steps, "sparsity": sparse, "family": cut.fam.name,
+                **info}
         (out / "plan.json").write_text(json.dumps({**meta, "channels": yp.channel_report(pruned)}, indent=1))
         (out / "model.json").write_text(json.dumps({"params": info["params"], "macs": info["macs"]}, indent=1))
         console.print(f"  pruned to {info['macs_fraction']:.3f}x MACs, {info['params_fraction']:.3f}x params "
@@ -105,14 +107,14 @@ def run(ctx: Context) -> StageRecord:
     return run_stage(ctx, "prune", VERSION, config, inputs, fn)
 
 
-def _planned_cut(ctx: Context, model, cut: dict, evaluator, calib, out: Path):
+def _planned_cut(ctx: Context, model, cut: dict, cutter: Cutter, out: Path):
     """Apply the cut a fade phase trained toward; its removed channels carry zero, so the outputs must not change
     (checked on real images). The reconstruction is skipped when they do not: there is nothing to refit."""
     import time
 
     import torch
 
-    from pipeline.adapters import yolo11_prune as yp
+    from pipeline.adapters import pruning as yp
 
     t0 = time.time()
     if "sensitivity" in cut:
@@ -121,17 +123,17 @@ def _planned_cut(ctx: Context, model, cut: dict, evaluator, calib, out: Path):
         sens = cut["sensitivity"]
         save_table_and_plot(sens, {r["group"]: r["latency_ms"] for r in sens["groups"] if r["latency_ms"] is not None},
                             {r["group"]: r["ratio"] for r in sens["groups"] if r["ratio"] is not None}, out)
-    imgsz = ctx.recipe.model.imgsz
-    prepared = yp.prepare(model)
-    pruned = yp.cut(model, cut["history"], imgsz)
+    imgsz, fam, evaluator, calib = cutter.imgsz, cutter.fam, cutter.evaluator, cutter.calib
+    prepared = yp.prepare(model, fam)
+    pruned = yp.cut(model, cut["history"], imgsz, fam)
     x = calib[0][:8] if calib is not None else torch.rand(2, 3, imgsz, imgsz)
     with torch.no_grad():
-        a, b = prepared(x), pruned(x)
+        a, b = fam.deploy_form(prepared)(x), fam.deploy_form(pruned)(x)
     a, b = (a[0] if isinstance(a, tuple) else a), (b[0] if isinstance(b, tuple) else b)
     diff, scale = float((a - b).abs().max()), float(a.abs().max())
     exact = diff <= 1e-5 * max(scale, 1.0)  # float32 summation order only (outputs: boxes in pixels, scores)
-    base_macs, base_params = yp.macs_params(prepared, imgsz)
-    macs, params = yp.macs_params(pruned, imgsz)
+    base_macs, base_params = yp.macs_params(prepared, imgsz, fam)
+    macs, params = yp.macs_params(pruned, imgsz, fam)
     info = {**cut["info"], "base_macs": base_macs, "base_params": base_params, "macs": macs, "params": params,
             "macs_fraction": macs / base_macs, "params_fraction": params / base_params}
     plan = {**cut["plan"], "planned_by_fade_phase": True, "cut_max_abs_diff": diff, "output_max_abs": scale,
@@ -143,7 +145,7 @@ def _planned_cut(ctx: Context, model, cut: dict, evaluator, calib, out: Path):
         plan["map50_95_after_cut"] = evaluator(pruned)
     if calib is not None:
         if not exact:
-            plan["reconstruct"] = _reconstruct(ctx, model, pruned, cut["history"], calib, evaluator)
+            plan["reconstruct"] = _reconstruct(ctx, model, pruned, cut["history"], cutter)
         else:
             plan["reconstruct"] = {"skipped": f"the cut is exact (max abs diff {diff:.2e}): nothing to refit"}
     info["seconds"] = time.time() - t0
@@ -168,20 +170,20 @@ def _summary(d: dict) -> dict:
     return out
 
 
-def _reconstruct(ctx: Context, reference, pruned, history, calib, evaluator) -> dict:
-    """Refit the pruned model's convs to the reference's features (in place); returns the record. calib is
-    (images, whether they are the evaluator's own)."""
+def _reconstruct(ctx: Context, reference, pruned, history, cutter: Cutter) -> dict:
+    """Refit the pruned model's convs to the reference's features (in place) on the cutter's reconstruction images;
+    returns the record."""
     from rich.progress import Progress
 
-    from pipeline.adapters import yolo11_prune as yp
+    from pipeline.adapters import pruning as yp
     from pipeline.adapters.reconstruct import reconstruct
 
     r = ctx.recipe.prune.reconstruct
-    calib, overlap = calib
+    (calib, overlap), evaluator, fam = cutter.calib, cutter.evaluator, cutter.fam
     before = evaluator(pruned)
     with Progress(transient=True) as prog:
         task = prog.add_task(f"reconstruct: refitting convs on {len(calib)} images", total=None)
-        stats = reconstruct(yp.prepare(reference), pruned, history, calib, ctx.recipe.model.imgsz,
+        stats = reconstruct(yp.prepare(reference, fam), pruned, history, calib, ctx.recipe.model.imgsz, fam,
                             positions=r.positions, alpha=r.alpha, seed=r.seed,
                             progress=lambda k, n: prog.update(task, completed=k, total=n))
     after = evaluator(pruned)
@@ -191,23 +193,23 @@ def _reconstruct(ctx: Context, reference, pruned, history, calib, evaluator) -> 
     return {**stats, "map50_95_before": before, "map50_95_after": after, "fit_on_eval_images": overlap}
 
 
-def _prune_once(ctx: Context, model, spec, grads_fn, evaluator, out: Path, calib=None):
-    """One pruning pass to spec.macs_target (relative to `model`), then the reconstruction when calib images are
-    given. Returns (pruned, history, info, plan)."""
-    pruned, history, info, plan = make_cut(ctx, model, spec, grads_fn, evaluator, out)
-    if calib is not None:
-        plan["reconstruct"] = _reconstruct(ctx, model, pruned, history, calib, evaluator)
+def _prune_once(ctx: Context, model, spec, cutter: Cutter, out: Path):
+    """One pruning pass to spec.macs_target (relative to `model`), then the reconstruction when the cutter has
+    reconstruction images. Returns (pruned, history, info, plan)."""
+    pruned, history, info, plan = make_cut(cutter, model, spec, out)
+    if cutter.calib is not None:
+        plan["reconstruct"] = _reconstruct(ctx, model, pruned, history, cutter)
         info["seconds"] += plan["reconstruct"]["seconds"]
     return pruned, history, info, plan
 
 
-def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs, calib=None):
+def _iterative(ctx: Context, model, spec, cutter: Cutter, out: Path, inputs):
+    from pipeline.adapters import pruning as yp
     from pipeline.adapters import ultralytics_yolo as ua
-    from pipeline.adapters import yolo11_prune as yp
 
-    c, f = ctx.recipe.prune, ctx.recipe.finetune
+    c, f, fam, evaluator = ctx.recipe.prune, ctx.recipe.finetune, cutter.fam, cutter.evaluator
     imgsz = ctx.recipe.model.imgsz
-    base_macs, base_params = yp.macs_params(yp.prepare(model), imgsz)
+    base_macs, base_params = yp.macs_params(yp.prepare(model, fam), imgsz, fam)
     base_map = evaluator(model)
     cur, frac, history, steps, total_s, kept = model, 1.0, [], [], 0.0, 0
     work = ctx.run_dir / ".work" / "prune-steps"
@@ -225,7 +227,7 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
             step_spec = dataclasses.replace(step_spec, tolerance=max(spec.tolerance, 0.1),
                                             accept=(min(final * (1 + WAYPOINT_GAP), 0.98), 0.98))
         try:
-            pruned, h, inf, plan = _prune_once(ctx, cur, step_spec, grads_fn, evaluator, out, calib)
+            pruned, h, inf, plan = _prune_once(ctx, cur, step_spec, cutter, out)
         except UnreachableTarget as e:
             if i < c.steps:
                 steps.append({"step": i, "target": goal, "skipped": e.problem})
@@ -243,16 +245,16 @@ def _iterative(ctx: Context, model, spec, grads_fn, evaluator, out: Path, inputs
             ck = work / f"step{i}" / "pruned.pt"
             ck.parent.mkdir(parents=True, exist_ok=True)
             ua.save_checkpoint(pruned, ck)
-            last = ua.finetune(ck, inputs["data"] / "data.yaml", work / f"step{i}" / "train", epochs=c.step_epochs,
-                               imgsz=imgsz, **{**f.trainer_args(), "close_mosaic": 0,
-                                               "warmup_epochs": min(f.warmup_epochs, 1.0)})
+            opts = ua.TrainOptions(c.step_epochs, imgsz, {**f.trainer_args(), "close_mosaic": 0,
+                                                          "warmup_epochs": min(f.warmup_epochs, 1.0)})
+            last = ua.finetune(ck, inputs["data"] / "data.yaml", work / f"step{i}" / "train", opts)
             tuned = ua.load_detection_model(last)
-            if yp.arch_signature(tuned) != yp.arch_signature(pruned):
+            if fam.signature(tuned) != fam.signature(pruned):
                 raise UserError("the step's fine-tuned checkpoint lost the pruned architecture", last)
             tuned.names = model.names
             pruned = tuned
         m = evaluator(pruned)
-        macs, params = yp.macs_params(pruned, imgsz)
+        macs, params = yp.macs_params(pruned, imgsz, fam)
         rec.update({"macs_fraction": macs / base_macs, "params_fraction": params / base_params, "map50_95": m,
                     "drop": base_map - m, "finetuned": i < c.steps})
         console.print(f"  step {i}: {macs / base_macs:.3f}x MACs, held-out mAP50-95 {m:.4f} "

@@ -28,14 +28,14 @@ VERSION = 7  # 7: the search's stop rule counts the tuning estimate's noise
 
 def _tuning_dets(onnx_path: Path, gt: dict, ctx: Context) -> list[dict]:
     from pipeline.backends.onnxruntime import OnnxRuntimeRunner
-    from pipeline.eval.detect import PrePost
     from pipeline.eval.measure import EvalImage, accuracy
     from pipeline.stages.calibrate import resolve
+    from pipeline.stages.load import prepost
 
     images = [EvalImage(str(resolve(ctx, im["file_name"])), im["id"]) for im in gt["images"]]
     cat_ids = [c["id"] for c in gt["categories"]]
     _, dets = accuracy(OnnxRuntimeRunner(onnx_path, threads=ctx.recipe.bench.threads), images, gt, cat_ids,
-                       PrePost.from_recipe(ctx.recipe), label=f"tuning {onnx_path.name}")
+                       prepost(ctx), label=f"tuning {onnx_path.name}")
     return dets
 
 
@@ -125,6 +125,9 @@ def run(ctx: Context) -> StageRecord:
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.quant import ort_qdq as oq
         from pipeline.quant import trt_check
+        from pipeline.stages.load import family
+
+        fam = family(ctx)
 
         calib = np.load(inputs["calib"])
         gt = json.loads(inputs["tuning"].read_text())
@@ -139,7 +142,7 @@ def run(ctx: Context) -> StageRecord:
         caches = {}
         for src, name, aware in jobs:
             fp32 = inputs[src]
-            exclude = oq.head_decode_nodes(onnx.load(str(fp32)), q.exclude)
+            exclude = fam.float_decode_nodes(onnx.load(str(fp32)), q.exclude)
             if src not in caches:
                 caches[src] = oq.compute_ranges(fp32, calib, q.method, work / f"{src}.{q.method}.json", work,
                                                 decode=exclude, percentile=q.percentile)

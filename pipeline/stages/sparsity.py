@@ -147,12 +147,14 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
     """Train the sparsity phases from `model_path` and write the folded checkpoint (FP16, lossless) to `dest` with
     its record (dest.json). Returns the record. The longest prefix of phases already made (a phase cached in the
     work directory, or the shipped weights) is the starting point."""
+    from pipeline.adapters import pruning as yp
     from pipeline.adapters import ultralytics_yolo as ua
-    from pipeline.adapters import yolo11_prune as yp
-    from pipeline.adapters.yolo11_blocks import fold_into
+    from pipeline.adapters.blocks import fold_into
     from pipeline.stages.base_training import trained_on
+    from pipeline.stages.load import family
 
     s = ctx.recipe.prune.sparsity
+    fam = family(ctx)
     work = ctx.run_dir / ".work" / "sparsity"
     work.mkdir(parents=True, exist_ok=True)
     n = len(s.phases)
@@ -169,19 +171,21 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
         ph = s.phases[i - 1]
         tag = prefix[i - 1]["key"][:16]
         start = work / f"{tag}-start.pt"
-        prepared = yp.prepare(stock)
+        prepared = yp.prepare(stock, fam)
         fade = None
         if ph.fade:
             planned = work / f"{tag}-plan.json"  # kept: a resumed phase must fade toward the same plan (the
             if not planned.is_file():             # latency search times the model, so a new one could differ)
                 from pipeline.cutting import plan_cut
+                from pipeline.stages.cuts import cutter
 
                 console.print(f"  sparsity phase {i}/{n}: planning the cut on the weights it starts from")
+                cut = cutter(ctx, data_dir, ctx.recipe.prune.mode != "uniform")
                 with atomic_path(planned) as tmp:
-                    tmp.write_text(json.dumps(plan_cut(ctx, stock, data_dir, work / f"{tag}-plan")))
+                    tmp.write_text(json.dumps(plan_cut(cut, stock, work / f"{tag}-plan")))
             rec = {**rec, "cut": json.loads(planned.read_text())}
         if ph.fade or ph.hold:  # a hold phase: the planned channels are zero already (0 fade epochs); they stay
-            fade = {"targets": yp.fade_targets(prepared, rec["cut"]["history"], ctx.recipe.model.imgsz),
+            fade = {"targets": yp.fade_targets(prepared, rec["cut"]["history"], ctx.recipe.model.imgsz, fam),
                     "epochs": 0 if ph.hold else ph.fade}
             bns = sum(len(v) for v in fade["targets"].values())
             console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, "
@@ -193,10 +197,12 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
             console.print(f"  sparsity phase {i}/{n}: {ph.epochs} epochs, group regularization {ph.reg:g}, on the "
                           f"rewritten model" + (", distilled from the dense model" if ph.distill else ""))
         ua.save_checkpoint(prepared, start, train_args=stock.args)
-        last = ua.finetune(start, data_dir / "data.yaml", work / tag, epochs=ph.epochs,
-                           imgsz=ctx.recipe.model.imgsz, sparsity=ph.reg, fade=fade, close_mosaic=s.close_mosaic,
-                           warmup_epochs=s.warmup_epochs, patience=0, distill_from=model_path if ph.distill else None,
-                           **s.trainer_args(), **s.distill.trainer_args())
+        opts = ua.TrainOptions(ph.epochs, ctx.recipe.model.imgsz,
+                               {**s.trainer_args(), "close_mosaic": s.close_mosaic,
+                                "warmup_epochs": s.warmup_epochs, "patience": 0},
+                               distill=ua.Distill(model_path, **s.distill.trainer_args()) if ph.distill else None,
+                               sparsify=ua.Sparsify(fam, ph.reg, fade))
+        last = ua.finetune(start, data_dir / "data.yaml", work / tag, opts)
         trained = ua.load_detection_model(last)
         if fade:  # exactly zero (the saved EMA followed the fade; FP16 keeps zeros)
             mods = dict(trained.named_modules())

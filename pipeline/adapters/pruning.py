@@ -1,9 +1,11 @@
-"""Structured channel pruning of YOLO11 with Torch-Pruning's dependency graph (DepGraph).
+"""Structured channel pruning of YOLOv8, YOLO11 and YOLO26 with Torch-Pruning's dependency graph (DepGraph).
 
-Plan first, change second: the model is rewritten exactly (yolo11_blocks), Detect's final box/class convs and
-the DFL are protected, the C2PSA attention is a leaf with its own pruner (its residual in/out width shrinks with
-the stream around it; its heads are kept whole), and Torch-Pruning's MetaPruner proposes and applies groups.
-A MACs target is reached by bisection over the channel ratio, `round_to` honoured throughout.
+Plan first, change second: the model is rewritten exactly (its family's `prepare`: blocks.py), Detect's final
+box/class convs and the DFL are protected (`protected_layers`), the C2PSA/PSA attention is a leaf with its own pruner
+(its residual in/out width shrinks with the stream around it; its heads are kept whole), the graph is traced through
+every head branch (`trace`), and Torch-Pruning's MetaPruner proposes and applies groups. A MACs target (counted on
+the family's deployed form) is reached by bisection over the channel ratio, `round_to` honoured throughout. Every
+function takes the model's family (pipeline/adapters/family.py) beside the model.
 """
 
 from __future__ import annotations
@@ -18,17 +20,11 @@ from pathlib import Path
 import torch
 import torch_pruning as tp
 from torch import nn
-from ultralytics.nn.modules.block import C3, DFL, SPPF, Bottleneck, C3k, PSABlock
-from ultralytics.nn.modules.conv import Concat, Conv, DWConv
-from ultralytics.nn.modules.head import Detect
 from ultralytics.nn.tasks import DetectionModel
 
-from pipeline.adapters.yolo11_blocks import C2fSplit, C2PSASplit, DecoupledAttention, rewrite
+from pipeline.adapters.blocks import DecoupledAttention
 from pipeline.core.errors import UnreachableTarget, UserError
 
-KNOWN = (DetectionModel, Conv, DWConv, Bottleneck, C3k, C3, C2fSplit, C2PSASplit, PSABlock, DecoupledAttention,
-         SPPF, Detect, DFL, Concat, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Identity,
-         nn.MaxPool2d, nn.Upsample)
 SEARCH_MAX_RATIO = 0.7
 IMPORTANCE = ("l1", "l2", "taylor", "bn_scale", "lamp")
 
@@ -122,22 +118,6 @@ class AttentionPruner(tp.pruner.function.BasePruningFunc):
         return layer.qkv.conv.in_channels
 
 
-def check_known(model: nn.Module, where: str | Path | None = None) -> None:
-    for name, m in model.named_modules():
-        if not isinstance(m, KNOWN):
-            raise UserError(f"module '{name}' ({type(m).__module__}.{type(m).__name__}) is not one the YOLO11 pruner "
-                            f"knows; it prunes YOLO11 detection models (Conv, C3k2, SPPF, C2PSA, Detect)", where)
-
-
-def protected_layers(model: nn.Module) -> list[nn.Module]:
-    det = model.model[-1]
-    keep = [det.dfl] if isinstance(det.dfl, nn.Module) else []
-    for head in (det.cv2, det.cv3):
-        keep += [seq[-1] for seq in head]
-    for name in ("one2one_cv2", "one2one_cv3"):
-        if getattr(det, name, None) is not None:
-            keep += [seq[-1] for seq in getattr(det, name)]
-    return keep
 
 
 def _importance(kind: str):
@@ -152,11 +132,6 @@ def _importance(kind: str):
     if kind == "lamp":
         return tp.importance.LAMPImportance(p=2)
     raise UserError(f"unknown importance '{kind}' (one of {', '.join(IMPORTANCE)})")
-
-
-def _forward(m, x):
-    out = m(x)
-    return out[0] if isinstance(out, tuple) else out
 
 
 @dataclass
@@ -192,7 +167,12 @@ def _structure(model: nn.Module) -> tuple:
     return tuple(out)
 
 
-def macs_params(model: nn.Module, imgsz: int) -> tuple[int, int]:
+def macs_params(model: nn.Module, imgsz: int, fam) -> tuple[int, int]:
+    """(MACs, parameters) of the family's deployed form of `model` at a 1x3ximgszximgsz input."""
+    return fam.macs_params(model, imgsz)
+
+
+def count_macs_params(model: nn.Module, imgsz: int) -> tuple[int, int]:
     """(MACs, parameters) at a 1x3ximgszximgsz input, counted by Torch-Pruning (a forward pass on a copy), once per
     structure: a search meets the same pruned architecture more than once."""
     was = model.training
@@ -208,26 +188,20 @@ def macs_params(model: nn.Module, imgsz: int) -> tuple[int, int]:
     return _MACS_MEMO[key]
 
 
-def prepare(model: DetectionModel) -> DetectionModel:
-    """A rewritten copy, ready for the dependency graph."""
-    m = copy.deepcopy(model).float()
-    rewrite(m)
-    m.eval()  # after the rewrite: the split convs it builds are new modules, in training mode
-    check_known(m)
-    for p in m.parameters():
-        p.requires_grad_(True)
-    return m
+def prepare(model: DetectionModel, fam) -> DetectionModel:
+    """A rewritten copy, ready for the dependency graph (the family's block rewrites)."""
+    return fam.prepare(model)
 
 
-def _pruner(model: nn.Module, imgsz: int, spec: PruneSpec, ratio: float, grads_fn=None, ratio_dict=None):
+def _pruner(model: nn.Module, imgsz: int, spec: PruneSpec, ratio: float, fam, grads_fn=None, ratio_dict=None):
     by_name = dict(model.named_modules())
     rdict = {by_name[n]: min(r, spec.max_layer_ratio) for n, r in (ratio_dict or spec.ratio_dict or {}).items()
              if n in by_name} or None
     p = tp.pruner.MetaPruner(
         model, torch.zeros(1, 3, imgsz, imgsz), importance=_importance(spec.importance), pruning_ratio=ratio,
         pruning_ratio_dict=rdict, global_pruning=spec.global_pruning, isomorphic=spec.isomorphic,
-        max_pruning_ratio=spec.max_layer_ratio, ignored_layers=protected_layers(model), round_to=spec.round_to,
-        customized_pruners={DecoupledAttention: AttentionPruner()}, forward_fn=_forward)
+        max_pruning_ratio=spec.max_layer_ratio, ignored_layers=fam.protected_layers(model), round_to=spec.round_to,
+        customized_pruners=fam.customized_pruners(), forward_fn=fam.trace)
     if spec.importance == "taylor":
         if grads_fn is None:
             raise UserError("taylor importance needs training batches (gradients); none were given")
@@ -236,7 +210,7 @@ def _pruner(model: nn.Module, imgsz: int, spec: PruneSpec, ratio: float, grads_f
     return p
 
 
-def sparsity_regularizer(model: nn.Module, imgsz: int, reg: float, alpha: float = 4):
+def sparsity_regularizer(model: nn.Module, imgsz: int, reg: float, fam, alpha: float = 4):
     """Torch-Pruning's GroupNormPruner over the dependency groups of a rewritten model (the same protections as
     `prune`), for sparsity training: its `regularize(model)`, called between backward and the optimizer step, adds
     a group-wise L2 gradient, `reg` times 1 (most important group) to 2**alpha (least), that drives whole channel
@@ -246,35 +220,35 @@ def sparsity_regularizer(model: nn.Module, imgsz: int, reg: float, alpha: float 
     device = next(model.parameters()).device
     p = tp.pruner.GroupNormPruner(
         model, torch.zeros(1, 3, imgsz, imgsz, device=device), importance=tp.importance.GroupMagnitudeImportance(p=2),
-        reg=reg, alpha=alpha, ignored_layers=protected_layers(model),
-        customized_pruners={DecoupledAttention: AttentionPruner()}, forward_fn=_forward)
+        reg=reg, alpha=alpha, ignored_layers=fam.protected_layers(model),
+        customized_pruners=fam.customized_pruners(), forward_fn=fam.trace)
     model.train(was)
     return p
 
 
-def dependency_graph(model: nn.Module, imgsz: int) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of a prepared (rewritten) YOLO11, the attention one node (AttentionPruner),
-    traced on zeros on the model's device."""
+def dependency_graph(model: nn.Module, imgsz: int, fam) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of a prepared (rewritten) model, the attention one node (AttentionPruner),
+    traced through the family's `trace` on zeros on the model's device."""
     device = next(model.parameters()).device
     return tp.DependencyGraph().build_dependency(
-        model, torch.zeros(1, 3, imgsz, imgsz, device=device), forward_fn=_forward,
-        customized_pruners={DecoupledAttention: AttentionPruner()})
+        model, torch.zeros(1, 3, imgsz, imgsz, device=device), forward_fn=fam.trace,
+        customized_pruners=fam.customized_pruners())
 
 
-def prunable_groups(dg: tp.DependencyGraph, model: nn.Module) -> list:
+def prunable_groups(dg: tp.DependencyGraph, model: nn.Module, fam) -> list:
     """Every prunable group of `dg`, as MetaPruner enumerates them: convs as roots, the protected layers ignored."""
-    ignored = [m for layer in protected_layers(model) for m in layer.modules()]
+    ignored = [m for layer in fam.protected_layers(model) for m in layer.modules()]
     return list(dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]))
 
 
-def fade_targets(prepared: nn.Module, history: list, imgsz: int) -> dict[str, list[int]]:
+def fade_targets(prepared: nn.Module, history: list, imgsz: int, fam) -> dict[str, list[int]]:
     """The BatchNorm channels (module name -> indices) whose outputs a saved one-step pruning history removes, found
     through the dependency graph of the unpruned rewritten model (every channel a group cuts ends in a BN here, the
     attention's through its proj BN). With these BNs' weight and bias at zero, the removed channels carry exactly
     zero (SiLU(0) = 0), so applying the history changes no output (a fade phase trains toward that)."""
     was = prepared.training
     prepared.eval()
-    dg = dependency_graph(prepared, imgsz)
+    dg = dependency_graph(prepared, imgsz, fam)
     prepared.train(was)
     by_name = dict(prepared.named_modules())
     name_of = {id(m): n for n, m in by_name.items()}
@@ -304,23 +278,23 @@ def group_bn_channels(group) -> list[tuple[nn.BatchNorm2d, list[int]]]:
     return out
 
 
-def cut(model: DetectionModel, history: list, imgsz: int) -> DetectionModel:
+def cut(model: DetectionModel, history: list, imgsz: int, fam) -> DetectionModel:
     """Apply a saved one-step pruning history to `model` with its weights (the kept channels keep theirs)."""
-    return replay(model, [as_steps(history)[0]], imgsz)
+    return replay(model, [as_steps(history)[0]], imgsz, fam)
 
 
-def prune_at_ratio(prepared: DetectionModel, imgsz: int, spec: PruneSpec, ratio: float, grads_fn=None,
+def prune_at_ratio(prepared: DetectionModel, imgsz: int, spec: PruneSpec, ratio: float, fam, grads_fn=None,
                    ratio_dict: dict | None = None):
     """Prune a copy of `prepared` at one channel ratio (per-layer overrides in ratio_dict, by module name).
     Returns (model, history)."""
     m = copy.deepcopy(prepared)
     with fast_index_mapping():
-        p = _pruner(m, imgsz, spec, ratio, grads_fn, ratio_dict)
+        p = _pruner(m, imgsz, spec, ratio, fam, grads_fn, ratio_dict)
         p.step()
     return m.eval(), p.pruning_history()
 
 
-def prune(model: DetectionModel, imgsz: int, spec: PruneSpec, grads_fn=None, log=print) -> tuple:
+def prune(model: DetectionModel, imgsz: int, spec: PruneSpec, fam, grads_fn=None, log=print) -> tuple:
     """Returns (pruned model, history, info). A MACs target is met within spec.tolerance by bisection."""
     if spec.ratio is None and spec.macs_target is None:
         raise UserError("prune needs a ratio or a macs_target")
@@ -329,31 +303,31 @@ def prune(model: DetectionModel, imgsz: int, spec: PruneSpec, grads_fn=None, log
         if v is not None and not 0 < v < 1:
             raise UserError(f"prune.{k} must lie strictly between 0 and 1, got {v}")
     with fast_index_mapping():  # one block for the whole search: every attempt's pruner reuses the memo
-        return _prune(model, imgsz, spec, grads_fn, log)
+        return _prune(model, imgsz, spec, fam, grads_fn, log)
 
 
-def _prune(model: DetectionModel, imgsz: int, spec: PruneSpec, grads_fn, log) -> tuple:
+def _prune(model: DetectionModel, imgsz: int, spec: PruneSpec, fam, grads_fn, log) -> tuple:
     t0 = time.time()
-    prepared = prepare(model)
-    base_macs, base_params = macs_params(prepared, imgsz)
+    prepared = prepare(model, fam)
+    base_macs, base_params = macs_params(prepared, imgsz, fam)
     trials = []
     if spec.ratio is not None:
-        pruned, hist = prune_at_ratio(prepared, imgsz, spec, spec.ratio, grads_fn)
+        pruned, hist = prune_at_ratio(prepared, imgsz, spec, spec.ratio, fam, grads_fn)
         ratio = spec.ratio
     elif spec.group_weights:
-        pruned, hist, ratio, trials = _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log)
+        pruned, hist, ratio, trials = _search_weighted(prepared, imgsz, spec, base_macs, fam, grads_fn, log)
     else:
-        pruned, hist, ratio, trials = _search(prepared, imgsz, spec, base_macs, grads_fn, log)
-    macs, params = macs_params(pruned, imgsz)
+        pruned, hist, ratio, trials = _search(prepared, imgsz, spec, base_macs, fam, grads_fn, log)
+    macs, params = macs_params(pruned, imgsz, fam)
     info = {"base_macs": base_macs, "base_params": base_params, "macs": macs, "params": params,
             "macs_fraction": macs / base_macs, "params_fraction": params / base_params, "channel_ratio": ratio,
             "trials": trials, "seconds": time.time() - t0}
     return pruned, hist, info
 
 
-def _wide_convs(prepared: nn.Module) -> list[str]:
+def _wide_convs(prepared: nn.Module, fam) -> list[str]:
     """Convs in the widest tier (out channels >= half the widest): where round_to steps are finest."""
-    skip = {id(m) for m in protected_layers(prepared)}
+    skip = {id(m) for m in fam.protected_layers(prepared)}
     convs = [(n, m) for n, m in prepared.named_modules()
              if isinstance(m, nn.Conv2d) and id(m) not in skip and m.groups == 1]
     widest = max(m.out_channels for _, m in convs)
@@ -386,15 +360,15 @@ class _Trials:
     reuses that measurement instead of pruning again. An attempt that lands in the band always prunes (its model
     is the result). With global or isomorphic ranking the counts are not a per-group rule: every attempt prunes."""
 
-    def __init__(self, prepared, imgsz: int, spec: PruneSpec, base_macs: int, grads_fn=None):
-        self.prepared, self.imgsz, self.base_macs, self.grads_fn = prepared, imgsz, base_macs, grads_fn
+    def __init__(self, prepared, imgsz: int, spec: PruneSpec, base_macs: int, fam, grads_fn=None):
+        self.prepared, self.imgsz, self.base_macs, self.grads_fn, self.fam = prepared, imgsz, base_macs, grads_fn, fam
         self.spec, self.seen, self.groups = spec, {}, None
         self.fallback = None  # (model, history, fraction, the search's ratio record): nearest trial in spec.accept
         if spec.global_pruning or spec.isomorphic:
             return
-        dg = dependency_graph(prepared, imgsz)
+        dg = dependency_graph(prepared, imgsz, fam)
         self.groups = []  # (root channels, the names a per-layer ratio is looked up by, in the pruner's order)
-        for g in prunable_groups(dg, prepared):
+        for g in prunable_groups(dg, prepared, fam):
             names = [dg._module2name.get(mod) for dep, _ in g
                      for mod, fn in ((dep.source.module, dep.trigger), (dep.target.module, dep.handler))
                      if dg.is_out_channel_pruning_fn(fn)]
@@ -415,8 +389,8 @@ class _Trials:
         frac = self.seen.get(key)
         if frac is not None and not low <= frac <= high:
             return None, None, frac
-        m, h = prune_at_ratio(self.prepared, self.imgsz, self.spec, ratio, self.grads_fn, ratio_dict)
-        frac = macs_params(m, self.imgsz)[0] / self.base_macs
+        m, h = prune_at_ratio(self.prepared, self.imgsz, self.spec, ratio, self.fam, self.grads_fn, ratio_dict)
+        frac = macs_params(m, self.imgsz, self.fam)[0] / self.base_macs
         if key is not None:
             self.seen[key] = frac
         return m, h, frac
@@ -457,7 +431,7 @@ def _bisect_widest(attempt_wide, wlo: float, whi: float, spec, iters: int):
     return None, closest
 
 
-def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
+def _search(prepared, imgsz, spec, base_macs, fam, grads_fn, log):
     """Bisection over the uniform channel ratio; round_to makes MACs a step function of it, so when a step jumps
     over the tolerance band, a second bisection prunes the widest tier further (finest steps) from the last
     uniform ratio that kept MACs above the target."""
@@ -465,7 +439,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
     low, high, band = _band(spec)
     trials = []
 
-    known = _Trials(prepared, imgsz, spec, base_macs, grads_fn)
+    known = _Trials(prepared, imgsz, spec, base_macs, fam, grads_fn)
 
     def attempt(r, rd=None):
         m, h, frac = known.prune(r, rd)
@@ -503,7 +477,7 @@ def _search(prepared, imgsz, spec, base_macs, grads_fn, log):
         if hi - lo < 1e-3:
             break
     r0 = above[0]
-    wide = _wide_convs(prepared)
+    wide = _wide_convs(prepared, fam)
     landed, closest = _bisect_widest(lambda wm: attempt(r0, {n: wm for n in wide}), r0, top, spec, 10)
     if landed:
         return landed[0], landed[1], r0, trials
@@ -515,7 +489,7 @@ def weighted_ratios(weights: dict, alpha: float, cap: float) -> dict:
     return {g: min(cap, alpha * w / top) for g, w in weights.items() if w > 0}
 
 
-def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
+def _search_weighted(prepared, imgsz, spec, base_macs, fam, grads_fn, log):
     """Non-uniform ratios ratio_g = min(cap, a * w_g / max w) (global ratio 0), the scale a bisected to the MACs
     target. The bisection is geometric: measured weights can span many decades (a group whose pruning bought ~0 ms
     in latency mode), so a linear one over [0, cap / min w] never reaches the useful scales. round_to makes MACs a
@@ -528,7 +502,7 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
     wmin = min(v for v in w.values() if v > 0) / max(w.values())
     trials = []
 
-    known = _Trials(prepared, imgsz, spec, base_macs, grads_fn)
+    known = _Trials(prepared, imgsz, spec, base_macs, fam, grads_fn)
 
     def attempt(a, rd, wide_ratio=None):
         m, h, frac = known.prune(0.0, rd)
@@ -561,7 +535,7 @@ def _search_weighted(prepared, imgsz, spec, base_macs, grads_fn, log):
             return m, h, {"scale": mid, "ratios": rd}, trials
         lo, hi = (mid, hi) if frac > target else (lo, mid)
     above = weighted_ratios(w, lo, cap)  # the last scale that kept MACs above the band
-    wide = _wide_convs(prepared)
+    wide = _wide_convs(prepared, fam)
 
     def widened(wm):
         return {**above, **{n: max(above.get(n, 0.0), wm) for n in wide}}
@@ -588,13 +562,13 @@ def as_steps(history: list) -> list[list]:
     return [list(h) for h in history]
 
 
-def replay(base_model: DetectionModel, history: list, imgsz: int) -> DetectionModel:
+def replay(base_model: DetectionModel, history: list, imgsz: int, fam) -> DetectionModel:
     """Apply a saved Torch-Pruning history (one step, or several in order, each on a freshly built dependency
     graph as the pruner saw it) to the unpruned model: the pruned architecture, without its weights."""
-    m = prepare(base_model)
+    m = prepare(base_model, fam)
     with fast_index_mapping():
         for step in as_steps(history):
-            dependency_graph(m, imgsz).load_pruning_history(step)
+            dependency_graph(m, imgsz, fam).load_pruning_history(step)
     return m.eval()
 
 
@@ -606,9 +580,9 @@ def base_from_pruned(pruned: DetectionModel) -> DetectionModel:
     return m.eval()
 
 
-def verify_history(pruned: DetectionModel, history: list, imgsz: int, where: str | Path) -> None:
+def verify_history(pruned: DetectionModel, history: list, imgsz: int, fam, where: str | Path) -> None:
     try:
-        rebuilt = replay(base_from_pruned(pruned), history, imgsz)
+        rebuilt = replay(base_from_pruned(pruned), history, imgsz, fam)
     except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:  # a malformed history
         raise UserError(f"pruning history does not replay on the base model ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]})", where) from None
