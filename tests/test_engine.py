@@ -48,7 +48,7 @@ def _types(path):
 def test_fp16_variant_is_strongly_typed_and_matches_fp32(files):
     from pipeline.stages.engine import FP16_BOX_FRAC, FP16_SCORE, make_variant
 
-    dest = files["dir"] / "base_fp16.onnx"
+    dest = files["dir"] / "base-fp16.onnx"
     info = make_variant("fp16", files["fp32"], dest, files["fp32"], files["x"], 320, files["dir"], F11)
     m, inits = _types(dest)
     assert [i.type.tensor_type.elem_type for i in list(m.graph.input) + list(m.graph.output)] == [TensorProto.FLOAT] * 2
@@ -366,22 +366,22 @@ def test_make_engine_writes_strongly_typed_onnx_then_needs_tensorrt(tmp_path, ba
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli("stage", "engine", "--run-dir", run, *sets)
     rec = json.loads((run / "engine" / "record.json").read_text())
-    assert (run / "engine" / "base_fp16.onnx").is_file() and "base_fp16" in rec["outputs"]
-    assert rec["metrics"]["base_fp16"]["trt_check"] == "passed (TensorRT 10.3)"
+    assert (run / "engine" / "base-fp16.onnx").is_file() and "base-fp16" in rec["outputs"]
+    assert rec["metrics"]["base-fp16"]["trt_check"] == "passed (TensorRT 10.3)"
     assert rec["config"]["tensorrt"]["version"] == "10.3"
     ok, why = tensorrt_available()
     if ok:
         assert r.returncode == 0, r.stderr[-2000:]
-        assert list((run / "engines").glob("base_fp16-*.plan"))
+        assert list((run / "engines").glob("base-fp16-*.plan"))
     else:
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert last.startswith("error: wrote the strongly typed ONNX files (base_fp16)")
+        assert last.startswith("error: wrote the strongly typed ONNX files (base-fp16)")
         assert "building the TensorRT engines needs TensorRT (JetPack on the device)" in last
     r = cli("engine", "--run-dir", run, "--print-trtexec", *sets)
     assert r.returncode == 0 and "engine: cached" in r.stderr, r.stderr[-1500:]
     assert r.stdout.startswith("trtexec --onnx=") and "--stronglyTyped" in r.stdout
-    assert Path(r.stdout.split()[1].split("=", 1)[1]).name == "base_fp16.onnx"
+    assert Path(r.stdout.split()[1].split("=", 1)[1]).name == "base-fp16.onnx"
     # `yolo-edge run` runs the stage too: without TensorRT it says so in one line and goes on (exit 0)
     r = cli("run", "--run-dir", run, "--stages", "data,load,export,engine", *sets)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -224,4 +224,4 @@ def test_a_moved_run_directory_still_calibrates_and_quantizes_from_its_cache(tmp
             "model.weights=yolo11n.yaml", *sets)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "calibrate: cached" in r.stderr and "quantize: done" in r.stderr, r.stderr[-2000:]
-    assert (moved / "quantize" / "base_int8.onnx").is_file()
+    assert (moved / "quantize" / "base-int8.onnx").is_file()

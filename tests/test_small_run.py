@@ -108,13 +108,13 @@ def test_the_int8_files_pass_tensorrts_rules_and_the_drop_is_reported_beside_its
     run, _, rep = small
     by = _by(rep)
     q = json.loads((run / "quantize" / "record.json").read_text())
-    assert q["metrics"]["pruned_int8"]["trt_check"] == "passed"
-    aa = q["metrics"]["pruned_int8"]
+    assert q["metrics"]["pruned-int8"]["trt_check"] == "passed"
+    aa = q["metrics"]["pruned-int8"]
     assert aa["tuning_images"] == 8 and aa["tuning_drop_se"] >= 0 and all("bound" in st for st in aa["steps"])
     drop = by["pruned-int8"]["int8_drop"]  # the search's tuning estimate beside the val split's drop
     assert drop["tuning"] == aa["tuning_drop"] and drop["val_images"] == 16
     assert drop["val"] == by["pruned-fp32"]["map50_95"] - by["pruned-int8"]["map50_95"]
-    assert q["metrics"]["pruned_ultralytics_int8"]["trt_check"].startswith("refused: node '")
+    assert q["metrics"]["pruned-ultralytics-int8"]["trt_check"].startswith("refused: node '")
 
 
 @pytest.mark.slow

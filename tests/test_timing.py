@@ -328,9 +328,10 @@ def test_an_injection_naming_a_variant_the_run_lacks_is_refused():
     from types import SimpleNamespace
 
     from pipeline.core.errors import UserError
-    from pipeline.stages.bench import Variant, check_injection
+    from pipeline.core import variants as V
+    from pipeline.stages.bench import check_injection
 
-    vs = [Variant("base-fp32", "export", "load"), Variant("pruned-fp32", "export-pruned", "finetune")]
+    vs = [V.BASE_FP32, V.PRUNED_FP32]
     check_injection(SimpleNamespace(inject_slowdown={"pruned-fp32": 1.3}), vs)
     with pytest.raises(UserError, match="bench.inject_slowdown names pruned-fp23, which this run does not have"):
         check_injection(SimpleNamespace(inject_slowdown={"pruned-fp23": 1.3}), vs)

@@ -144,7 +144,8 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
     from pipeline.data.evalset import EvalSet
     from pipeline.eval.detect import PrePost
     from pipeline.eval.interleaved import Schedule
-    from pipeline.eval.measure import accuracy, speedup_fields, timing_fields
+    from pipeline.eval.measure import accuracy, timing_fields
+    from pipeline.eval.report_rows import SCHEMA, add_vs_base, variant_row
 
     if runner not in RUNNERS:
         raise UserError(f"unknown runner '{runner}' (one of {', '.join(RUNNERS)})")
@@ -172,42 +173,29 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
         r = _runner(runner, root, v, plans, threads)
         scored.append((v, r, *accuracy(r, es.images, gt, cat_ids, spec, label=v["name"])))
     names_run = [v["name"] for v, *_ in scored]
-    base = "base-fp32" if "base-fp32" in names_run else (names_run[0] if names_run else None)
+    # the speed-ups' reference: the bundle's base FP32 variant (the variant table's role), else the first one scored
+    base = next((v["name"] for v, *_ in scored if v.get("role") == "base" and v["precision"] == "fp32"),
+                names_run[0] if names_run else None)
     t, tvs, power = time_all(runner, scored, paths, spec, base, sched) if scored else (None, {}, {})
     engine_timer = ("CUDA events around execute_async_v3" if runner == "tensorrt"
                     else "perf_counter around runner.infer (host-side)")
     rows = []
     for v, r, acc, dets in scored:
         dev = v.get("dev_box") or {}
-        rows.append({
-            "name": v["name"], "precision": v["precision"], "note": v.get("note", ""),
-            "model": {"path": v["file"], "sha256": v["sha256"], "size_bytes": v["size"],
-                      **({"plan": str(plans[v["name"]])} if v["name"] in plans else {})},
-            "runner": r.describe(),
-            "map50_95": acc["map50_95"], "map50": acc["map50"],
-            "per_class_ap50_95": {names[cat_ids.index(k)]: a for k, a in acc["per_class_ap50_95"].items()},
-            **timing_fields(t, tvs[v["name"]]),
-            "engine_timer": engine_timer,
-            "params": v.get("params"), "macs": v.get("macs"), "detections": len(dets),
-            "power": power,
-            "dev_box": {"map50_95": dev.get("map50_95"), "map50": dev.get("map50"), "runner": dev.get("runner")},
-            "map50_95_minus_dev_box": (acc["map50_95"] - dev["map50_95"]) if dev.get("map50_95") is not None
-            else None,
-        })
+        rows.append(variant_row(
+            name=v["name"], precision=v["precision"], role=v.get("role"), note=v.get("note", ""),
+            model={"path": v["file"], "sha256": v["sha256"], "size_bytes": v["size"],
+                   **({"plan": str(plans[v["name"]])} if v["name"] in plans else {})},
+            runner=r.describe(), acc=acc, names=names, cat_ids=cat_ids, timed=timing_fields(t, tvs[v["name"]]),
+            params=v.get("params"), macs=v.get("macs"), detections=len(dets),
+            engine_timer=engine_timer, power=power,
+            dev_box={"map50_95": dev.get("map50_95"), "map50": dev.get("map50"), "runner": dev.get("runner")},
+            map50_95_minus_dev_box=(acc["map50_95"] - dev["map50_95"]) if dev.get("map50_95") is not None else None))
     del scored  # the runners
-    by = {x["name"]: x for x in rows}
-    for x in rows:
-        b = by.get(base)
-        if b is None or not b.get("macs") or not x.get("macs"):
-            break
-        x["vs_base"] = {"against": b["name"], "macs_ratio": x["macs"] / b["macs"],
-                        "params_ratio": x["params"] / b["params"],
-                        "size_ratio": x["model"]["size_bytes"] / b["model"]["size_bytes"],
-                        "map50_95_delta": x["map50_95"] - b["map50_95"],
-                        **speedup_fields(t, tvs[x["name"]], tvs[b["name"]])}
+    add_vs_base(rows, dict.fromkeys(names_run, base), t, tvs)
     import platform
 
-    report = {"schema": "yolo-edge/report/1", "run": m["run"], "recipe": m["recipe"],
+    report = {"schema": SCHEMA, "run": m["run"], "recipe": m["recipe"],
               "dataset": {**m["dataset"], "digest": eval_digest},
               "device": {**state, "runner": runner}, "env": {"python": platform.python_version(),
                                                              "yolo_edge": _version()},

@@ -295,11 +295,11 @@ def intervals(matched: dict[str, Matched], pairs: list[tuple[str, str]], resampl
 
 
 def fp32_source(row: dict) -> str | None:
-    """The FP32 variant a lower-precision row was made from (pruned-int8 -> pruned-fp32), None for FP32 rows and
-    end-to-end ones (their detections are their source variant's)."""
+    """The FP32 variant a lower-precision row was made from (the row's `fp32_source`, from the variant table:
+    pruned-int8 -> pruned-fp32), None for FP32 rows and end-to-end ones (their detections are their source's)."""
     if row.get("precision", "fp32") == "fp32" or row.get("e2e"):
         return None
-    return f"{row['name'].split('-')[0]}-fp32"
+    return row.get("fp32_source")
 
 
 def annotate_rows(rows: list[dict], gt: dict, dets: dict[str, list[dict]], resamples: int = 1000, seed: int = 0,

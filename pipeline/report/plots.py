@@ -39,7 +39,8 @@ def tradeoff_data(rep: dict) -> dict:
                     continue
                 pts.append({"variant": r["name"], "kind": k, "latency_ms": float(p50),
                             "map50_95": float(r["map50_95"]), "precision": r.get("precision", "?"),
-                            "size_bytes": int((r.get("model") or {}).get("size_bytes") or 0)})
+                            "size_bytes": int((r.get("model") or {}).get("size_bytes") or 0),
+                            "e2e": bool(r.get("e2e")), "source": _source(r)})
         if not pts:
             continue
         out[dev["id"]] = {"points": pts, "description": dev["description"], "state": clocks_state(dev["state"]),
@@ -63,8 +64,9 @@ def _colors(names: list[str]) -> dict[str, tuple]:
     return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
 
 
-def _base_name(v: str) -> str:
-    return v[:-4] if v.endswith("-e2e") else v
+def _source(r: dict) -> str:
+    """The variant a row's model comes from: an end-to-end graph's detector (its `e2e.of`), else the row itself."""
+    return str((r.get("e2e") or {}).get("of") or r["name"])
 
 
 def write_tradeoff(rep: dict, dest: Path) -> dict:
@@ -75,8 +77,8 @@ def write_tradeoff(rep: dict, dest: Path) -> dict:
     data = tradeoff_data(rep)
     n = max(1, len(data))
     fig, axes = plt.subplots(1, n, figsize=(9.5 * n, 6.8), squeeze=False)
-    names = sorted({_base_name(p["variant"]) for d in data.values() for p in d["points"]},
-                   key=lambda v: [_base_name(r["name"]) for d in devices(rep) for r in all_rows(d)].index(v))
+    names = sorted({p["source"] for d in data.values() for p in d["points"]},
+                   key=lambda v: [_source(r) for d in devices(rep) for r in all_rows(d)].index(v))
     color = _colors(names)
     sizes = [p["size_bytes"] for d in data.values() for p in d["points"] if p["size_bytes"]] or [1]
     smax = max(sizes)
@@ -86,8 +88,8 @@ def write_tradeoff(rep: dict, dest: Path) -> dict:
 
     for ax, (dev, d) in zip(axes[0], data.items()):
         for p in d["points"]:
-            c = color[_base_name(p["variant"])]
-            e2e_graph = p["variant"].endswith("-e2e")
+            c = color[p["source"]]
+            e2e_graph = p["e2e"]
             ax.scatter(p["latency_ms"], p["map50_95"], s=msize(p["size_bytes"]), marker=KINDS[p["kind"]][1],
                        facecolors=c if p["kind"] == "engine" or e2e_graph else "none", edgecolors=c,
                        linewidths=1.6, alpha=0.85, zorder=3)
@@ -102,7 +104,7 @@ def write_tradeoff(rep: dict, dest: Path) -> dict:
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
         xs = [p["latency_ms"] for p in d["points"]]
         ax.set_xlim(0, max(xs) * 1.22)
-        _label(fig, ax, [p for p in d["points"] if p["kind"] == "engine" or p["variant"].endswith("-e2e")])
+        _label(fig, ax, [p for p in d["points"] if p["kind"] == "engine" or p["e2e"]])
         ax.set_xlabel("latency p50 (ms, batch 1) — lower is better")
         ax.set_ylabel("mAP50-95 (COCO, pycocotools) — higher is better")
         ax.set_title(f"{dev}: {d['description']}\n{d['state']}", fontsize=10)

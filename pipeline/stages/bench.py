@@ -5,26 +5,26 @@ COCO results format next to the ground truth they were scored against."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core import variants as V
 from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, lib_versions, run_stage
 from pipeline.core.store import StageRecord, atomic_path, sha256_file, write_json
 from pipeline.eval.bootstrap import annotate_rows
 from pipeline.eval.detect import PrePost
+from pipeline.eval.report_rows import SCHEMA, add_vs_base, variant_row
 from pipeline.report.markdown import render_devices, render_markdown
-from pipeline.stages.load import prepost
+from pipeline.stages.load import family, prepost
+from pipeline.stages.variants import note, post_of, present
 
 VERSION = 5  # 5: speed-ups as the median of per-round ratios (4: interleaved timing, mAP intervals, vector units)
 
-# The fp32 variants a second implementation scores too (ultralytics' validator on the checkpoint they were
-# exported from): the stage whose 'model' output that checkpoint is.
-CROSS_CHECKED = {"base-fp32": "load", "pruned-fp32": "finetune"}
 # Bench and ultralytics disagree by more than this: the run fails. The two evaluators differ by construction
 # (pycocotools matches detections to ground truth in score order and samples precision at 101 recall points;
 # ultralytics matches by IoU and integrates an interpolated curve): measured -0.22 to -0.30 pt on the synthetic val
@@ -33,7 +33,6 @@ CROSS_CHECKED = {"base-fp32": "load", "pruned-fp32": "finetune"}
 # images, categories mapped wrong, boxes in the wrong frame) move mAP by tens of points. Finer faults are the oracle
 # tests' (tests/test_oracle.py).
 CROSS_CHECK_MAX_PT = 5.0
-E2E_OF = ("base-fp32", "pruned-fp32", "pruned-int8")  # the variants an end-to-end graph is built from
 
 
 def _data_counts(ctx: Context) -> dict:
@@ -45,7 +44,7 @@ def _data_counts(ctx: Context) -> dict:
     return {k: m[k] for k in ("dirty_boxes", "ignore_regions") if k in m}
 
 
-def _bench_e2e(ctx: Context, v: Variant, onnx_path: Path, images, gt: dict, cat_ids, spec, out: Path):
+def _bench_e2e(ctx: Context, v: V.Variant, onnx_path: Path, images, gt: dict, cat_ids, spec, out: Path):
     """An end-to-end variant: the graph built from `onnx_path` for each val image size (mAP) and for the camera's
     frame size (latency; the file kept in the bench output as e2e/<variant>.onnx). Returns the accuracy, the
     detections, the frame-size graph's runner (timed later with the others) and the graph's description."""
@@ -97,8 +96,9 @@ def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path) -> dict
     data_yaml = out / "cross_check_data.yaml"
     data_yaml.write_text(yaml.safe_dump({"path": str(Path(inputs["data"]).resolve()), "train": f"images/{cfg.split}",
                                          "val": f"images/{cfg.split}", "names": src["names"]}, sort_keys=False))
+    checked = {v.name for v in V.CROSS_CHECKED}
     for r in rows:
-        if r["name"] not in CROSS_CHECKED:
+        if r["name"] not in checked:
             continue
         console.print(f"[dim]bench: {r['name']}: ultralytics' validator on the same {cfg.split} split ...[/dim]")
         u = ua.val(inputs[f"{r['name']}.pt"], data_yaml, ctx.recipe.model.imgsz, conf=cfg.conf, iou=cfg.iou,
@@ -119,89 +119,9 @@ def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path) -> dict
     return res
 
 
-# Variants another tool made, scored beside this project's on the dev box; the bundle does not carry them
-ULTRALYTICS_INT8 = "pruned-ultralytics-int8"
-PEERS = (ULTRALYTICS_INT8,)
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    model_stage: str  # the stage whose output `output` is benchmarked
-    stats_stage: str  # the stage whose 'info' (params, MACs) describes the network
-    precision: str = "fp32"
-    note: str = ""
-    output: str = "onnx"
-    e2e_of: str = ""  # an end-to-end variant: built by bench from this variant's ONNX (pipeline/quant/e2e.py)
-
-
-def variants(ctx: Context) -> list[Variant]:
-    """The variants this run has: those whose stages have records."""
-    cands = [Variant("base-fp32", "export", "load")]
-    if ctx.recipe.prune.enabled:
-        f, pr = ctx.recipe.finetune, ctx.recipe.prune
-        kd = f.distill
-        sp = pr.sparsity
-        fade = next((p for p in sp.phases if p.fade), None) if sp.enabled else None
-        note = ""
-        if sp.enabled:
-            note = (f"sparsity-trained {sum(p.epochs for p in sp.phases)} epochs (group regularization"
-                    + (f"; the planned cut's channels faded to zero over {fade.fade} of {fade.epochs} epochs"
-                       if fade else "")
-                    + (f", then held at zero for {hold} more" if (hold := sum(p.epochs for p in sp.phases if p.hold))
-                       else "") + "), then ")
-        if fade:
-            note += f"pruned (DepGraph, {pr.mode} mode, the cut the fade trained toward)"
-        else:
-            note += f"pruned (DepGraph, {pr.mode} mode{', features reconstructed' if pr.reconstruct.enabled else ''})"
-        note += f" + fine-tuned {f.epochs} epochs (stock trainer, nbs {f.nbs})"
-        if kd.enabled:
-            note += (f", distilled from base-fp32 (head KD {kd.head_weight}, feature {kd.feature_weight}"
-                     + (f", channel-wise {kd.channel_weight}" if kd.channel_weight else "") + ")")
-        cands.append(Variant("pruned-fp32", "export-pruned", "finetune", note=note))
-    q = ctx.record("quantize") if ctx.recipe.quantize.enabled else None
-    if q is not None:
-        ort_note = "INT8 Q/DQ; ONNX Runtime CPU latency of INT8 is not representative of TensorRT"
-        ptq = f"plain PTQ ({q.requested.get('backend', 'onnxruntime')}, {q.requested.get('method')}), "
-        for name, out, stats, note in [
-                ("base-int8", "base_int8", "load", ptq + ort_note),
-                ("pruned-int8-ptq", "pruned_int8_ptq", "finetune", ptq + ort_note),
-                ("pruned-int8", "pruned_int8", "finetune", "accuracy-aware PTQ, " + ort_note),
-                (ULTRALYTICS_INT8, "pruned_ultralytics_int8", "finetune",
-                 "peer: ultralytics export(format='onnx', quantize=8), same calibration images")]:
-            if out in q.outputs:
-                cands.append(Variant(name, "quantize", stats, precision="int8", note=note, output=out))
-    e = ctx.record("engine")
-    if e is not None:  # the strongly typed files the device builds (engine stage), scored here on ONNX Runtime
-        for out, m in e.metrics.items():
-            if out not in e.outputs:
-                continue
-            model = out.split("_")[0]  # base | pruned
-            stats = "load" if model == "base" else "finetune"
-            if m.get("kind") == "fp16":
-                par = m.get("parity_emulated", {})
-                note = (f"strongly typed FP16 (FP32 I/O, head decode FP32; what TensorRT builds): vs its FP32 "
-                        f"{par.get('box_px_live', float('nan')):.3f} px / {par.get('score', float('nan')):.1e} "
-                        f"(FP16-rounded graph); ONNX Runtime CPU lacks FP16 kernels for "
-                        f"{', '.join(m.get('ort_cpu_missing_fp16', [])) or 'none'} and runs them in FP32 here")
-                cands.append(Variant(f"{model}-fp16", "engine", stats, precision="fp16", note=note, output=out))
-            else:
-                note = (f"strongly typed INT8 Q/DQ with FP16 around it (what TensorRT builds): output error vs FP32 "
-                        f"{m.get('int8_fp16_error_emulated', float('nan')):.2e} (FP16-rounded) against "
-                        f"{m.get('int8_error', float('nan')):.2e} with FP32 around the Q/DQ")
-                cands.append(Variant(f"{model}-int8-fp16", "engine", stats, precision="int8", note=note, output=out))
-    cands = [v for v in cands if (r := ctx.record(v.model_stage)) is not None and v.output in r.outputs]
-    e2e = ctx.recipe.export.e2e
-    if e2e.enabled:
-        h, w = e2e.frame_hw
-        for v in [v for v in cands if v.name in E2E_OF]:
-            cands.append(Variant(f"{v.name}-e2e", v.model_stage, v.stats_stage, v.precision, output=v.output,
-                                 e2e_of=v.name,
-                                 note=f"end to end in one ONNX: uint8 BGR {w}x{h} frame in, letterbox + {v.name} + "
-                                      f"NMS inside, EfficientNMS-layout detections out; timed per camera frame "
-                                      f"(engine = end-to-end); mAP from the same graph built for each val image's "
-                                      f"size"))
-    return cands
+def variants(ctx: Context) -> list[V.Variant]:
+    """The variants this run has (pipeline/core/variants.py's table, filtered by the run's records)."""
+    return present(ctx)
 
 
 def env_vars() -> dict:
@@ -231,16 +151,16 @@ def device_info() -> dict:
     return info
 
 
-def speed_bases(vs: list[Variant]) -> dict[str, str]:
-    """The variant each variant's speed-ups are measured against: base-fp32 (else the first variant); for an
-    end-to-end variant, base-fp32-e2e where the run has it."""
+def speed_bases(vs: list[V.Variant]) -> dict[str, str]:
+    """The variant each variant's speed-ups are measured against: the base FP32 model (else the first variant); for
+    an end-to-end variant, the base FP32 model's end-to-end graph where the run has it."""
     names = [v.name for v in vs]
-    base = "base-fp32" if "base-fp32" in names else names[0]
-    base_e2e = "base-fp32-e2e" if "base-fp32-e2e" in names else None
-    return {v.name: base_e2e if v.e2e_of and base_e2e else base for v in vs}
+    base = V.BASE_FP32.name if V.BASE_FP32.name in names else names[0]
+    base_e2e = next((v.name for v in vs if v.role == "e2e" and v.made_from == V.BASE_FP32.name), None)
+    return {v.name: base_e2e if v.role == "e2e" and base_e2e else base for v in vs}
 
 
-def check_injection(cfg, vs: list[Variant]) -> None:
+def check_injection(cfg, vs: list[V.Variant]) -> None:
     """bench.inject_slowdown names variants this run has; each injected slowdown is announced."""
     names = [v.name for v in vs]
     unknown = sorted(set(cfg.inject_slowdown) - set(names))
@@ -252,10 +172,10 @@ def check_injection(cfg, vs: list[Variant]) -> None:
                       f"(bench.inject_slowdown): its latency and speed-ups are not the model's own[/yellow]")
 
 
-@dataclass
+@dataclasses.dataclass
 class Scored:
     """A variant after scoring: its model, accuracy, detections, the runner that made them (kept for the timing)."""
-    v: Variant
+    v: V.Variant
     onnx_path: Path
     info: dict
     acc: dict
@@ -272,12 +192,12 @@ def time_variants(cfg, scored: list[Scored], paths: list[str], spec: PrePost, fr
     from pipeline.eval.measure import TimedVariant, TimingInputs, timed_call_e2e, timed_calls, tracked_ratios
 
     inputs = TimingInputs.load(paths, spec)
-    frames = inputs.frames(frame_hw) if any(sc.v.e2e_of for sc in scored) else []
+    frames = inputs.frames(frame_hw) if any(sc.v.role == "e2e" for sc in scored) else []
     calls, tvs = {}, {}
     for sc in scored:
         name = sc.v.name
-        if sc.v.e2e_of:
-            tvs[name] = TimedVariant.graph(name, tvs[sc.v.e2e_of].engine, bases[name])
+        if sc.v.role == "e2e":
+            tvs[name] = TimedVariant.graph(name, tvs[sc.v.made_from].engine, bases[name])
             calls[name] = timed_call_e2e(sc.runner, frames)
         else:
             tvs[name] = tv = TimedVariant.split(name, bases[name])
@@ -306,7 +226,7 @@ def _load_eval_set(inputs: dict, split: str, out: Path):
     return es
 
 
-def _score(ctx: Context, vs: list[Variant], inputs: dict, es, spec: PrePost, out: Path) -> list[Scored]:
+def _score(ctx: Context, vs: list[V.Variant], inputs: dict, es, spec: PrePost, out: Path, fam) -> list[Scored]:
     """Every variant's accuracy on the eval set (predictions/<variant>.json written); their runners kept for timing."""
     from pipeline.backends.base import slowed
     from pipeline.backends.factory import get_runner
@@ -319,73 +239,56 @@ def _score(ctx: Context, vs: list[Variant], inputs: dict, es, spec: PrePost, out
     for v in vs:
         onnx_path = inputs[f"{v.name}.onnx"]
         info = json.loads(inputs[f"{v.name}.info"].read_text())
-        if v.e2e_of:
+        if v.role == "e2e":
             acc, dets, runner, e2e_info = _bench_e2e(ctx, v, onnx_path, es.images, gt, cat_ids, spec, out)
             scored.append(Scored(v, onnx_path, info, acc, dets, runner, e2e_info))
         else:
             runner = slowed(get_runner(cfg.runner, onnx_path, threads=cfg.threads), cfg.inject_slowdown.get(v.name))
-            acc, dets = accuracy(runner, es.images, gt, cat_ids, spec, label=v.name)
+            acc, dets = accuracy(runner, es.images, gt, cat_ids, dataclasses.replace(spec, post=post_of(v, fam)),
+                                 label=v.name)
             scored.append(Scored(v, onnx_path, info, acc, dets, runner))
         (out / "predictions" / f"{v.name}.json").write_text(json.dumps(dets))
     return scored
 
 
-def _row(ctx: Context, sc: Scored, es, timed: dict, out: Path) -> dict:
+def _row(ctx: Context, sc: Scored, es, timed: dict, out: Path, fam) -> dict:
     """One variant's report row (without its comparison against its base)."""
     cfg, v, e2e_info = ctx.recipe.bench, sc.v, sc.e2e_info
     rel = lambda p: os.path.relpath(p, ctx.run_dir)  # noqa: E731
-    model_file, model_at = sc.onnx_path, ctx.stage_dir(v.model_stage) / sc.onnx_path.name
-    if v.e2e_of:  # the end-to-end file itself, kept in the bench output
+    model_file, model_at = sc.onnx_path, ctx.stage_dir(v.stage) / sc.onnx_path.name
+    if v.role == "e2e":  # the end-to-end file itself, kept in the bench output
         model_file, model_at = out / "e2e" / e2e_info["file"], ctx.stage_dir("bench") / "e2e" / e2e_info["file"]
-    names, cat_ids = es.names, es.category_ids
-    return {
-        "name": v.name, "precision": v.precision, "note": v.note,
-        "model": {"path": rel(model_at), "sha256": sha256_file(model_file), "size_bytes": model_file.stat().st_size},
-        "runner": sc.runner.describe(),
-        "map50_95": sc.acc["map50_95"], "map50": sc.acc["map50"],
-        "per_class_ap50_95": {names[cat_ids.index(k)]: a for k, a in sc.acc["per_class_ap50_95"].items()},
-        **timed,
-        "params": sc.info["params"], "macs": sc.info["macs"],
-        "predictions": rel(ctx.stage_dir("bench") / "predictions" / f"{v.name}.json"),
-        "ground_truth": rel(ctx.stage_dir("bench") / "ground_truth.json"),
-        "detections": len(sc.dets),
+    return variant_row(
+        name=v.name, precision=v.precision, role=v.role, note=note(ctx, v, fam),
+        model={"path": rel(model_at), "sha256": sha256_file(model_file), "size_bytes": model_file.stat().st_size},
+        runner=sc.runner.describe(), acc=sc.acc, names=es.names, cat_ids=es.category_ids, timed=timed,
+        params=sc.info["params"], macs=sc.info["macs"], detections=len(sc.dets),
+        made_from=v.made_from, fp32_source=V.fp32_source(v),
+        predictions=rel(ctx.stage_dir("bench") / "predictions" / f"{v.name}.json"),
+        ground_truth=rel(ctx.stage_dir("bench") / "ground_truth.json"),
         **({"training": sc.info["training"]} if sc.info.get("training") else {}),
-        **({"e2e": {**e2e_info, "over": f"{v.e2e_of}'s engine-only p50 (the model on a ready tensor)"}}
-           if e2e_info else {}),
-        **({"injected_slowdown": cfg.inject_slowdown[v.name]} if v.name in cfg.inject_slowdown else {}),
-    }
+        **({"e2e": {**e2e_info, "of": v.made_from,
+                    "over": f"{v.made_from}'s engine-only p50 (the model on a ready tensor)"}} if e2e_info else {}),
+        **({"injected_slowdown": cfg.inject_slowdown[v.name]} if v.name in cfg.inject_slowdown else {}))
 
 
 def _int8_drop(ctx: Context, by: dict[str, dict], n_images: int) -> None:
     """What the accuracy-aware INT8 search certified on its tuning images, beside what the val split shows (on the
     pruned-int8 row, in place)."""
     q = ctx.record("quantize")
-    aa = q.metrics.get("pruned_int8", {}) if q is not None else {}
-    if not ("tuning_drop" in aa and "pruned-int8" in by and "pruned-fp32" in by):
+    aware, fp32 = V.PRUNED_INT8.name, V.PRUNED_INT8.made_from
+    aa = q.metrics.get(V.PRUNED_INT8.output, {}) if q is not None else {}
+    if not ("tuning_drop" in aa and aware in by and fp32 in by):
         return
-    val = by["pruned-fp32"]["map50_95"] - by["pruned-int8"]["map50_95"]
-    by["pruned-int8"]["int8_drop"] = {
+    val = by[fp32]["map50_95"] - by[aware]["map50_95"]
+    by[aware]["int8_drop"] = {
         "tuning": aa["tuning_drop"], "tuning_se": aa["tuning_drop_se"], "tuning_images": aa["tuning_images"],
         "val": val, "val_images": n_images, "budget": aa["max_drop"], "noise_z": aa["noise_z"],
         "within_budget_on_tuning": aa["within_budget"], "within_budget_on_val": val <= aa["max_drop"]}
-    by["pruned-int8"]["note"] += (
+    by[aware]["note"] += (
         f"; drop vs pruned-fp32: {100 * aa['tuning_drop']:.2f} ± {100 * aa['tuning_drop_se']:.2f} pt on "
         f"{aa['tuning_images']} tuning images (the search's estimate), {100 * val:.2f} pt on the "
         f"{n_images} val images (budget {100 * aa['max_drop']:.2f})")
-
-
-def _vs_base(rows: list[dict], bases: dict[str, str], timing, tvs: dict) -> None:
-    """Each row against its base row: MACs, params and size ratios, the mAP change, the speed-ups (in place)."""
-    from pipeline.eval.measure import speedup_fields
-
-    by = {r["name"]: r for r in rows}
-    for r in rows:
-        base = by[bases[r["name"]]]
-        r["vs_base"] = {"against": base["name"], "macs_ratio": r["macs"] / base["macs"],
-                        "params_ratio": r["params"] / base["params"],
-                        "size_ratio": r["model"]["size_bytes"] / base["model"]["size_bytes"],
-                        "map50_95_delta": r["map50_95"] - base["map50_95"],
-                        **speedup_fields(timing, tvs[r["name"]], tvs[base["name"]])}
 
 
 def run(ctx: Context) -> StageRecord:
@@ -395,31 +298,32 @@ def run(ctx: Context) -> StageRecord:
     check_injection(cfg, vs)
     inputs = {"eval": ctx.output("data", "eval"), "data": ctx.output("data", "yolo")}
     for v in vs:
-        inputs[f"{v.name}.onnx"] = ctx.output(v.model_stage, v.output)
+        inputs[f"{v.name}.onnx"] = ctx.output(v.stage, v.output)
         inputs[f"{v.name}.info"] = ctx.output(v.stats_stage, "info")
-    for name, stage in CROSS_CHECKED.items():
-        if any(v.name == name for v in vs):
-            inputs[f"{name}.pt"] = ctx.output(stage, "model")
-    config = {**cfg.model_dump(), "prepost": spec.as_dict(), "variants": [v.__dict__ for v in vs],
+    for v in V.CROSS_CHECKED:
+        if v in vs:
+            inputs[f"{v.name}.pt"] = ctx.output(v.stats_stage, "model")
+    config = {**cfg.model_dump(), "prepost": spec.as_dict(), "variants": [v.as_dict() for v in vs],
               "e2e": ctx.recipe.export.e2e.model_dump()}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.eval.measure import timing_fields
 
+        fam = family(ctx)
         es = _load_eval_set(inputs, cfg.split, out)
-        scored = _score(ctx, vs, inputs, es, spec, out)  # accuracy of every variant first; then timed together
+        scored = _score(ctx, vs, inputs, es, spec, out, fam)  # accuracy of every variant first; then timed together
         bases = speed_bases(vs)
         timing, tvs = time_variants(cfg, scored, [i.path for i in es.images], spec,
                                     tuple(ctx.recipe.export.e2e.frame_hw), bases)
-        rows = [_row(ctx, sc, es, timing_fields(timing, tvs[sc.v.name]), out) for sc in scored]
+        rows = [_row(ctx, sc, es, timing_fields(timing, tvs[sc.v.name]), out, fam) for sc in scored]
         all_dets = {sc.v.name: sc.dets for sc in scored}
         del scored  # the runners
         cross = cross_check(ctx, rows, inputs, out)
         _int8_drop(ctx, {r["name"]: r for r in rows}, len(es.images))
-        _vs_base(rows, bases, timing, tvs)
+        add_vs_base(rows, bases, timing, tvs)
         intervals = annotate_rows(rows, es.ground_truth, all_dets, resamples=cfg.bootstrap_resamples,
                                   seed=cfg.bootstrap_seed)
-        report = {"schema": "yolo-edge/report/1", "run": ctx.run_dir.name, "recipe": ctx.recipe.model_dump(),
+        report = {"schema": SCHEMA, "run": ctx.run_dir.name, "recipe": ctx.recipe.model_dump(),
                   "dataset": {"split": cfg.split, "images": len(es.images), "digest": es.digest, "names": es.names,
                               **_data_counts(ctx)},
                   "cross_check": cross, "timing": timing.summary, "map_intervals": intervals,
@@ -427,8 +331,8 @@ def run(ctx: Context) -> StageRecord:
                   "prepost": spec.as_dict(),
                   # The end-to-end variants stand apart: their detections equal their source variant's (the parity
                   # the graph is built for), which check-report's rule against identical predictions would refuse.
-                  "variants": [r for r in rows if not r.get("e2e")],
-                  "e2e_variants": [r for r in rows if r.get("e2e")]}
+                  "variants": [r for r in rows if r["role"] != "e2e"],
+                  "e2e_variants": [r for r in rows if r["role"] == "e2e"]}
         (out / "report.json").write_text(json.dumps(report, indent=1))
         (out / "report.md").write_text(render_markdown(report))
         return StageResult(outputs={"report": "report.json", "report_md": "report.md",

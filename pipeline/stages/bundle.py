@@ -86,10 +86,6 @@ def build_wheel(root: Path, dest: Path) -> Path:
     return wheels[0]
 
 
-def _variant_build_precision(v: dict) -> str:
-    return {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}.get(v["precision"], "fp32")
-
-
 def _model_rows(variants: list[dict], inputs: dict, tree: Path, tensorrt: str) -> list[dict]:
     """Every variant's ONNX file copied under models/ (the file bench scored, by sha256; never a pickle; one that
     TensorRT `tensorrt` would parse) and its manifest row: what it is, how the device builds it, what the dev box
@@ -112,9 +108,10 @@ def _model_rows(variants: list[dict], inputs: dict, tree: Path, tensorrt: str) -
                             f"{bad[0]}; the bundle carries only files the device can build", src)
         rel = f"models/{v['name']}{src.suffix}"
         shutil.copyfile(src, tree / rel)
-        rows.append({"name": v["name"], "precision": v["precision"], "file": rel, "sha256": v["model"]["sha256"],
+        rows.append({"name": v["name"], "precision": v["precision"], "role": v.get("role"),
+                     "made_from": v.get("made_from", ""), "file": rel, "sha256": v["model"]["sha256"],
                      "size": v["model"]["size_bytes"], "params": v.get("params"), "macs": v.get("macs"),
-                     "note": v.get("note", ""), "build": {"precision": _variant_build_precision(v)},
+                     "note": v.get("note", ""), "build": {"precision": v["precision"]},
                      "dev_box": {"map50_95": v["map50_95"], "map50": v["map50"], "runner": v["runner"],
                                  "engine_p50_ms": v["latency_ms"]["engine"]["p50"],
                                  "e2e_p50_ms": v["latency_ms"]["end_to_end"]["p50"]}})
@@ -167,8 +164,11 @@ def _manifest(ctx: Context, report: dict, rows: list[dict], es, n_images: int, w
                   "layout": "NCHW", "color": "RGB", "scale": "1/255", "letterbox_pad": report["prepost"]["pad_value"]},
         "prepost": report["prepost"],
         "prepost_spec": "ultralytics LetterBox (centered, bilinear, pad 114) -> RGB /255 NCHW float32; output "
-                        "(1, 4+nc, N) xywh + class scores; multi-label class-aware NMS (conf, iou, max_det, "
-                        "max_nms, max_wh) -> boxes scaled back to the frame (pipeline.eval.detect)",
+                        + ("(1, 4+nc, N) xywh + class scores; multi-label class-aware NMS (conf, iou, max_det, "
+                           "max_nms, max_wh)" if report["prepost"].get("post", "nms") == "nms" else
+                           "(1, 4+nc, N) x1y1x2y2 + class scores; top-K selection, no NMS (max_det anchors by best "
+                           "class score, then the max_det best anchor-class pairs over conf)")
+                        + " -> boxes scaled back to the frame (pipeline.eval.detect)",
         "bench": {**cfg.model_dump(), "runner": cfg.runner},
         "dataset": {"split": es.split, "images": n_images, "digest": es.digest, "names": es.names},
         "eval": {"dir": "eval", "images": n_images, "digest": es.digest},
@@ -183,11 +183,12 @@ def run(ctx: Context) -> StageRecord:
     report_path = ctx.output("bench", "report")
     report = json.loads(report_path.read_text())
     from pipeline.quant import trt_ops
-    from pipeline.stages.bench import PEERS
+    from pipeline.stages.variants import present
 
+    roles = {v.name: v.role for v in present(ctx)}  # the run's variant table: peers are scored, never bundled
     variants = [v for v in report["variants"] if v.get("model", {}).get("path")]
-    peers = [v["name"] for v in variants if v["name"] in PEERS]
-    variants = [v for v in variants if v["name"] not in PEERS]
+    peers = [v["name"] for v in variants if roles.get(v["name"]) == "peer"]
+    variants = [v for v in variants if roles.get(v["name"]) not in ("peer", None)]
     if not variants:
         raise UserError("the bench report lists no variant with a model file", report_path)
     inputs: dict[str, Path] = {"report": report_path, "eval": ctx.output("data", "eval")}

@@ -1,9 +1,10 @@
 """`engine` stage: strongly typed ONNX per variant, checked here; the TensorRT build where TensorRT is.
 
 Dev-box half (a content-addressed record, like export and quantize):
-- `<model>_fp16.onnx` for the base and the pruned FP32 exports (pipeline.quant.fp16: FP16 where the ONNX schema
-  allows it, FP32 I/O, the head decode FP32);
-- `<model>_int8.onnx`: the quantize stage's Q/DQ file (pruned_int8, else base_int8) with its float parts FP16;
+- `base-fp16.onnx` / `pruned-fp16.onnx` from the base and the pruned FP32 exports (pipeline.quant.fp16: FP16 where
+  the ONNX schema allows it, FP32 I/O, the head decode FP32);
+- `pruned-int8-fp16.onnx` (else `base-int8-fp16.onnx`): the quantize stage's Q/DQ file (pruned-int8, else base-int8)
+  with its float parts FP16 (the variants are the table's in pipeline/core/variants.py);
 - each checked against the ONNX operator table of the TensorRT the recipe targets (`engine.tensorrt`, JetPack 6's
   10.3 by default; pipeline.quant.trt_ops) and its explicit-quantization and strong-typing rules (trt_check), and
   against the FP32 ONNX on ONNX Runtime. ONNX Runtime's CPU has no FP16 kernel for most of these ops (the record
@@ -23,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from pipeline.core import variants as V
 from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.quant import trt_ops
+from pipeline.stages.variants import wanted
 
-VERSION = 2
+VERSION = 3  # 3: files named by their variants (pipeline/core/variants.py)
 # The parity checks compare a strongly typed file with its FP32 model on PARITY_IMAGES eval images. They catch a
 # broken conversion (a layer lost, a wrong cast, an FP16 overflow), not FP16's or INT8's own rounding, which differs
 # from model to model and input size to input size; bench's mAP of each variant is the finer check. Each tolerance
@@ -150,22 +153,6 @@ def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray
     return info
 
 
-def variant_sources(ctx: Context) -> dict[str, tuple[str, str, str]]:
-    """{variant: (kind, (stage, output) of its source, (stage, output) of its FP32 reference)} for what this run
-    has."""
-    out = {"base_fp16": ("fp16", ("export", "onnx"), ("export", "onnx"))}
-    pruned = ctx.record("export-pruned") is not None and ctx.recipe.prune.enabled
-    if pruned:
-        out["pruned_fp16"] = ("fp16", ("export-pruned", "onnx"), ("export-pruned", "onnx"))
-    q = ctx.record("quantize")
-    if q is not None and ctx.recipe.quantize.enabled:
-        if pruned and "pruned_int8" in q.outputs:
-            out["pruned_int8"] = ("int8", ("quantize", "pruned_int8"), ("export-pruned", "onnx"))
-        elif "base_int8" in q.outputs:
-            out["base_int8"] = ("int8", ("quantize", "base_int8"), ("export", "onnx"))
-    return out
-
-
 def parity_inputs(ctx: Context, n: int = PARITY_IMAGES) -> np.ndarray:
     import cv2
 
@@ -181,14 +168,17 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
     from pipeline.stages.load import family
 
     fam = family(ctx)
-    srcs = variant_sources(ctx)
+    jobs = wanted(ctx, "engine")
     inputs = {}
-    for name, (_, src, ref) in srcs.items():
-        inputs[f"{name}.src"] = ctx.output(*src)
-        inputs[f"{name}.ref"] = ctx.output(*ref)
+    for v in jobs:  # its source file, and the FP32 file it is checked against
+        src = V.get(v.made_from)
+        ref = src if src.precision == "fp32" else V.get(src.made_from)
+        inputs[f"{v.name}.src"] = ctx.output(src.stage, src.output)
+        inputs[f"{v.name}.ref"] = ctx.output(ref.stage, ref.output)
     mx = trt_ops.matrix(ctx.recipe.engine.tensorrt)
-    config = {"variants": sorted(srcs), "exclude": list(ctx.recipe.quantize.exclude), "parity_images": parity_n,
-              "imgsz": ctx.recipe.model.imgsz, "tolerance": [FP16_BOX_FRAC, FP16_SCORE, LIVE, INT8_FP16_RATIO],
+    config = {"variants": sorted(v.name for v in jobs), "exclude": list(ctx.recipe.quantize.exclude),
+              "parity_images": parity_n, "imgsz": ctx.recipe.model.imgsz,
+              "tolerance": [FP16_BOX_FRAC, FP16_SCORE, LIVE, INT8_FP16_RATIO],
               "tensorrt": {"version": mx.version, "table": mx.digest}}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
@@ -198,8 +188,9 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
         work = out / ".work"
         work.mkdir()
         outputs, metrics, effective = {}, {}, {}
-        for name, (kind, _, _) in srcs.items():
-            info = make_variant(kind, inputs[f"{name}.src"], out / f"{name}.onnx", inputs[f"{name}.ref"], x,
+        for v in jobs:
+            name, kind = v.output, v.precision  # fp16 (from an FP32 file) | int8 (a Q/DQ file, FP16 around it)
+            info = make_variant(kind, inputs[f"{v.name}.src"], out / f"{name}.onnx", inputs[f"{v.name}.ref"], x,
                                 ctx.recipe.model.imgsz, work, fam, ctx.recipe.quantize.exclude, mx.version)
             outputs[name] = f"{name}.onnx"
             metrics[name] = info
@@ -212,18 +203,10 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
         shutil.rmtree(work)
         (out / "strongly_typed.json").write_text(json.dumps(metrics, indent=1))
         return StageResult(outputs=outputs, metrics=metrics,
-                           requested={n: ("fp16" if k == "fp16" else "int8") for n, (k, _, _) in srcs.items()},
+                           requested={v.output: v.precision for v in jobs},
                            effective=effective)
 
     return run_stage(ctx, "engine", VERSION, config, inputs, fn)
-
-
-def variants(ctx: Context) -> dict[str, dict]:
-    """For bench (later): {variant: {"onnx": path, "parity": metrics}} of the strongly typed files this run has."""
-    rec = ctx.record("engine")
-    if rec is None:
-        return {}
-    return {n: {"onnx": ctx.output("engine", n), "parity": rec.metrics.get(n, {})} for n in rec.outputs}
 
 
 def build_spec(precision: str, workspace_mib: int = 2048, dla_core: int = -1, opt_level: int = 3):
@@ -242,7 +225,7 @@ def trtexec_lines(ctx: Context, workspace_mib: int = 2048, dla_core: int = -1, o
     plans = ctx.run_dir / "engines"
     out = []
     for name in rec.outputs:
-        spec = build_spec("fp16" if name.endswith("fp16") else "int8", workspace_mib, dla_core, opt_level)
+        spec = build_spec(V.get(name).precision, workspace_mib, dla_core, opt_level)
         out.append(trtexec_command(ctx.output("engine", name), spec, plans / f"{name}.plan", plans / "timing.cache"))
     return out
 
@@ -265,7 +248,7 @@ def run(ctx: Context, workspace_mib: int = 2048, dla_core: int = -1, opt_level: 
     plans = ctx.run_dir / "engines"
     builder = EngineBuilder()
     for name in rec.outputs:
-        spec = build_spec("fp16" if name.endswith("fp16") else "int8", workspace_mib, dla_core, opt_level)
+        spec = build_spec(V.get(name).precision, workspace_mib, dla_core, opt_level)
         plan = builder.build(ctx.output("engine", name), spec, plans, plans / "timing.cache")
         console.print(f"  {name}: {plan}")
     return rec

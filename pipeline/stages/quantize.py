@@ -1,5 +1,7 @@
 """`quantize` stage: INT8 explicit Q/DQ ONNX of the base and the pruned model, checked against TensorRT's rules.
 
+The variants it makes are the table's (pipeline/core/variants.py) that the recipe asks for, each written as
+`<variant>.onnx`:
 - base-int8 and pruned-int8-ptq: plain post-training quantization with the recipe's calibration method;
 - pruned-int8: accuracy-aware: nodes ranked by the error they add (per-layer error vs FP32 on calibration
   images) are shortlisted, and those whose return to float brings the score-weighted detector output closest
@@ -19,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from pipeline.core import variants as V
 from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
+from pipeline.stages.variants import post_of, wanted
 
-VERSION = 7  # 7: the search's stop rule counts the tuning estimate's noise
+VERSION = 8  # 8: files named by their variants (pipeline/core/variants.py)
 
 
 def _tuning_dets(onnx_path: Path, gt: dict, ctx: Context) -> list[dict]:
@@ -115,12 +119,15 @@ def run(ctx: Context) -> StageRecord:
         ensure_available()
     verify(ctx)
     config = {**q.model_dump(), "imgsz": ctx.recipe.model.imgsz, "opset": ctx.recipe.export.opset}
-    inputs = {"base": ctx.output("export", "onnx"), "calib": ctx.output("calibrate", "calib"),
-              "tuning": ctx.output("calibrate", "tuning"), "calib_data": ctx.output("calibrate", "list")}
-    pruned = ctx.recipe.prune.enabled and ctx.record("export-pruned") is not None
-    if pruned:
-        inputs["pruned"] = ctx.output("export-pruned", "onnx")
-        inputs["pruned_pt"] = ctx.output("finetune", "model")
+    jobs = wanted(ctx, "quantize")
+    config["variants"] = [v.name for v in jobs]
+    inputs = {"calib": ctx.output("calibrate", "calib"), "tuning": ctx.output("calibrate", "tuning"),
+              "calib_data": ctx.output("calibrate", "list")}
+    for v in jobs:  # each variant's FP32 source (and, for ultralytics' own export, its checkpoint)
+        src = V.get(v.made_from)
+        inputs[src.name] = ctx.output(src.stage, src.output)
+        if v.method == "ultralytics":
+            inputs[f"{src.name}.pt"] = ctx.output(src.stats_stage, "model")
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.quant import ort_qdq as oq
@@ -128,34 +135,39 @@ def run(ctx: Context) -> StageRecord:
         from pipeline.stages.load import family
 
         fam = family(ctx)
-
         calib = np.load(inputs["calib"])
         gt = json.loads(inputs["tuning"].read_text())
         work = out / ".work"
         work.mkdir()
         outputs, metrics, effective = {}, {}, {}
-        jobs = [("base", "base_int8.onnx", False)]
-        if pruned:
-            jobs += [("pruned", "pruned_int8_ptq.onnx", False)]
-            if q.accuracy_aware.enabled and q.backend == "onnxruntime":  # the search drives ORT's quantizer
-                jobs += [("pruned", "pruned_int8.onnx", True)]
         caches = {}
-        for src, name, aware in jobs:
-            fp32 = inputs[src]
+        for v in jobs:
+            fp32, name = inputs[v.made_from], f"{v.output}.onnx"
+            if v.method == "ultralytics":  # the peer: ultralytics' own INT8 export of the same checkpoint
+                from pipeline.adapters import ultralytics_yolo as ua
+                from pipeline.stages.calibrate import ultralytics_calib_yaml
+
+                peer = ua.export_int8_onnx(inputs[f"{v.made_from}.pt"], out / name, imgsz=ctx.recipe.model.imgsz,
+                                           data_yaml=ultralytics_calib_yaml(ctx, work))
+                bad = trt_check.check_file(peer)
+                outputs[v.output] = name
+                metrics[v.output] = {"trt_check": "refused: " + str(bad[0]) if bad else "passed",
+                                     "violations": len(bad), "post": post_of(v, fam)}
+                continue
             exclude = fam.float_decode_nodes(onnx.load(str(fp32)), q.exclude)
-            if src not in caches:
-                caches[src] = oq.compute_ranges(fp32, calib, q.method, work / f"{src}.{q.method}.json", work,
-                                                decode=exclude, percentile=q.percentile)
+            if v.made_from not in caches:
+                caches[v.made_from] = oq.compute_ranges(fp32, calib, q.method, work / f"{v.made_from}.{q.method}.json",
+                                                        work, decode=exclude, percentile=q.percentile)
             if q.backend == "modelopt":
                 from pipeline.quant.modelopt_backend import quantize as mo_quantize
 
                 info = {"backend": "modelopt", "modelopt_method": mo_quantize(fp32, out / name, inputs["calib"],
                                                                               q.method, exclude)}
-            elif aware:
-                info = accuracy_aware(fp32, out / name, caches[src], q.method, exclude, tuple(q.op_types), calib, gt,
-                                      ctx, work)
+            elif v.method == "accuracy-aware":
+                info = accuracy_aware(fp32, out / name, caches[v.made_from], q.method, exclude, tuple(q.op_types),
+                                      calib, gt, ctx, work)
             else:
-                oq.quantize(fp32, out / name, caches[src], q.method, exclude, tuple(q.op_types))
+                oq.quantize(fp32, out / name, caches[v.made_from], q.method, exclude, tuple(q.op_types))
                 info = {}
             violations = trt_check.check_file(out / name)
             if violations:
@@ -163,22 +175,11 @@ def run(ctx: Context) -> StageRecord:
             m = onnx.load(str(out / name))
             onnx.checker.check_model(m)
             info.update({"excluded_head_nodes": exclude, "quantized_nodes": len(oq.quantized_nodes(m)),
-                         "trt_check": "passed", "source": src, "method": q.method})
-            key = Path(name).stem
-            outputs[key] = name
-            metrics[key] = info
-            effective[key] = {"precision": "int8-qdq", "float_nodes": info.get("float_nodes", []),
-                              "decode_float": True}
-        if pruned and q.peer:
-            from pipeline.adapters import ultralytics_yolo as ua
-            from pipeline.stages.calibrate import ultralytics_calib_yaml
-
-            peer = ua.export_int8_onnx(inputs["pruned_pt"], out / "pruned_ultralytics_int8.onnx",
-                                       imgsz=ctx.recipe.model.imgsz, data_yaml=ultralytics_calib_yaml(ctx, work))
-            v = trt_check.check_file(peer)
-            outputs["pruned_ultralytics_int8"] = peer.name
-            metrics["pruned_ultralytics_int8"] = {"trt_check": "refused: " + str(v[0]) if v else "passed",
-                                                  "violations": len(v)}
+                         "trt_check": "passed", "source": v.made_from, "method": q.method})
+            outputs[v.output] = name
+            metrics[v.output] = info
+            effective[v.output] = {"precision": "int8-qdq", "float_nodes": info.get("float_nodes", []),
+                                   "decode_float": True}
         shutil.rmtree(work)
         return StageResult(outputs=outputs, metrics=metrics,
                            requested={"precision": "int8", "method": q.method, "backend": q.backend,

@@ -19,6 +19,7 @@ class ModelFamily:
     title: str = ""  # how the family is named to a user
     blocks: str = ""  # its characteristic blocks, for messages
     post: str = "nms"  # post-processing after the detector: "nms" | "topk"
+    exported_post: str = "nms"  # what ultralytics' own ONNX export of the family ends in ("final": detections)
     known: tuple = ()  # module types its pruner knows (after `prepare`)
 
     def __repr__(self) -> str:

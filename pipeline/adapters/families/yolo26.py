@@ -37,6 +37,7 @@ class YOLO26(ModelFamily):
     title = "YOLO26"
     blocks = "C3k2 blocks and an NMS-free one-to-one Detect head"
     post = "topk"
+    exported_post = "final"  # ultralytics exports the end-to-end head with its top-K: (1, max_det, 6) detections
     known = (DetectionModel, Conv, DWConv, Bottleneck, C3k, C3, C2fSplit, C2PSASplit, PSABlock, DecoupledAttention,
              SPPF, Detect, Concat, *PLAIN)
 
