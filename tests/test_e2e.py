@@ -90,6 +90,51 @@ def test_nms_and_selection_equal_postprocess(tmp_path, conf, iou, max_det, hw):
     assert np.allclose(got, ref, atol=1e-4), np.abs(got - ref).max(0)  # same order too: score-descending
 
 
+def _raw_xyxy(seed=0, s=S, nc=NC, n=N):
+    """A YOLO26-style raw output: x1y1x2y2 boxes, then class scores."""
+    raw = _raw(seed, s, nc, n)
+    xy, wh = raw[0, :2].copy(), raw[0, 2:4].copy()
+    raw[0, :2], raw[0, 2:4] = xy - wh / 2, xy + wh / 2
+    return raw
+
+
+@pytest.mark.parametrize("conf,max_det", [(0.001, 300), (0.25, 300), (0.05, 7), (1.0, 300)])
+@pytest.mark.parametrize("hw", [(64, 64), (480, 640)])
+def test_topk_selection_equals_postprocess(tmp_path, conf, max_det, hw):
+    """YOLO26's tail (no NMS): the in-graph top-K anchors, top-K (anchor, class) pairs and box mapping against
+    detect.postprocess's `topk` path, including max_det cutting the list, fewer anchors than max_det (84 < 300: the
+    padded slots) and no detection at all."""
+    spec = PrePost(imgsz=S, conf=conf, max_det=max_det, post="topk")
+    raw = _raw_xyxy(seed=5)
+    toy = _toy_detector(tmp_path / "toy.onnx", raw)
+    info = e2e.build_e2e(toy, tmp_path / "e.onnx", hw, spec)
+    assert info["selection"] == "topk" and "iou" not in info
+    img = np.zeros((*hw, 3), np.uint8)
+    got = e2e.run(e2e.session(tmp_path / "e.onnx"), img)
+    ref = postprocess(raw, letterbox(img, spec)[1], hw, spec)
+    assert got.shape == ref.shape
+    if max_det == 7:
+        assert len(ref) == 7
+    if conf == 1.0:
+        assert len(ref) == 0
+    assert np.allclose(got, ref, atol=1e-4), np.abs(got - ref).max(0)  # same order too: score-descending
+
+
+@pytest.mark.parametrize("trt", ["10.3", "11"])
+def test_the_topk_graph_has_no_nms_static_shapes_and_passes_tensorrt_tables(tmp_path, trt):
+    toy = _toy_detector(tmp_path / "toy.onnx", _raw_xyxy())
+    e2e.build_e2e(toy, tmp_path / "e.onnx", (720, 1280), PrePost(imgsz=S, max_det=50, post="topk"))
+    m = onnx.load(str(tmp_path / "e.onnx"))
+    ops = {n.op_type for n in m.graph.node if n.name.startswith("e2e/")}
+    assert "NonMaxSuppression" not in ops and "TopK" in ops and ops <= E2E_OPS | {"ReduceMax"}
+    inf = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+    assert all(d.HasField("dim_value") for v in inf.graph.value_info for d in v.type.tensor_type.shape.dim)
+    inits = {t.name for t in m.graph.initializer}
+    assert all(n.input[1] in inits for n in m.graph.node if n.op_type == "TopK")
+    assert not trt_check.check_types(m)
+    assert trt_ops.check_ops(m, trt) == []
+
+
 def test_graph_interface_static_and_standard_ops(tmp_path):
     toy = _toy_detector(tmp_path / "toy.onnx", _raw())
     info = e2e.build_e2e(toy, tmp_path / "e.onnx", (720, 1280), PrePost(imgsz=S, max_det=100))

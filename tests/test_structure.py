@@ -200,3 +200,46 @@ def test_the_pruning_memo_and_offline_mode_are_on_only_inside_their_blocks():
     assert got["still"] == got["inner"], "a nested block's exit keeps the outer block's patch"
     assert got["off"]["env"]["YOLO_OFFLINE"] == "1" and got["off"]["env"]["HTTPS_PROXY"] == "http://127.0.0.1:9"
     assert got["after"] == got["before"]
+
+
+def test_only_the_family_registry_imports_a_family_module():
+    """Stages (and everything outside adapters/) reach YOLOv8, YOLO11 and YOLO26 through the interface in
+    adapters/family.py, never through a family module."""
+    g = import_graph()
+    fam = "pipeline.adapters.families"
+    bad = sorted((m, t) for m in g for t in g[m]
+                 if (t == fam or t.startswith(fam + ".")) and not (m == "pipeline.adapters.family" or m.startswith(fam)))
+    assert bad == []
+    assert any(t.startswith(fam) for t in g["pipeline.adapters.family"])  # the check reads the edges it means
+
+
+_STR_METHODS = {"endswith", "startswith", "split", "rsplit", "partition", "rpartition", "removesuffix",
+                "removeprefix"}
+_VARIANT_TOKENS = ("fp32", "fp16", "int8", "e2e", "ptq", "pruned", "base", "peer", "ultralytics")
+
+
+def name_decisions(source: str) -> list[str]:
+    """String-method calls that read a variant's kind from its name: a split on '-' or '_', or a prefix/suffix test
+    with a variant word ("-e2e", "fp16", "pruned_"...)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _STR_METHODS):
+            continue
+        consts = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        consts += [e.value for a in node.args if isinstance(a, ast.Tuple) for e in a.elts
+                   if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+        split = node.func.attr in ("split", "rsplit", "partition", "rpartition")
+        if any((split and c in ("-", "_")) or any(t in c.lower() for t in _VARIANT_TOKENS) for c in consts):
+            out.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def test_no_variant_is_decided_by_a_string_method_on_its_name():
+    """Which network, precision, role or source a variant has is read from the variant table
+    (pipeline/core/variants.py), never parsed out of its name."""
+    planted = 'model = out.split("_")[0]\nif name.endswith("fp16"): pass\ne = v["name"].endswith("-e2e")\n'
+    assert len(name_decisions(planted)) == 3  # the check finds what it is for
+    assert name_decisions('p = path.endswith(".onnx")\nk, _, v = line.partition("=")\nk.startswith("_")\n') == []
+    found = {str(p.relative_to(ROOT)): hits for p in sorted(PKG.rglob("*.py"))
+             if (hits := name_decisions(p.read_text()))}
+    assert found == {}

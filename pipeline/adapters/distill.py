@@ -9,11 +9,13 @@ is ultralytics' own wrapper with one term added to its loss:
 - classification: the Bernoulli KL divergence between the teacher's and the student's per-class sigmoid
   scores at every anchor (BCE with the teacher's probabilities as soft targets, minus the teacher's own
   entropy, so the term is 0 when the student matches);
-- box: the KL divergence between the teacher's and the student's DFL distributions (4 sides x reg_max bins);
+- box: the KL divergence between the teacher's and the student's DFL distributions (4 sides x reg_max bins); for a
+  head without DFL (YOLO26) the smooth-L1 distance between their regressed side distances;
 
 both at temperature T (scaled by T^2), weighted per anchor by the teacher's best class score (background
 anchors, which the teacher is sure are empty, carry little) and normalised by the sum of those weights,
-as ultralytics' detection loss normalises by its target-score sum.
+as ultralytics' detection loss normalises by its target-score sum. A head with a one-to-one branch beside its
+one-to-many one (YOLO26) has both distilled, each at half the weight.
 
 Optionally (`channel_weight`), channel-wise distillation on the neck levels that feed Detect (Shu et al., "Channel-wise
 Knowledge Distillation for Dense Prediction", ICCV 2021): each channel's activations become a distribution over
@@ -36,7 +38,9 @@ from ultralytics.nn.distill_model import DistillationModel
 
 def head_kd_loss(student: dict, teacher: dict, reg_max: int, temperature: float = 1.0) -> torch.Tensor:
     """Score-weighted KL divergence between two Detect heads' raw outputs ({"boxes": (B, 4*reg_max, A),
-    "scores": (B, nc, A)}). 0 when they are equal."""
+    "scores": (B, nc, A)}). 0 when they are equal. Without DFL bins (reg_max 1: YOLO26's head regresses the four
+    side distances directly) the box term is the smooth-L1 distance between the two heads' distances (grid cells,
+    summed over the sides), at the same weights, not scaled by the temperature."""
     t = float(temperature)
     ts, ss = teacher["scores"].detach().float() / t, student["scores"].float() / t
     pt = ts.sigmoid()
@@ -45,6 +49,9 @@ def head_kd_loss(student: dict, teacher: dict, reg_max: int, temperature: float 
     w = pt.max(1).values  # (B, A): how sure the teacher is that an object is there
     norm = w.sum().clamp(min=1.0)
     b, _, a = teacher["boxes"].shape
+    if reg_max == 1:
+        box = F.smooth_l1_loss(student["boxes"].float(), teacher["boxes"].detach().float(), reduction="none").sum(1)
+        return ((cls_kl.sum(1) * w).sum() * t * t + (box * w).sum()) / norm
     tl = (teacher["boxes"].detach().float() / t).view(b, 4, reg_max, a).log_softmax(2)
     sl = (student["boxes"].float() / t).view(b, 4, reg_max, a).log_softmax(2)
     box_kl = (tl.exp() * (tl - sl)).sum(2).mean(1)  # (B, A)
@@ -80,10 +87,15 @@ class HeadDistillationModel(DistillationModel):
         kd = torch.zeros(1, device=loss.device)
         if self.training and self.head_weight > 0:
             n = len(self.feats_idx) - 1  # the Detect level
-            teacher = self.decouple_outputs(self._teacher_feats[n], branch="one2many")
-            student = self.decouple_outputs(self._student_feats[n], branch="one2many")
+            head = self._teacher_feats[n]
+            # an end-to-end head (YOLO26) has two branches: both are distilled (the one-to-one is the deployed one)
+            branches = ("one2many", "one2one") if isinstance(head, dict) and "one2one" in head else ("one2many",)
             reg_max = self.student_model.model[-1].reg_max
-            kd = head_kd_loss(student, teacher, reg_max, self.temperature).reshape(1) * self.head_weight
+            for b in branches:
+                teacher = self.decouple_outputs(head, branch=b)
+                student = self.decouple_outputs(self._student_feats[n], branch=b)
+                kd = kd + head_kd_loss(student, teacher, reg_max, self.temperature).reshape(1) * (
+                    self.head_weight / len(branches))
         if self.training and getattr(self, "channel_weight", 0.0) > 0:  # checkpoints pickled before it lack it
             for i in range(len(self.feats_idx) - 1):  # the neck levels
                 teacher = self.decouple_outputs(self._teacher_feats[i])

@@ -210,9 +210,10 @@ def _all_cpu_threads(runner) -> None:
 
 def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int,
           batch: int, seed: int = 0, workers: int = 2, device: str = "cpu", **kw) -> Path:
-    """Train with the stock trainer; returns the best checkpoint as ultralytics wrote it (FP16 weights, optimizer
+    """Train with the stock trainer, given the model family's own arguments (YOLO26: nms=False, so each epoch's val
+    mAP is its one-to-one head's); returns the best checkpoint as ultralytics wrote it (FP16 weights, optimizer
     stripped): the load stage turns it into FP32."""
-    check_model_spec(model_spec)
+    kw = {**check_model_spec(model_spec).train_args, **kw}
     out_dir = Path(out_dir).resolve()
     y = YOLO(str(model_spec))
     for event in ("on_train_start", "on_val_start"):  # the final validation selects the device again
@@ -227,14 +228,15 @@ def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
 
 
 def val(weights: str | Path, data_yaml: str | Path, imgsz: int, conf: float = 0.001, iou: float = 0.7,
-        max_det: int = 300, batch: int = 1) -> dict:
-    """ultralytics' own validator on the same weights and data (the reference the bench is checked against)."""
+        max_det: int = 300, batch: int = 1, **kw) -> dict:
+    """ultralytics' own validator on the same weights and data (the reference the bench is checked against); `kw`:
+    the family's own arguments (YOLO26: nms=False, its one-to-one head)."""
     tmp = tempfile.mkdtemp(prefix="yolo-edge-val-")
     try:
         m = YOLO(str(weights))
         m.add_callback("on_val_start", _all_cpu_threads)
         r = m.val(data=str(data_yaml), imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, batch=batch, rect=False,
-                  device="cpu", plots=False, verbose=False, project=tmp, name="val", workers=0, half=False)
+                  device="cpu", plots=False, verbose=False, project=tmp, name="val", workers=0, half=False, **kw)
         return {"map50_95": float(r.box.map), "map50": float(r.box.map50)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -78,7 +78,7 @@ def _bench_e2e(ctx: Context, v: V.Variant, onnx_path: Path, images, gt: dict, ca
     return coco_eval(gt, dets), dets, runner, info
 
 
-def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path) -> dict:
+def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path, fam) -> dict:
     """Score the fp32 checkpoints with ultralytics' own validator (its letterbox, NMS and mAP code) on the same
     split of the data stage's YOLO copy; the two numbers go side by side into the report. They differ a little by
     construction (ultralytics interpolates precision its own way: ~0.3 pt on the default data); more than
@@ -102,7 +102,7 @@ def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path) -> dict
             continue
         console.print(f"[dim]bench: {r['name']}: ultralytics' validator on the same {cfg.split} split ...[/dim]")
         u = ua.val(inputs[f"{r['name']}.pt"], data_yaml, ctx.recipe.model.imgsz, conf=cfg.conf, iou=cfg.iou,
-                   max_det=cfg.max_det)
+                   max_det=cfg.max_det, **fam.train_args)
         d = 100 * (r["map50_95"] - u["map50_95"])
         res["variants"][r["name"]] = {"bench": r["map50_95"], "ultralytics": u["map50_95"],
                                       "bench_map50": r["map50"], "ultralytics_map50": u["map50"],
@@ -318,7 +318,7 @@ def run(ctx: Context) -> StageRecord:
         rows = [_row(ctx, sc, es, timing_fields(timing, tvs[sc.v.name]), out, fam) for sc in scored]
         all_dets = {sc.v.name: sc.dets for sc in scored}
         del scored  # the runners
-        cross = cross_check(ctx, rows, inputs, out)
+        cross = cross_check(ctx, rows, inputs, out, fam)
         _int8_drop(ctx, {r["name"]: r for r in rows}, len(es.images))
         add_vs_base(rows, bases, timing, tvs)
         intervals = annotate_rows(rows, es.ground_truth, all_dets, resamples=cfg.bootstrap_resamples,

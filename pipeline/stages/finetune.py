@@ -38,7 +38,7 @@ def run(ctx: Context) -> StageRecord:
         if (work / "weights" / "last.pt").is_file():
             console.print(f"  resuming the interrupted fine-tune in {work}")
         kd = ua.Distill(inputs["teacher"], **c.distill.trainer_args()) if "teacher" in inputs else None
-        opts = ua.TrainOptions(c.epochs, ctx.recipe.model.imgsz, c.trainer_args(), distill=kd)
+        opts = ua.TrainOptions(c.epochs, ctx.recipe.model.imgsz, {**c.trainer_args(), **fam.train_args}, distill=kd)
         last = ua.finetune(inputs["model"], inputs["data"] / "data.yaml", work, opts)
         model = ua.load_detection_model(last)
         if fam.signature(model) != want:

@@ -199,7 +199,7 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
         ua.save_checkpoint(prepared, start, train_args=stock.args)
         opts = ua.TrainOptions(ph.epochs, ctx.recipe.model.imgsz,
                                {**s.trainer_args(), "close_mosaic": s.close_mosaic,
-                                "warmup_epochs": s.warmup_epochs, "patience": 0},
+                                "warmup_epochs": s.warmup_epochs, "patience": 0, **fam.train_args},
                                distill=ua.Distill(model_path, **s.distill.trainer_args()) if ph.distill else None,
                                sparsify=ua.Sparsify(fam, ph.reg, fade))
         last = ua.finetune(start, data_dir / "data.yaml", work / tag, opts)

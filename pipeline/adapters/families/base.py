@@ -20,6 +20,7 @@ class ModelFamily:
     blocks: str = ""  # its characteristic blocks, for messages
     post: str = "nms"  # post-processing after the detector: "nms" | "topk"
     exported_post: str = "nms"  # what ultralytics' own ONNX export of the family ends in ("final": detections)
+    train_args: dict = {}  # what every stock trainer and validator run of the family is given besides its settings
     known: tuple = ()  # module types its pruner knows (after `prepare`)
 
     def __repr__(self) -> str:

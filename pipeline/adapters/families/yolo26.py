@@ -38,6 +38,9 @@ class YOLO26(ModelFamily):
     blocks = "C3k2 blocks and an NMS-free one-to-one Detect head"
     post = "topk"
     exported_post = "final"  # ultralytics exports the end-to-end head with its top-K: (1, max_det, 6) detections
+    # ultralytics 8.4 validates a YOLO26 with its one-to-many branch and NMS unless told `nms=False`: the epochs'
+    # val mAP (convergence checks, fine-tune histories) and the cross-check then score the deployed one-to-one head
+    train_args = {"nms": False}
     known = (DetectionModel, Conv, DWConv, Bottleneck, C3k, C3, C2fSplit, C2PSASplit, PSABlock, DecoupledAttention,
              SPPF, Detect, Concat, *PLAIN)
 
