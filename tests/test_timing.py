@@ -327,8 +327,8 @@ def test_bench_rows_take_speedups_as_base_over_variant_with_their_intervals():
 def test_an_injection_naming_a_variant_the_run_lacks_is_refused():
     from types import SimpleNamespace
 
-    from pipeline.core.errors import UserError
     from pipeline.core import variants as V
+    from pipeline.core.errors import UserError
     from pipeline.stages.bench import check_injection
 
     vs = [V.BASE_FP32, V.PRUNED_FP32]
