@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from pipeline.core.errors import UserError
-from pipeline.stages.order import RECORDS, STAGES, entry
+from pipeline.stages.order import RECORDS, STAGES, spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, fine-tune, quantize and benchmark YOLO11 for NVIDIA Jetson.")
@@ -33,41 +33,16 @@ def _ctx(recipe: Path, sets: list[str] | None, run_dir: Path | None, force: bool
 
 
 def _run_stages(ctx, stages: list[str], build_required: bool = False) -> None:
-    if not ctx.recipe.prune.enabled:
-        stages = [s for s in stages if s not in ("prune", "finetune")]
-    if not ctx.recipe.quantize.enabled:
-        stages = [s for s in stages if s not in ("calibrate", "quantize")]
+    """The named stages the recipe enables (the stage registry says which), each pre-flight check first (before any
+    stage writes anything), then each stage in turn."""
     for s in stages:
         if s not in STAGES:
             raise UserError(f"unknown stage '{s}' (stages: {', '.join(STAGES)})")
-    _preflight(ctx, stages)
-    for s in stages:
-        if s == "engine":
-            entry(s)(ctx, require_build=build_required)
-        else:
-            entry(s)(ctx)
-
-
-def _preflight(ctx, stages: list[str]) -> None:
-    """Check user-supplied inputs before any stage writes anything."""
-    if "data" in stages and ctx.recipe.data.source != "synthetic":
-        from pipeline.data.formats import load_dataset
-
-        d = ctx.recipe.data
-        load_dataset(d.source, strict=d.strict, names=d.names).split(ctx.recipe.bench.split)
-    if "load" in stages:
-        from pipeline.adapters.ultralytics_yolo import check_model_spec, check_pruned_checkpoint
-        from pipeline.stages.load import weights_spec
-
-        spec = weights_spec(ctx)
-        # a .pt that loads as a detection model, or a detection model config that builds, of a supported family
-        fam = check_model_spec(spec, ctx.recipe.model.family)
-        if not spec.endswith((".yaml", ".yml")):
-            check_pruned_checkpoint(spec, ctx.recipe.model.imgsz, fam)
-    if "calibrate" in stages and ctx.recipe.calib.source != "train":
-        from pipeline.stages.calibrate import _list_file_images
-
-        _list_file_images(Path(ctx.recipe.calib.source))  # a list of images that decode
+    todo = [spec(s) for s in stages if spec(s).enabled(ctx.recipe)]
+    for st in todo:
+        st.check(ctx)
+    for st in todo:
+        st.run(ctx, build_required)
 
 
 @app.command()

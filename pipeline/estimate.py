@@ -69,78 +69,120 @@ class Stage:
     what: str
 
 
-def plan(recipe, t: Timing, n_train: int, n_val: int, n_images: int | None = None, groups: int = 0) -> list[Stage]:
-    """What `yolo-edge run` does for this recipe, stage by stage, with rough durations. n_train / n_val: the
-    train and bench-split image counts; n_images: all images (the data stage reads them all); groups: the model's
-    prunable dependency groups (`prunable_groups`), which the sensitivity and latency scans prune one by one."""
-    r = recipe
-    I = t.infer_img_s  # noqa: E741 - one CPU forward, the unit of the CPU-bound stages
-    n_images = n_images if n_images is not None else n_train + n_val
-    out: list[Stage] = []
+@dataclass
+class Sizes:
+    """What a plan scales with besides the timed batch: the train and bench-split image counts, all images (the data
+    stage reads them all), the model's prunable dependency groups (`prunable_groups`: the sensitivity and latency
+    scans prune them one by one)."""
+
+    n_train: int
+    n_val: int
+    n_images: int | None = None
+    groups: int = 0
+
+    @property
+    def images(self) -> int:
+        return self.n_images if self.n_images is not None else self.n_train + self.n_val
+
+
+# One function per stage, named in the stage registry (pipeline/stages/order.py): (recipe, timing, sizes) -> the
+# stage's rough durations, each a Stage (the prune stage's sparsity training is a Stage of its own).
+
+def data(r, t: Timing, z: Sizes) -> list[Stage]:
     if r.data.source == "synthetic":
         s = r.data.synthetic
-        out.append(Stage("data", 2 + 0.03 * (s.train + s.val),
-                         f"generate the synthetic data ({s.train} train / {s.val} val images), write both layouts"))
-    else:
-        out.append(Stage("data", 2 + 0.005 * n_images,
-                         f"validate {r.data.source} ({n_images} images), write YOLO and COCO layouts"))
+        return [Stage("data", 2 + 0.03 * (s.train + s.val),
+                      f"generate the synthetic data ({s.train} train / {s.val} val images), write both layouts")]
+    return [Stage("data", 2 + 0.005 * z.images, f"validate {r.data.source} ({z.images} images), write YOLO and COCO "
+                                                f"layouts")]
+
+
+def load(r, t: Timing, z: Sizes) -> list[Stage]:
     weights = r.model.weights or r.model.arch
-    out.append(Stage("load", 3, f"load {weights} at {r.model.imgsz}x{r.model.imgsz}, count params and MACs"))
-    p, f = r.prune, r.finetune
-    if p.enabled:
-        held = max(n_train, 0)
-        n_eval = min(p.sensitivity.images, held)
-        n_rec = min(p.reconstruct.images, max(held - n_eval, 0)) or n_eval
-        if p.sparsity.enabled:
-            s = p.sparsity
-            epochs = sum(ph.epochs for ph in s.phases)
-            sec = training_seconds(t, epochs, n_train, n_val, SPARSITY_FACTOR) + RUN_FIXED_S * (len(s.phases) - 1)
-            src = f"the shipped {s.shipped} if its record matches, else " if s.shipped else ""
-            out.append(Stage("sparsity", sec, f"{src}sparsity training: {len(s.phases)} phases, {epochs} epochs on "
-                                              f"{s.device} (the prune stage's first part; cached per key)"))
-        target = (f"{p.macs_target:g}x the MACs" + (" at most" if p.macs_at_most else f" ±{p.tolerance:g}")
-                  if p.ratio is None else f"channel ratio {p.ratio:g}")
-        sec = 20 + 100 * I  # the bisection's trial cuts (~15 on YOLO11n with macs_at_most), each counted
-        what = f"cut channels ({p.mode}) to {target}, round_to {p.round_to}"
-        if p.mode != "uniform":
-            sec += groups * n_eval * I * 1.3 + (3 * p.sensitivity.latency_runs * I if p.mode == "latency" else 0)
-            what += f", after a per-group scan on {n_eval} held-out train images"
-        if p.reconstruct.enabled or p.mode != "uniform" or p.steps > 1:
-            sec += 2 * n_eval * I * 1.3
-        if p.reconstruct.enabled:
-            sec += 15 + 25 * n_rec * I  # each conv refit in turn on the images' features, then solved
-            what += f"; refit the convs on {n_rec} held-out train images"
-        if p.steps > 1:
-            sec += (p.steps - 1) * training_seconds(t, p.step_epochs, n_train, n_val)
-            what += f"; {p.steps} steps, {p.step_epochs} fine-tune epochs between them"
-        out.append(Stage("prune", sec, what))
-        out.append(Stage("finetune", training_seconds(t, f.epochs, n_train, n_val),
-                         f"{f.epochs} epochs on {f.device}, {f.optimizer} lr {f.lr0 if f.lr0 is not None else 'auto'}"
-                         f", batch {f.batch}, an optimizer step every "
-                         + (f"{round(f.nbs / f.batch)} batches" if round(f.nbs / f.batch) > 1 else "batch")
-                         + (", distilled from the unpruned model" if f.distill.enabled else "")))
-    n_models = 2 if p.enabled else 1
-    out.append(Stage("export", n_models * (8 + 10 * I), f"ONNX (opset {r.export.opset}) of {n_models} model(s), "
-                                                        f"parity-checked against PyTorch"))
-    q, c = r.quantize, r.calib
-    variants = n_models
+    return [Stage("load", 3, f"load {weights} at {r.model.imgsz}x{r.model.imgsz}, count params and MACs")]
+
+
+def prune(r, t: Timing, z: Sizes) -> list[Stage]:
+    p, n_train, n_val, I = r.prune, z.n_train, z.n_val, t.infer_img_s  # noqa: E741 - one CPU forward
+    out = []
+    held = max(n_train, 0)
+    n_eval = min(p.sensitivity.images, held)
+    n_rec = min(p.reconstruct.images, max(held - n_eval, 0)) or n_eval
+    if p.sparsity.enabled:
+        s = p.sparsity
+        epochs = sum(ph.epochs for ph in s.phases)
+        sec = training_seconds(t, epochs, n_train, n_val, SPARSITY_FACTOR) + RUN_FIXED_S * (len(s.phases) - 1)
+        src = f"the shipped {s.shipped} if its record matches, else " if s.shipped else ""
+        out.append(Stage("sparsity", sec, f"{src}sparsity training: {len(s.phases)} phases, {epochs} epochs on "
+                                          f"{s.device} (the prune stage's first part; cached per key)"))
+    target = (f"{p.macs_target:g}x the MACs" + (" at most" if p.macs_at_most else f" ±{p.tolerance:g}")
+              if p.ratio is None else f"channel ratio {p.ratio:g}")
+    sec = 20 + 100 * I  # the bisection's trial cuts (~15 on YOLO11n with macs_at_most), each counted
+    what = f"cut channels ({p.mode}) to {target}, round_to {p.round_to}"
+    if p.mode != "uniform":
+        sec += z.groups * n_eval * I * 1.3 + (3 * p.sensitivity.latency_runs * I if p.mode == "latency" else 0)
+        what += f", after a per-group scan on {n_eval} held-out train images"
+    if p.reconstruct.enabled or p.mode != "uniform" or p.steps > 1:
+        sec += 2 * n_eval * I * 1.3
+    if p.reconstruct.enabled:
+        sec += 15 + 25 * n_rec * I  # each conv refit in turn on the images' features, then solved
+        what += f"; refit the convs on {n_rec} held-out train images"
+    if p.steps > 1:
+        sec += (p.steps - 1) * training_seconds(t, p.step_epochs, n_train, n_val)
+        what += f"; {p.steps} steps, {p.step_epochs} fine-tune epochs between them"
+    return out + [Stage("prune", sec, what)]
+
+
+def finetune(r, t: Timing, z: Sizes) -> list[Stage]:
+    f = r.finetune
+    return [Stage("finetune", training_seconds(t, f.epochs, z.n_train, z.n_val),
+                  f"{f.epochs} epochs on {f.device}, {f.optimizer} lr {f.lr0 if f.lr0 is not None else 'auto'}"
+                  f", batch {f.batch}, an optimizer step every "
+                  + (f"{round(f.nbs / f.batch)} batches" if round(f.nbs / f.batch) > 1 else "batch")
+                  + (", distilled from the unpruned model" if f.distill.enabled else ""))]
+
+
+def _models(r) -> int:
+    return 2 if r.prune.enabled else 1
+
+
+def export(r, t: Timing, z: Sizes) -> list[Stage]:
+    n = _models(r)
+    return [Stage("export", n * (8 + 10 * t.infer_img_s), f"ONNX (opset {r.export.opset}) of {n} model(s), "
+                                                          f"parity-checked against PyTorch")]
+
+
+def _calib_images(r, z: Sizes) -> int:
+    c = r.calib
+    return min(c.count, z.n_train) if c.source == "train" else c.count
+
+
+def calibrate(r, t: Timing, z: Sizes) -> list[Stage]:
+    n = _calib_images(r, z)
+    return [Stage("calibrate", 1 + 0.01 * n, f"{n} calibration images from the train split")]
+
+
+def quantize(r, t: Timing, z: Sizes) -> list[Stage]:
+    q, p, n, I = r.quantize, r.prune, _models(r), t.infer_img_s  # noqa: E741
+    calib = _calib_images(r, z)
+    tuning = min(r.calib.tuning_images, max(z.n_train - calib, 0)) if q.accuracy_aware.enabled and p.enabled else 0
+    return [Stage("quantize", 15 + 2 * n * calib * I + 4 * tuning * I + (10 + calib * I if q.peer else 0),
+                  f"INT8 Q/DQ ({q.backend}, {q.method}) of {n} model(s)"
+                  + (f", accuracy-aware on {tuning} held-out train images" if tuning else "")
+                  + (", ultralytics' INT8 beside it" if q.peer else ""))]
+
+
+def bench(r, t: Timing, z: Sizes) -> list[Stage]:
+    n, q, b, I = _models(r), r.quantize, r.bench, t.infer_img_s  # noqa: E741
+    variants = n
     if q.enabled:
-        calib = min(c.count, n_train) if c.source == "train" else c.count
-        tuning = min(c.tuning_images, max(n_train - calib, 0)) if q.accuracy_aware.enabled and p.enabled else 0
-        out.append(Stage("calibrate", 1 + 0.01 * calib, f"{calib} calibration images from the train split"))
-        out.append(Stage("quantize", 15 + 2 * n_models * calib * I + 4 * tuning * I + (10 + calib * I if q.peer else 0),
-                         f"INT8 Q/DQ ({q.backend}, {q.method}) of {n_models} model(s)"
-                         + (f", accuracy-aware on {tuning} held-out train images" if tuning else "")
-                         + (", ultralytics' INT8 beside it" if q.peer else "")))
-        variants += n_models + (1 if p.enabled else 0) + (1 if q.peer and p.enabled else 0)
-    b = r.bench
+        variants += n + (1 if r.prune.enabled else 0) + (1 if q.peer and r.prune.enabled else 0)
     # timing: engine-only and end-to-end of every variant in shared rounds; a quiet box converges in ~20 rounds
     timing = min(b.cap_s, 2 * variants * (b.warmup + max(b.min_rounds, 20) * b.per_round) * I * 0.5)
-    out.append(Stage("bench", variants * (n_val * I * 0.5 + 0.5) + timing
-                     + n_models * (3 + 1.5 * n_val * I),  # ultralytics' validator on the FP32 models, beside it
-                     f"{variants} variant(s) on the {n_val} '{b.split}' images ({b.runner}, {b.threads} threads), "
-                     f"cross-checked with ultralytics' validator"))
-    return out
+    return [Stage("bench", variants * (z.n_val * I * 0.5 + 0.5) + timing
+                  + n * (3 + 1.5 * z.n_val * I),  # ultralytics' validator on the FP32 models, beside it
+                  f"{variants} variant(s) on the {z.n_val} '{b.split}' images ({b.runner}, {b.threads} threads), "
+                  f"cross-checked with ultralytics' validator")]
 
 
 def human(seconds: float) -> str:

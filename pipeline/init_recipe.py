@@ -25,7 +25,7 @@ import yaml
 from pipeline.core.config import Recipe, load_recipe
 from pipeline.core.errors import UserError
 from pipeline.core.store import atomic_path
-from pipeline.stages.order import STAGES
+from pipeline.stages.order import STAGES, plan
 
 # Fine-tune length: about FT_IMAGES_SEEN training images seen (~1900 optimizer steps at batch 16, a step every batch),
 # i.e. ceil(FT_IMAGES_SEEN / train images) epochs, within [FT_MIN_EPOCHS, FT_MAX_EPOCHS]. 30k is what `make nightly`
@@ -204,11 +204,11 @@ def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu",
         t = time_train_batch(inp.model, data_yaml, inp.imgsz, b, device)  # batch: min(b, train images)
     timing = estimate.Timing.of(t, recipe.finetune.workers)
     groups = estimate.prunable_groups(inp.model, inp.imgsz) if recipe.prune.mode != "uniform" else 0
-    stages = estimate.plan(recipe, timing, inp.n_train, inp.n_val, inp.n_images, groups)
+    sizes = estimate.Sizes(inp.n_train, inp.n_val, inp.n_images, groups)
+    stages = plan(recipe, timing, sizes)
     # sparsity training's own cost, whether the recipe has it on or not
     with_sparsity = Recipe.model_validate(_set_in(values, ("prune", "sparsity", "enabled"), True))
-    sparse_s = next(s.seconds for s in estimate.plan(with_sparsity, timing, inp.n_train, inp.n_val, inp.n_images,
-                                                     groups) if s.name == "sparsity")
+    sparse_s = next(s.seconds for s in plan(with_sparsity, timing, sizes) if s.name == "sparsity")
     sp = recipe.prune.sparsity
     sp_epochs = sum(p.epochs for p in sp.phases)
 

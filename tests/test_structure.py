@@ -243,3 +243,23 @@ def test_no_variant_is_decided_by_a_string_method_on_its_name():
     found = {str(p.relative_to(ROOT)): hits for p in sorted(PKG.rglob("*.py"))
              if (hits := name_decisions(p.read_text()))}
     assert found == {}
+
+
+def test_the_registry_holds_each_stage_s_behaviour():
+    """Which stages a recipe enables, which check the user's inputs first, how each is entered and estimated: the
+    stage specs say it (pipeline/stages/order.py), and the CLI and init's plan read them."""
+    from pipeline import estimate
+    from pipeline.core.config import load_recipe
+    from pipeline.stages.order import REGISTRY, plan, spec
+
+    r = load_recipe(ROOT / "models" / "default.yaml", ["prune.enabled=false", "quantize.enabled=false"])
+    assert [s.name for s in REGISTRY if not s.enabled(r)] == ["prune", "finetune", "calibrate", "quantize"]
+    assert [s.name for s in REGISTRY if s.preflight] == ["data", "load", "calibrate"]
+    assert all(callable(getattr(s.module(), "preflight", None)) == s.preflight for s in REGISTRY)
+    assert spec("engine").build and spec("export").records == ("export", "export-pruned")
+    t = estimate.Timing(step_s=1.0, load_s=0.1, infer_img_s=0.02, batch=16)
+    names = [st.name for st in plan(r, t, estimate.Sizes(480, 120))]
+    assert names == ["data", "load", "export", "bench"]
+    full = load_recipe(ROOT / "models" / "default.yaml")
+    assert [st.name for st in plan(full, t, estimate.Sizes(480, 120))] == [
+        "data", "load", "sparsity", "prune", "finetune", "export", "calibrate", "quantize", "bench"]

@@ -81,6 +81,12 @@ def select(ctx: Context):
     return calib, tuning, ds
 
 
+def preflight(ctx: Context) -> None:
+    """A calibration list of the user's (calib.source): images that decode, checked before any stage writes."""
+    if ctx.recipe.calib.source != "train":
+        _list_file_images(Path(ctx.recipe.calib.source))
+
+
 def run(ctx: Context) -> StageRecord:
     from pipeline.eval.detect import PrePost
 

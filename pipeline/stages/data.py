@@ -80,6 +80,13 @@ def eval_set(ctx: Context, verify: bool = True) -> EvalSet:
     return EvalSet.load(ctx.output("data", "eval"), verify=verify)
 
 
+def preflight(ctx: Context) -> None:
+    """A dataset of the user's is read and checked before any stage writes anything (one line naming the file)."""
+    if ctx.recipe.data.source != "synthetic":
+        d = ctx.recipe.data
+        load_dataset(d.source, strict=d.strict, names=d.names).split(ctx.recipe.bench.split)
+
+
 def held_out_images(ctx: Context, n: int, seed: int, why: str = "prune.mode/steps"):
     """(a seeded sample of n train images that are not in the eval split (checked by content hash), the dataset)."""
     import numpy as np

@@ -40,6 +40,17 @@ def weights_spec(ctx: Context) -> str:
     return w
 
 
+def preflight(ctx: Context) -> None:
+    """The model the recipe names: a .pt that loads as a detection model, or a detection model config that builds, of
+    a supported family; a pruned checkpoint with the history that rebuilds it. Refused in one line otherwise."""
+    from pipeline.adapters.ultralytics_yolo import check_model_spec, check_pruned_checkpoint
+
+    spec = weights_spec(ctx)
+    fam = check_model_spec(spec, ctx.recipe.model.family)
+    if not spec.endswith((".yaml", ".yml")):
+        check_pruned_checkpoint(spec, ctx.recipe.model.imgsz, fam)
+
+
 def model_names(model) -> list[str]:
     names = getattr(model, "names", None)
     if isinstance(names, dict):
