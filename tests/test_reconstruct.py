@@ -65,7 +65,7 @@ def test_reconstruction_brings_the_pruned_model_back_toward_the_base(pruned_half
     imgs = ds.split("val")
     calib, held = _tensor(imgs[:24]), imgs[24:]
     ref = yp.prepare(base, F11).eval()
-    ev = Evaluator(held, ds, PrePost(imgsz=IMGSZ))
+    ev = Evaluator(held, ds, PrePost(imgsz=IMGSZ), F11)
     x = _tensor(held)
 
     def head_error(m):

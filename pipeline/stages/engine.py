@@ -167,7 +167,6 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
     """The dev-box half: the strongly typed ONNX files and their parity, as the `engine` record."""
     from pipeline.stages.load import family
 
-    fam = family(ctx)
     jobs = wanted(ctx, "engine")
     inputs = {}
     for v in jobs:  # its source file, and the FP32 file it is checked against
@@ -184,6 +183,7 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         import shutil
 
+        fam = family(ctx)
         x = parity_inputs(ctx, parity_n)
         work = out / ".work"
         work.mkdir()
