@@ -162,3 +162,68 @@ def test_a_segmentation_checkpoint_is_refused_by_name(tmp_path):
             "--set", "data.synthetic.train=8", "--set", "data.synthetic.val=4")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "seg.pt" in r.stderr and "SegmentationModel" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def yolo26_run(tmp_path_factory):
+    """Every stage of the default recipe's shape on small data for a YOLO26n (random weights, its class head scaled up
+    so scores differ between anchors and between precisions): (run dir, report.json)."""
+    import json
+
+    d = tmp_path_factory.mktemp("y26")
+    m = _randomized("yolo26n.yaml", nc=3, seed=2)
+    with torch.no_grad():
+        for seq in m.model[-1].one2one_cv3:
+            seq[-1].weight.normal_(0, 0.3)
+    m.names = {0: "circle", 1: "square", 2: "triangle"}
+    ua.save_checkpoint(m, d / "yolo26n.pt")
+    run = d / "run"
+    sets = ["data.synthetic.train=32", "data.synthetic.val=16", "finetune.epochs=1", "finetune.batch=8",
+            "bench.max_rounds=1", "bench.warmup=1", f"model.weights={d / 'yolo26n.pt'}", "calib.count=16",
+            "calib.min_count=16", "calib.tuning_images=8", "quantize.accuracy_aware.max_float=2",
+            "quantize.accuracy_aware.min_float=2", "prune.mode=uniform", "prune.sparsity.enabled=false"]
+    r = cli("run", "--run-dir", run, *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run, json.loads((run / "report.json").read_text())
+
+
+@pytest.mark.slow(seconds=150)
+def test_a_yolo26_goes_through_every_stage_without_nms(yolo26_run):
+    """YOLO26 through load, prune, fine-tune (its own loss), export, INT8 (accuracy-aware, ultralytics' peer),
+    strongly typed FP16 and INT8+FP16, the e2e graphs (top-K, no NMS op), bench, the bundle and the device bench."""
+    import json
+
+    import onnx
+
+    from pipeline.device.bundle_bench import bench as device_bench
+    from pipeline.quant import trt_ops
+
+    run, rep = yolo26_run
+    assert json.loads((run / "load" / "model.json").read_text())["family"] == "yolo26"
+    assert rep["prepost"]["post"] == "topk"
+    by = {v["name"]: v for v in rep["variants"] + rep["e2e_variants"]}
+    assert {"base-fp32", "pruned-fp32", "pruned-int8", "pruned-ultralytics-int8", "pruned-fp16",
+            "pruned-int8-fp16", "pruned-int8-e2e"} <= set(by)
+    assert by["pruned-fp32"]["macs"] <= 0.51 * by["base-fp32"]["macs"]
+    # the e2e graphs: no NMS op, and their detections are the Python path's
+    for name in ("base-fp32", "pruned-fp32", "pruned-int8"):
+        e = by[f"{name}-e2e"]
+        assert e["e2e"]["selection"] == "topk"
+        assert e["map50_95"] == pytest.approx(by[name]["map50_95"], abs=1e-6)
+        ops = {n.op_type for n in onnx.load(str(run / e["model"]["path"])).graph.node}
+        assert "NonMaxSuppression" not in ops and "TopK" in ops
+    # ultralytics' own INT8 export of a YOLO26 ends in its top-K detections: scored as such
+    q = json.loads((run / "quantize" / "record.json").read_text())
+    assert q["metrics"]["pruned-ultralytics-int8"]["post"] == "final"
+    assert by["pruned-ultralytics-int8"]["detections"] > 0
+    # the cross-check scored the one-to-one head (nms=False) beside bench
+    assert set(rep["cross_check"]["variants"]) == {"base-fp32", "pruned-fp32"}
+    # the bundle: every file JetPack 6's TensorRT parses; the device bench (ONNX Runtime) scores what the dev box did
+    tree = run / "bundle" / "yolo-edge-bundle"
+    m = json.loads((tree / "manifest.json").read_text())
+    assert m["prepost"]["post"] == "topk" and "pruned-ultralytics-int8" not in [v["name"] for v in m["variants"]]
+    for v in m["variants"]:
+        assert trt_ops.check_file(tree / v["file"], "10.3") == []
+    dev = device_bench(tree, runner="onnxruntime", out=run / "device_report.json", only=["pruned-int8"],
+                       timing={"min_rounds": 1, "max_rounds": 1})
+    assert dev["variants"][0]["map50_95"] == pytest.approx(by["pruned-int8"]["map50_95"], abs=1e-6)
