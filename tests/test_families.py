@@ -170,18 +170,21 @@ def yolo26_run(tmp_path_factory):
     so scores differ between anchors and between precisions): (run dir, report.json)."""
     import json
 
+    from pipeline.data.synthetic import CLASSES
+
     d = tmp_path_factory.mktemp("y26")
-    m = _randomized("yolo26n.yaml", nc=3, seed=2)
+    m = _randomized("yolo26n.yaml", nc=len(CLASSES), seed=2)
     with torch.no_grad():
         for seq in m.model[-1].one2one_cv3:
             seq[-1].weight.normal_(0, 0.3)
-    m.names = {0: "circle", 1: "square", 2: "triangle"}
+    m.names = dict(enumerate(CLASSES))
     ua.save_checkpoint(m, d / "yolo26n.pt")
     run = d / "run"
     sets = ["data.synthetic.train=32", "data.synthetic.val=16", "finetune.epochs=1", "finetune.batch=8",
             "bench.max_rounds=1", "bench.warmup=1", f"model.weights={d / 'yolo26n.pt'}", "calib.count=16",
             "calib.min_count=16", "calib.tuning_images=8", "quantize.accuracy_aware.max_float=2",
-            "quantize.accuracy_aware.min_float=2", "prune.mode=uniform", "prune.sparsity.enabled=false"]
+            "quantize.accuracy_aware.min_float=2", "quantize.accuracy_aware.shortlist=2",
+            "quantize.accuracy_aware.probe_images=2", "prune.mode=uniform", "prune.sparsity.enabled=false"]
     r = cli("run", "--run-dir", run, *[a for s in sets for a in ("--set", s)])
     assert r.returncode == 0, r.stderr[-3000:]
     return run, json.loads((run / "report.json").read_text())
