@@ -196,24 +196,20 @@ def human(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def sparsity_eta(ctx, model_path, data_dir, epochs: int) -> str:
-    """`epochs` of sparsity training of the model at `model_path` on the run's data (the data stage's layout in
-    `data_dir`), in words: '~3.1 h on cpu (estimated from one timed batch)'. Timing takes one batch; a failure to
-    time says so instead of stopping the run."""
+def sparsity_eta(cfg, imgsz: int, model_path, data_yaml, epochs: int, n_train: int, n_val: int) -> str:
+    """`epochs` of sparsity training (cfg: the recipe's prune.sparsity) of the model at `model_path` on the data of
+    `data_yaml` (n_train train and n_val bench-split images), in words: '~3.1 h on cpu (estimated from one timed
+    batch)'. Timing takes one batch; a failure to time says so instead of stopping the run."""
     from pathlib import Path
 
     from pipeline.adapters import ultralytics_yolo as ua
     from pipeline.adapters.train_timing import time_train_batch
     from pipeline.core.errors import UserError
-    from pipeline.stages.data import meta
 
-    s = ctx.recipe.prune.sparsity
     try:
-        splits = meta(ctx)["splits"]
-        t = Timing.of(time_train_batch(ua.load_detection_model(model_path), Path(data_dir) / "data.yaml",
-                                       ctx.recipe.model.imgsz, s.batch, s.device), s.workers)
+        t = Timing.of(time_train_batch(ua.load_detection_model(model_path), Path(data_yaml), imgsz, cfg.batch,
+                                       cfg.device), cfg.workers)
     except (UserError, OSError, KeyError, RuntimeError) as e:
         return f"time not estimated (timing a batch failed: {str(e).splitlines()[0][:120]})"
-    sec = training_seconds(t, epochs, splits.get("train", 0), splits.get(ctx.recipe.bench.split, 0),
-                           SPARSITY_FACTOR)
+    sec = training_seconds(t, epochs, n_train, n_val, SPARSITY_FACTOR)
     return f"~{human(sec)} on {t.device} (estimated from one timed batch: {t.step_s:.2f} s)"

@@ -51,6 +51,7 @@ class Inputs:
     imgsz_from: str
     is_yaml: bool
     dataset: object = None  # pipeline.data.formats.Dataset
+    family: object = None  # pipeline.adapters.family.ModelFamily
 
 
 def default_out(data: Path, weights: str) -> Path:
@@ -101,7 +102,7 @@ def read_inputs(data: Path, weights: str, imgsz: int | None) -> Inputs:
         found = _checkpoint_imgsz(model)
     from pipeline.adapters.family import family_of
 
-    family_of(model, None, weights)  # YOLOv8, YOLO11 or YOLO26: anything else is refused here, in one line
+    fam = family_of(model, None, weights)  # YOLOv8, YOLO11 or YOLO26: anything else is refused here, in one line
     if imgsz:
         size, src = imgsz, "--imgsz"
     elif found:
@@ -113,7 +114,7 @@ def read_inputs(data: Path, weights: str, imgsz: int | None) -> Inputs:
         raise UserError(f"input size {size} is not a multiple of 32 (the model's largest stride)")
     return Inputs(names=list(ds.names), n_train=len(train), n_val=len(ds.splits["val"]),
                   n_images=sum(len(v) for v in ds.splits.values()), model=model, imgsz=size, imgsz_from=src,
-                  is_yaml=is_yaml, dataset=ds)
+                  is_yaml=is_yaml, dataset=ds, family=fam)
 
 
 def recipe_values(name: str, data: Path, weights: str, inp: Inputs, device: str, sparsity: bool) -> dict:
@@ -223,7 +224,7 @@ def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu",
     header = [f"yolo-edge init, {date.today().isoformat()}: {data} with {weights}",
               f"data: {len(inp.names)} classes ({_names_line(inp.names)}); {inp.n_train} train / {inp.n_val} val "
               f"images",
-              f"model: {Path(str(weights)).name}, input {inp.imgsz}x{inp.imgsz}"
+              f"model: {Path(str(weights)).name} ({inp.family.title}), input {inp.imgsz}x{inp.imgsz}"
               + (" (an architecture yaml: untrained weights)" if inp.is_yaml else ""),
               "Every key not set here is the schema's default: the project's recommended settings",
               f"(pipeline/core/config.py). Run: yolo-edge run --recipe {out}"]

@@ -28,6 +28,7 @@ import json
 import shutil
 from pathlib import Path
 
+from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, console, lib_versions
 from pipeline.core.store import atomic_path, sha256_json, sha256_tree
 
@@ -255,6 +256,7 @@ def to_train(ctx: Context, want: dict, model_path: Path, data_dir: Path) -> str:
     """What training here will cost, in words: the phases left after the longest prefix already made, their
     epochs and the estimated time (one timed batch of this model on this data and device, scaled)."""
     from pipeline import estimate
+    from pipeline.stages.data import meta
 
     s = ctx.recipe.prune.sparsity
     n = len(s.phases)
@@ -262,4 +264,9 @@ def to_train(ctx: Context, want: dict, model_path: Path, data_dir: Path) -> str:
     epochs = sum(p.epochs for p in s.phases[done:])
     what = (f"phases {done + 1}-{n} of {n} ({epochs} epochs; 1-{done} from {cand})" if done else
             f"from the start: {n} phase(s), {epochs} epochs")
-    return f"{what}, {estimate.sparsity_eta(ctx, model_path, data_dir, epochs)}"
+    try:
+        splits = meta(ctx)["splits"]
+    except (UserError, KeyError, OSError, ValueError):
+        return f"{what}, time not estimated (the data stage's record has no split sizes)"
+    return f"{what}, " + estimate.sparsity_eta(s, ctx.recipe.model.imgsz, model_path, Path(data_dir) / "data.yaml",
+                                               epochs, splits.get("train", 0), splits.get(ctx.recipe.bench.split, 0))
