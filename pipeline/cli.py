@@ -90,12 +90,16 @@ def init(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO dir
                                                                                "many epochs again as the fine-tune)"),
          imgsz: int | None = typer.Option(None, "--imgsz", help="input size (default: the checkpoint's; 640 for a "
                                                                  "yaml)"),
-         force: bool = typer.Option(False, "--force", help="overwrite an existing recipe")):
+         force: bool = typer.Option(False, "--force", help="overwrite an existing recipe"),
+         speedup: float | None = typer.Option(None, "--speedup", help="prune to this speed-up over the base, timed on "
+                                                                       "this box's ONNX Runtime (prune.target; "
+                                                                       "default: 0.5x the MACs)")):
     """Write a short recipe for your data and checkpoint (the recommended settings, the fine-tune sized to the data)
     and print what `yolo-edge run` will do with it, stage by stage, with rough times here."""
     from pipeline.init_recipe import init as write_recipe
 
-    _, plan = write_recipe(data, weights, out=out, device=device, sparsity=sparsity, imgsz=imgsz, force=force)
+    _, plan = write_recipe(data, weights, out=out, device=device, sparsity=sparsity, imgsz=imgsz, force=force,
+                           speedup=speedup)
     typer.echo(plan)
 
 

@@ -117,7 +117,8 @@ def read_inputs(data: Path, weights: str, imgsz: int | None) -> Inputs:
                   is_yaml=is_yaml, dataset=ds, family=fam)
 
 
-def recipe_values(name: str, data: Path, weights: str, inp: Inputs, device: str, sparsity: bool) -> dict:
+def recipe_values(name: str, data: Path, weights: str, inp: Inputs, device: str, sparsity: bool,
+                  speedup: float | None = None) -> dict:
     """The recipe as a nested dict: what differs from the schema's defaults, and the keys in ALWAYS."""
     cpu = device.strip().lower() in ("", "cpu")
     workers = min(8, os.cpu_count() or 2)
@@ -125,7 +126,8 @@ def recipe_values(name: str, data: Path, weights: str, inp: Inputs, device: str,
 
     v: dict = {"name": name, "data": {"source": str(data), **({"names": list(inp.names)} if is_voc(data) else {})},
                "model": {"arch" if inp.is_yaml else "weights": str(weights), "imgsz": inp.imgsz},
-               "prune": {"sparsity": {"enabled": sparsity, **({} if cpu else {"device": device, "workers": workers})}},
+               "prune": {"sparsity": {"enabled": sparsity, **({} if cpu else {"device": device, "workers": workers})},
+                         **({"target": {"speedup": speedup}} if speedup else {})},
                "finetune": {"epochs": finetune_epochs(inp.n_train),
                             **({} if cpu else {"device": device, "workers": workers})}}
     if inp.n_train < Recipe().calib.min_count:
@@ -180,7 +182,7 @@ def _names_line(names: list[str], show: int = 8) -> str:
 
 
 def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu", sparsity: bool = True,
-         imgsz: int | None = None, force: bool = False) -> tuple[Path, str]:
+         imgsz: int | None = None, force: bool = False, speedup: float | None = None) -> tuple[Path, str]:
     """Write the recipe; returns (its path, the plan to print)."""
     from pipeline import estimate
     from pipeline.adapters.train_timing import time_train_batch, torch_device
@@ -195,7 +197,9 @@ def init(data: Path, weights: str, out: Path | None = None, device: str = "cpu",
     torch_device(device)  # a device this machine has, before anything is timed
     inp = read_inputs(Path(data), str(weights), imgsz)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", out.stem) or "recipe"
-    values = recipe_values(name, Path(data), str(weights), inp, device, sparsity)
+    if speedup is not None and not speedup > 1:
+        raise UserError(f"--speedup {speedup:g}: a speed-up target is a factor over the base, above 1")
+    values = recipe_values(name, Path(data), str(weights), inp, device, sparsity, speedup)
     recipe = Recipe.model_validate(values)  # as `yolo-edge run` will read it
 
     ds, b = inp.dataset, recipe.finetune.batch

@@ -154,14 +154,21 @@ def test_a_macs_ceiling_lands_at_or_below_the_target(round_to):
 
 
 @pytest.mark.slow
-def test_a_waypoint_settles_for_the_nearest_reachable_cut_in_its_accept_range():
-    """An iterative schedule's waypoint (PruneSpec.accept): when round_to's steps jump over the band (0.9x within
-    -1% at round_to 16 on YOLO11n: the closest cut is 0.92x), the search settles for the trial nearest the target
-    inside the accept range instead of refusing; without an accept range the same search refuses."""
+def test_a_target_between_round_to_steps_lands_on_the_safe_side_with_its_distance_reported():
+    """When round_to's steps jump over the band (0.9x within -1% at round_to 16 on YOLO11n: the closest cut is 0.92x),
+    the search settles for the nearest cut at or below the target (the safe side) instead of refusing, and reports how
+    far it landed: the tolerance is a report, not a gate. An iterative schedule's waypoint (PruneSpec.accept) takes the
+    trial nearest the target inside its accept range instead, on either side."""
     m = _randomized("yolo11n.yaml")
     spec = yp.PruneSpec(macs_target=0.9, tolerance=0.01, at_most=True, round_to=16)
-    with pytest.raises(UserError, match="unreachable"):
-        yp.prune(m, 320, spec, F11, log=lambda s: None)
+    lines = []
+    pruned, _, info = yp.prune(m, 320, spec, F11, log=lines.append)
+    frac = info["macs_fraction"]
+    below = [t["macs_fraction"] for t in info["trials"] if "macs_fraction" in t and t["macs_fraction"] <= 0.9]
+    assert frac < 0.891 and frac == pytest.approx(max(below), abs=1e-4), (frac, below)
+    assert info["target"] == {"macs_fraction": 0.9, "landed": frac, "distance": frac - 0.9, "tolerance": "-1%..0",
+                              "within_tolerance": False}
+    assert any("at or below the target (the safe side)" in s for s in lines), lines
     lines = []
     pruned, _, info = yp.prune(m, 320, yp.PruneSpec(**{**spec.__dict__, "accept": (0.5, 0.98)}), F11, log=lines.append)
     frac = info["macs_fraction"]

@@ -148,8 +148,13 @@ class PruneSpec:
     ratio_dict: dict | None = None  # module name -> ratio (fixed per-layer overrides)
     group_weights: dict | None = None  # group root name -> weight: non-uniform ratios min(cap, a*w), a searched
     # (low, high) MACs fractions a search may settle for when round_to's steps jump over its band: the trial nearest
-    # the target inside them (an iterative schedule's waypoint needs only to lie between the model and the goal)
+    # the target inside them. Unset: the safe side, at or below the target (0, target); an iterative schedule's
+    # waypoint needs only to lie between the model and the goal
     accept: tuple[float, float] | None = None
+
+    @property
+    def settle_range(self) -> tuple[float, float]:
+        return self.accept if self.accept is not None else (0.0, self.macs_target)
 
 
 _MACS_MEMO: dict = {}
@@ -322,6 +327,11 @@ def _prune(model: DetectionModel, imgsz: int, spec: PruneSpec, fam, grads_fn, lo
     info = {"base_macs": base_macs, "base_params": base_params, "macs": macs, "params": params,
             "macs_fraction": macs / base_macs, "params_fraction": params / base_params, "channel_ratio": ratio,
             "trials": trials, "seconds": time.time() - t0}
+    if spec.macs_target is not None:  # the tolerance is a report: how far the cut landed from the target
+        low, high, band = _band(spec)
+        info["target"] = {"macs_fraction": spec.macs_target, "landed": macs / base_macs,
+                          "distance": macs / base_macs - spec.macs_target, "tolerance": band,
+                          "within_tolerance": bool(low <= macs / base_macs <= high)}
     return pruned, hist, info
 
 
@@ -363,7 +373,7 @@ class _Trials:
     def __init__(self, prepared, imgsz: int, spec: PruneSpec, base_macs: int, fam, grads_fn=None):
         self.prepared, self.imgsz, self.base_macs, self.grads_fn, self.fam = prepared, imgsz, base_macs, grads_fn, fam
         self.spec, self.seen, self.groups = spec, {}, None
-        self.fallback = None  # (model, history, fraction, the search's ratio record): nearest trial in spec.accept
+        self.fallback = None  # (model, history, fraction, the search's ratio record): nearest trial it may settle for
         if spec.global_pruning or spec.isomorphic:
             return
         dg = dependency_graph(prepared, imgsz, fam)
@@ -396,9 +406,10 @@ class _Trials:
         return m, h, frac
 
     def offer(self, m, h, frac: float, record) -> None:
-        """Keep a pruned trial as the fallback when it lies in spec.accept nearer the target than the one kept."""
-        acc = self.spec.accept
-        if m is None or acc is None or not acc[0] <= frac <= acc[1]:
+        """Keep a pruned trial as the fallback when it lies in the spec's settle range nearer the target than the one
+        kept."""
+        acc = self.spec.settle_range
+        if m is None or not acc[0] <= frac <= acc[1]:
             return
         if self.fallback is None or abs(frac - self.spec.macs_target) < abs(self.fallback[2] - self.spec.macs_target):
             self.fallback = (m, h, frac, record)
@@ -408,8 +419,11 @@ class _Trials:
         if self.fallback is None:
             raise error
         m, h, frac, record = self.fallback
-        log(f"  no cut lands within the band at round_to={self.spec.round_to}: settling for the nearest one "
-            f"between {self.spec.accept[0]:.4f} and {self.spec.accept[1]:.4f}x, {frac:.4f}x MACs")
+        lo, hi = self.spec.settle_range
+        where = (f"between {lo:.4f} and {hi:.4f}x" if self.spec.accept is not None else
+                 "at or below the target (the safe side)")
+        log(f"  round_to={self.spec.round_to}'s steps jump over the band: settling for the nearest cut {where}, "
+            f"{frac:.4f}x MACs ({frac - self.spec.macs_target:+.4f} from the {self.spec.macs_target:g}x target)")
         trials.append({"settled_for": round(frac, 5)})
         return m, h, record, trials
 
@@ -452,8 +466,8 @@ def _search(prepared, imgsz, spec, base_macs, fam, grads_fn, log):
 
     def unreachable(frac):
         return UnreachableTarget(f"MACs target {target} is unreachable within {band}: the closest is "
-                                 f"{frac:.4f} x base MACs (round_to={spec.round_to}, max per-layer ratio "
-                                 f"{spec.max_layer_ratio})")
+                                 f"{frac:.4f} x base MACs, none at or below the target (round_to={spec.round_to}, "
+                                 f"max per-layer ratio {spec.max_layer_ratio})")
 
     # Above ~0.7 Torch-Pruning's per-group rounding makes MACs non-monotonic in the ratio (0.9 keeps more than
     # 0.7 on YOLO11n): the search stays below that.

@@ -194,17 +194,58 @@ class SparsityCfg(TrainSetup):
         return self
 
 
+class TargetCfg(Strict):
+    """prune.target: what the cut must reach, one of: a fraction of the base's MACs or parameters to keep, a speed-up
+    over the base, or a latency in ms, the last two on `runner`: the dev box's ONNX Runtime (each candidate timed
+    beside the base with the project's interleaved timer) or `device:<name>` (the TensorRT layer-time table an earlier
+    `deploy` recorded for that device; absent, the dev box stands in, and the run says so). The cut lands on the
+    safe side: at most the MACs or parameters, at least the speed-up, at most the latency."""
+
+    macs: float | None = Field(None, gt=0, lt=1)
+    params: float | None = Field(None, gt=0, lt=1)
+    speedup: float | None = Field(None, gt=1)
+    latency_ms: float | None = Field(None, gt=0)
+    runner: str = "onnxruntime"
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("macs", "params", "speedup", "latency_ms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of macs, params, speedup, latency_ms (got "
+                             f"{', '.join(given) or 'none'})")
+        if self.runner != "onnxruntime" and not (self.runner.startswith("device:") and len(self.runner) > 7):
+            raise ValueError(f"runner is onnxruntime or device:<name>, not {self.runner!r}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("macs", "params", "speedup", "latency_ms") if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> float:
+        return getattr(self, self.kind)
+
+    def describe(self) -> str:
+        v = self.value
+        return {"macs": f"{v:g}x the MACs", "params": f"{v:g}x the parameters",
+                "speedup": f"a {v:g}x speed-up on {self.runner}", "latency_ms": f"{v:g} ms on {self.runner}"}[self.kind]
+
+
 class PruneCfg(Strict):
     enabled: bool = True
     macs_target: float | None = Field(0.5, gt=0, lt=1, description="fraction of the base MACs to keep")
+    # instead of macs_target: a params fraction, a speed-up or a latency (TargetCfg); {macs: x} is macs_target: x
+    target: TargetCfg | None = None
     ratio: float | None = Field(None, gt=0, lt=1, description="a channel ratio instead of a MACs target")
-    tolerance: float = Field(0.02, gt=0, lt=1)  # relative to the target: 0.02 of 0.5 is +-0.01x the base's MACs
+    # relative to the MACs target (0.02 of 0.5: 0.49-0.50x): the band the search aims for. A cut round_to's steps
+    # cannot place in it lands on the nearest one at or below the target, and the record says how far it landed
+    tolerance: float = Field(0.02, gt=0, lt=1)
     macs_at_most: bool = True  # the target is a ceiling: land in [target * (1 - tolerance), target], not +- tolerance
     importance: Literal["l1", "l2", "taylor", "bn_scale", "lamp"] = "l2"
     global_pruning: bool = False
     isomorphic: bool = False
-    # multiples of 16: ONNX Runtime's AVX-512 kernels work in 16-channel blocks (1.56x vs 1.23x faster than the base at
-    # 0.5x MACs with round_to 8 on the synthetic data); TensorRT's tensor cores want multiples of 8, which 16 are
+    # multiples of 16: ONNX Runtime's AVX-512 kernels work in 16-channel blocks; TensorRT's tensor cores want multiples
+    # of 8, which 16 are
     round_to: int = Field(16, ge=1)
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
     taylor_batches: int = Field(4, ge=1)

@@ -22,4 +22,38 @@ def cutter(ctx: Context, data_dir: Path | None, needs_eval: bool) -> Cutter:
                                c.sensitivity.seed)
     grads_fn, evaluator, calib = cut_tools(fam, imgsz, c, prepost(ctx), data_dir / "data.yaml" if data_dir else None,
                                            held, ctx.recipe.data.source)
-    return Cutter(fam, imgsz, c, ctx.recipe.bench.threads, grads_fn, evaluator, calib)
+    return Cutter(fam, imgsz, c, ctx.recipe.bench.threads, grads_fn, evaluator, calib, latency_table(ctx))
+
+
+def table_path(ctx: Context) -> Path | None:
+    """Where the device a latency target names keeps its layer-time table (`make deploy` writes it), or None when
+    the target is timed here."""
+    t = ctx.recipe.prune.target
+    if t is None or t.kind not in ("speedup", "latency_ms") or not t.runner.startswith("device:"):
+        return None
+    return ctx.run_dir / "devices" / t.runner.removeprefix("device:") / "device_report.json"
+
+
+def latency_table(ctx: Context) -> dict | None:
+    """The layer-time table of the device the recipe's target names; where the device has none (no deploy yet, or a
+    device bench without TensorRT), the run says so in one line and the target is timed on this box instead."""
+    import json
+
+    from pipeline.adapters import latency_table as lt
+    from pipeline.core.stage import console
+
+    path = table_path(ctx)
+    if path is None:
+        return None
+    table = None
+    if path.is_file():
+        try:
+            table = json.loads(path.read_text()).get("layer_times")
+        except (OSError, ValueError, AttributeError):
+            table = None
+    if table is None:
+        console.print(f"[yellow]prune.target: {ctx.recipe.prune.target.runner} has no layer-time table ({path}: "
+                      f"`make deploy` with TensorRT records one): the target is timed on this box's ONNX Runtime "
+                      f"instead[/]", soft_wrap=True)
+        return None
+    return lt.check(table, path)

@@ -32,7 +32,7 @@ from pipeline.core.errors import UnreachableTarget, UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.cutting import Cutter, make_cut, spec_of
-from pipeline.stages.cuts import cutter
+from pipeline.stages.cuts import cutter, table_path
 
 VERSION = 6
 WAYPOINT_GAP = 0.1  # an iterative waypoint keeps MACs >= (1 + this) x the final target, relative to the model it cuts
@@ -48,6 +48,9 @@ def run(ctx: Context) -> StageRecord:
         raise UserError(f"prune.mode={c.mode} distributes a MACs target over groups: set prune.macs_target, "
                         f"not prune.ratio", ctx.recipe_path)
     needs_eval = c.mode != "uniform" or c.steps > 1 or c.reconstruct.enabled
+    if c.steps > 1 and c.target is not None and c.target.kind != "macs":
+        raise UserError(f"prune.steps > 1 approaches a MACs target; prune.target is {c.target.describe()}",
+                        ctx.recipe_path)
     if c.sparsity.enabled and c.steps > 1:
         raise UserError("prune.sparsity trains before a single cut; it does not combine with prune.steps > 1",
                         ctx.recipe_path)
@@ -57,6 +60,9 @@ def run(ctx: Context) -> StageRecord:
     inputs = {"model": ctx.output("load", "model")}
     if needs_eval or c.importance == "taylor" or c.sparsity.enabled:
         inputs["data"] = ctx.output("data", "yolo")
+    table = table_path(ctx)
+    if table is not None and table.is_file():  # a device's layer times: a new deploy re-plans the cut
+        inputs["device_report"] = table
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         from pipeline.adapters import pruning as yp
@@ -89,12 +95,23 @@ def run(ctx: Context) -> StageRecord:
                 **info}
         (out / "plan.json").write_text(json.dumps({**meta, "channels": yp.channel_report(pruned)}, indent=1))
         (out / "model.json").write_text(json.dumps({"params": info["params"], "macs": info["macs"]}, indent=1))
+        tgt = info.get("target") or {}
+        where = ""
+        if "within_tolerance" in tgt and not tgt["within_tolerance"]:
+            where = (f"; {tgt['distance']:+.4f} from the {tgt['macs_fraction']:g}x target: round_to "
+                     f"{spec.round_to}'s steps jump over its {tgt['tolerance']} band")
+        elif "measured" in tgt:
+            where = (f"; {tgt['kind']} {tgt['measured']:.4g}" + (f" [{tgt['ci'][0]:.4g}, {tgt['ci'][1]:.4g}]"
+                                                                   if tgt.get("ci") else "")
+                     + f" on {tgt['runner']} (target {tgt['value']:g})")
         console.print(f"  pruned to {info['macs_fraction']:.3f}x MACs, {info['params_fraction']:.3f}x params "
-                      f"in {info['seconds']:.1f}s ({c.mode}, {len(steps)} step(s))")
+                      f"in {info['seconds']:.1f}s ({c.mode}, {len(steps)} step(s)){where}")
         requested = {"macs_target": spec.macs_target, "ratio": spec.ratio, "round_to": spec.round_to,
-                     "mode": c.mode, "steps": c.steps}
+                     "mode": c.mode, "steps": c.steps,
+                     **({"target": c.target.model_dump(exclude_none=True)} if c.target is not None else {})}
         effective = {"macs_fraction": info["macs_fraction"], "channel_ratio": info["channel_ratio"],
-                     "round_to": spec.round_to, "mode": c.mode, "steps": len(steps)}
+                     "round_to": spec.round_to, "mode": c.mode, "steps": len(steps),
+                     **({"target": tgt} if tgt else {})}
         outputs = {"model": "pruned.pt", "history": "history.json", "plan": "plan.json", "info": "model.json"}
         for extra in ("sensitivity.csv", "sensitivity.json", "sensitivity.png"):
             if (out / extra).is_file():

@@ -55,6 +55,8 @@ def settings(ctx: Context, n: int | None = None) -> dict:
         out["cut"].update(eval_split=ctx.recipe.bench.split, threads=ctx.recipe.bench.threads)
         if c.macs_at_most:  # only when on: records made before the option existed keep their keys
             out["cut"]["macs_at_most"] = True
+        if c.target is not None:  # only when set: records made before the option existed keep their keys
+            out["cut"]["target"] = c.target.model_dump(exclude_none=True)
     return out
 
 
