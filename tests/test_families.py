@@ -184,7 +184,8 @@ def yolo26_run(tmp_path_factory):
             "bench.max_rounds=1", "bench.warmup=1", f"model.weights={d / 'yolo26n.pt'}", "calib.count=16",
             "calib.min_count=16", "calib.tuning_images=8", "quantize.accuracy_aware.max_float=2",
             "quantize.accuracy_aware.min_float=2", "quantize.accuracy_aware.shortlist=2",
-            "quantize.accuracy_aware.probe_images=2", "prune.mode=uniform", "prune.sparsity.enabled=false"]
+            "quantize.accuracy_aware.probe_images=2", "prune.mode=uniform", "prune.sparsity.enabled=false",
+            "data.selection.images=8"]
     r = cli("run", "--run-dir", run, *[a for s in sets for a in ("--set", s)])
     assert r.returncode == 0, r.stderr[-3000:]
     return run, json.loads((run / "report.json").read_text())
@@ -219,6 +220,14 @@ def test_a_yolo26_goes_through_every_stage_without_nms(yolo26_run):
     q = json.loads((run / "quantize" / "record.json").read_text())
     assert q["metrics"]["pruned-ultralytics-int8"]["post"] == "final"
     assert by["pruned-ultralytics-int8"]["detections"] > 0
+    # a selection split carved out of train: never trained on, every detector variant scored on it too
+    meta = json.loads((run / "data" / "dataset.json").read_text())
+    assert meta["splits"]["train"] == 24 and meta["splits"]["selection"] == 8
+    sel = rep["selection"]
+    assert sel["images"] == 8 and set(sel["map50_95"]) == {v["name"] for v in rep["variants"]}
+    train = {p.name for p in (run / "data" / "yolo" / "images" / "train").iterdir()}
+    assert train.isdisjoint(p.name for p in (run / "data" / "yolo" / "images" / "selection").iterdir())
+    assert "selection split (8 train images carved out" in (run / "report.md").read_text()
     # the cross-check scored the one-to-one head (nms=False) beside bench
     assert set(rep["cross_check"]["variants"]) == {"base-fp32", "pruned-fp32"}
     # the bundle: every file JetPack 6's TensorRT parses; the device bench (ONNX Runtime) scores what the dev box did

@@ -28,9 +28,20 @@ class SyntheticCfg(Strict):
     imgsz: int = Field(320, ge=64)
 
 
+class SelectionCfg(Strict):
+    """A selection split carved out of train (`images` of them, a seeded sample; never in the eval split): nothing
+    trains on it (the fine-tune, sparsity training and `make base` see train without it), bench scores every variant
+    on it beside the report's split. Recipe choices are compared on it, so the split that reports a result did not
+    choose it. 0: none."""
+
+    images: int = Field(0, ge=0)
+    seed: int = 0
+
+
 class DataCfg(Strict):
     source: str = "synthetic"  # "synthetic", a YOLO data yaml, a COCO directory or JSON, or a Pascal VOC directory
     synthetic: SyntheticCfg = SyntheticCfg()
+    selection: SelectionCfg = SelectionCfg()
     strict: bool = False  # refuse dirty boxes (no area, past the border) instead of dropping/clipping them
     names: list[str] | None = None  # a VOC set's classes in this order (default: the names its objects use, sorted)
 

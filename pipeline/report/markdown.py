@@ -75,6 +75,11 @@ def render_markdown(rep: dict) -> str:
                      f"base-fp32-e2e); a quantized row's change against the FP32 model it was made from:")
         lines += [f"  - {r['name']} vs {r['vs_fp32']['against']}: {delta_cell(r['vs_fp32'])}"
                   for r in rep["variants"] if r.get("vs_fp32")]
+    sel = rep.get("selection")
+    if sel:
+        lines.append(f"- selection split ({sel['images']} train images carved out before training, seed {sel['seed']}; "
+                     f"recipe choices are compared here, not on '{rep['dataset']['split']}'): mAP50-95 "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in sel["map50_95"].items()))
     cc = (rep.get("cross_check") or {}).get("variants") or {}
     if cc:
         lines.append("- cross-check, " + rep["cross_check"]["evaluator"] + " on the same split: " + "; ".join(

@@ -226,6 +226,25 @@ def _load_eval_set(inputs: dict, split: str, out: Path):
     return es
 
 
+def _score_selection(scored: list[Scored], inputs: dict, spec: PrePost, fam, seed: int) -> dict | None:
+    """Every detector variant's mAP on the selection split (data.selection: carved out of train, never trained on),
+    for comparing recipe choices away from the split the report's numbers come from."""
+    from pipeline.data.evalset import EvalSet
+    from pipeline.eval.measure import accuracy
+
+    if "selection" not in inputs:
+        return None
+    sel = EvalSet.load(inputs["selection"])
+    out = {"images": len(sel.images), "seed": seed, "digest": sel.digest, "map50_95": {}, "map50": {}}
+    for sc in scored:
+        if sc.v.role == "e2e":
+            continue
+        acc, _ = accuracy(sc.runner, sel.images, sel.ground_truth, sel.category_ids,
+                          dataclasses.replace(spec, post=post_of(sc.v, fam)), label=f"{sc.v.name} (selection)")
+        out["map50_95"][sc.v.name], out["map50"][sc.v.name] = acc["map50_95"], acc["map50"]
+    return out
+
+
 def _score(ctx: Context, vs: list[V.Variant], inputs: dict, es, spec: PrePost, out: Path, fam) -> list[Scored]:
     """Every variant's accuracy on the eval set (predictions/<variant>.json written); their runners kept for timing."""
     from pipeline.backends.base import slowed
@@ -297,6 +316,8 @@ def run(ctx: Context) -> StageRecord:
     spec = prepost(ctx)
     check_injection(cfg, vs)
     inputs = {"eval": ctx.output("data", "eval"), "data": ctx.output("data", "yolo")}
+    if "selection" in ctx.record("data").outputs:  # data.selection: scored beside the report's split
+        inputs["selection"] = ctx.output("data", "selection")
     for v in vs:
         inputs[f"{v.name}.onnx"] = ctx.output(v.stage, v.output)
         inputs[f"{v.name}.info"] = ctx.output(v.stats_stage, "info")
@@ -312,6 +333,7 @@ def run(ctx: Context) -> StageRecord:
         fam = family(ctx)
         es = _load_eval_set(inputs, cfg.split, out)
         scored = _score(ctx, vs, inputs, es, spec, out, fam)  # accuracy of every variant first; then timed together
+        selection = _score_selection(scored, inputs, spec, fam, ctx.recipe.data.selection.seed)
         bases = speed_bases(vs)
         timing, tvs = time_variants(cfg, scored, [i.path for i in es.images], spec,
                                     tuple(ctx.recipe.export.e2e.frame_hw), bases)
@@ -327,6 +349,7 @@ def run(ctx: Context) -> StageRecord:
                   "dataset": {"split": cfg.split, "images": len(es.images), "digest": es.digest, "names": es.names,
                               **_data_counts(ctx)},
                   "cross_check": cross, "timing": timing.summary, "map_intervals": intervals,
+                  **({"selection": selection} if selection else {}),
                   "device": device_info(), "env": lib_versions(), "env_vars": env_vars(),
                   "prepost": spec.as_dict(),
                   # The end-to-end variants stand apart: their detections equal their source variant's (the parity

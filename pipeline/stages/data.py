@@ -44,6 +44,9 @@ def run(ctx: Context) -> StageRecord:
         ds = _user_dataset(ctx)  # validates: a bad dataset fails here, before anything is written
         warn_dirty(ds)
         config = {"source": str(Path(src).resolve()), "content": {s: ds.digest(s) for s in ds.splits}}
+    sel = ctx.recipe.data.selection
+    if sel.images:  # only then: runs without a selection split keep their keys
+        config["selection"] = sel.model_dump()
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
         if src == "synthetic":
@@ -51,20 +54,28 @@ def run(ctx: Context) -> StageRecord:
             d = load_dataset(out / "synthetic")
         else:
             d = _user_dataset(ctx)
+        split = ctx.recipe.bench.split
+        outputs = {"yolo": "yolo", "coco": "coco", "eval": "eval", "meta": "dataset.json"}
+        if sel.images:
+            d = carve_selection(d, split, sel.images, sel.seed)
         write_yolo(d, out / "yolo")
         write_coco(d, out / "coco")
-        split = ctx.recipe.bench.split
-        (out / "eval").mkdir()
-        write_eval_set(d, split, out / "eval", lambda im: out / "yolo" / "images" / split / im.file_name)
-        EvalSet.load(out / "eval")  # read back as every consumer will: digests, ids, sizes
+        for name, sp in (("eval", split), ("selection", "selection")):
+            if sp not in d.splits:
+                continue
+            (out / name).mkdir()
+            write_eval_set(d, sp, out / name, lambda im, sp=sp: out / "yolo" / "images" / sp / im.file_name)
+            EvalSet.load(out / name)  # read back as every consumer will: digests, ids, sizes
+            outputs[name] = name
         meta = {"names": d.names, "category_ids": [d.cat_id(i) for i in range(d.nc)],
                 "splits": {s: len(v) for s, v in d.splits.items()},
                 "boxes": {s: sum(len(i.boxes) for i in v) for s, v in d.splits.items()},
                 "ignore_regions": {s: sum(len(i.crowd) for i in v) for s, v in d.splits.items()},
                 "dirty_boxes": d.dirty}
+        if sel.images:
+            meta["selection"] = {**sel.model_dump(), "carved_from": "train"}
         (out / "dataset.json").write_text(json.dumps(meta, indent=1))
-        return StageResult(outputs={"yolo": "yolo", "coco": "coco", "eval": "eval", "meta": "dataset.json"},
-                           metrics=meta)
+        return StageResult(outputs=outputs, metrics=meta)
 
     return run_stage(ctx, "data", VERSION, config, {}, fn)
 
@@ -78,6 +89,27 @@ def dataset(ctx: Context) -> Dataset:
 def eval_set(ctx: Context, verify: bool = True) -> EvalSet:
     """The run's evaluation set: images, their digests and the dataset's own ids, with their ground truth."""
     return EvalSet.load(ctx.output("data", "eval"), verify=verify)
+
+
+def carve_selection(d: Dataset, eval_split: str, n: int, seed: int) -> Dataset:
+    """`d` with a seeded sample of n train images (none whose content is in the eval split) moved to a 'selection'
+    split: what the recipe's choices are compared on, never trained on."""
+    import dataclasses
+
+    import numpy as np
+
+    from pipeline.core.store import sha256_file
+
+    train = d.split("train")
+    evals = {sha256_file(im.path) for im in d.splits.get(eval_split, [])}
+    order = np.random.default_rng(seed).permutation(len(train))
+    picked = [int(i) for i in order if sha256_file(train[i].path) not in evals][:n]
+    if len(picked) < n or len(train) - n < 1:
+        raise UserError(f"data.selection.images={n}: the train split has {len(train)} images ({len(picked)} not in "
+                        f"the '{eval_split}' split); keep some to train on", d.source)
+    chosen = set(picked)
+    return dataclasses.replace(d, splits={**d.splits, "train": [im for i, im in enumerate(train) if i not in chosen],
+                                          "selection": [train[i] for i in sorted(chosen)]})
 
 
 def preflight(ctx: Context) -> None:
