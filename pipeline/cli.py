@@ -12,7 +12,17 @@ from pipeline.core.errors import UserError
 from pipeline.stages.order import RECORDS, STAGES, spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Prune, fine-tune, quantize and benchmark YOLO11 for NVIDIA Jetson.")
+                  help="Prune, fine-tune, quantize and benchmark YOLOv8, YOLO11 and YOLO26 for NVIDIA Jetson.")
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                          help="stream what the libraries print (each stage's log.txt) to the "
+                                               "terminal too")):
+    """Each stage prints its start and result lines; what the libraries print goes to runs/<run>/<stage>/log.txt."""
+    from pipeline.core.console import set_verbose
+
+    set_verbose(verbose)
 
 # `run` includes the engine stage: it writes the strongly typed FP16/INT8 ONNX files (bench scores them) and builds
 # the TensorRT engines where TensorRT is importable; elsewhere it says so in one line and the run goes on. `make
@@ -53,7 +63,16 @@ def run(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path
     ctx = _ctx(recipe, sets, run_dir, force)
     _run_stages(ctx, [s.strip() for s in stages.split(",") if s.strip()])
     if (ctx.run_dir / "report.json").is_file() and "bench" in stages:
-        typer.echo((ctx.run_dir / "report.md").read_text())
+        _print_summary(ctx.run_dir)
+
+
+def _print_summary(run_dir: Path) -> None:
+    """The variant table and where the whole report is."""
+    from pipeline.report.markdown import summary_table
+
+    typer.echo(summary_table(json.loads((run_dir / "report.json").read_text())))
+    typer.echo(f"report: {run_dir / 'report.md'} (and report.html, report.json); each stage's log: "
+               f"{run_dir}/<stage>/log.txt")
 
 
 @app.command()
@@ -76,7 +95,7 @@ def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO di
     name = run_dir or Path("runs") / f"bench-{Path(data).stem}-{Path(weights).stem}"
     ctx = _ctx(recipe, extra + list(sets or []), name, force)
     _run_stages(ctx, ["data", "load", "export", "bench"])
-    typer.echo((ctx.run_dir / "report.md").read_text())
+    _print_summary(ctx.run_dir)
 
 
 @app.command()
@@ -391,16 +410,25 @@ def deploy_cmd(hosts: list[str] = typer.Option(..., "--host", help="[name=]user@
 
 def main() -> None:
     from pipeline.adapters.offline import offline
+    from pipeline.core.stage import CURRENT, fault
 
     try:
         with offline():  # ultralytics offline for the command (it is imported only inside commands)
             app(standalone_mode=False)
     except UserError as e:
-        typer.secho(f"error: {e}", err=True, fg="red")
+        typer.secho(f"error: {e}" + (f" (its log: {e.log})" if e.log else ""), err=True, fg="red")
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.secho("interrupted: the stage in progress was discarded; earlier results are intact", err=True)
+        stage, log = CURRENT.get("stage"), CURRENT.get("log")
+        typer.secho(f"interrupted: the {stage + ' stage' if stage else 'stage'} in progress was discarded"
+                    + (f" (its log: {log})" if log else "") + "; earlier results are intact", err=True)
         sys.exit(130)
+    except OSError as e:  # a full or read-only disk outside a stage (a report written after it)
+        f = fault(e, CURRENT.get("stage"), None)
+        if f is None:
+            raise
+        typer.secho(f"error: {f}", err=True, fg="red")
+        sys.exit(2)
     except typer.Abort:
         sys.exit(130)
     except Exception as e:  # usage errors of the (vendored) click layer carry show() and their exit code

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.console import detail, warn
 from pipeline.core.errors import UnreachableTarget, UserError
-from pipeline.core.stage import console
 
 
 def spec_of(c):
@@ -73,9 +73,9 @@ def cut_tools(fam, imgsz: int, c, prepost, data_yaml: Path | None, held_out=None
             rest, overlap = imgs[n_eval:], False
             if not rest:  # a train split too small for both: fit on the evaluator's images, and say so
                 rest, overlap = imgs[:c.reconstruct.images], True
-                console.print(f"  [yellow]prune.reconstruct: the train split has only {len(imgs)} held-out "
-                              f"images, all used by the held-out mAP check: the reconstruction fits on them "
-                              f"too, so its before/after mAP is measured on the images it was fit on[/]")
+                warn(f"  prune.reconstruct: the train split has only {len(imgs)} held-out images, all used by "
+                     f"the held-out mAP check: the reconstruction fits on them too, so its before/after mAP is "
+                     f"measured on the images it was fit on")
             calib = (calib_tensor(rest, prepost, c.reconstruct.images, where), overlap)
     return grads_fn, evaluator, calib
 
@@ -91,8 +91,7 @@ def calib_tensor(images, prepost, wanted: int, where=None):
         raise UserError("prune.reconstruct needs held-out train images beyond the sensitivity images; the train "
                         "split has none left (set prune.reconstruct.enabled=false or add train images)", where)
     if len(images) < wanted:
-        console.print(f"  [yellow]prune.reconstruct: only {len(images)} held-out train images (asked for "
-                      f"{wanted})[/]")
+        warn(f"  prune.reconstruct: only {len(images)} held-out train images (asked for {wanted})")
     return torch.from_numpy(np.concatenate([letterbox(cv2.imread(str(im.path)), prepost)[0] for im in images]))
 
 
@@ -140,13 +139,13 @@ def _scan(cutter: Cutter, model, spec) -> _Scan:
     from pipeline.adapters import pruning as yp
 
     c, fam, imgsz, evaluator, grads_fn = cutter.cfg, cutter.fam, cutter.imgsz, cutter.evaluator, cutter.grads_fn
-    log = lambda s: console.print(s)  # noqa: E731
+    log = detail
     threads, runs = cutter.threads, c.sensitivity.latency_runs
     prepared = yp.prepare(model, fam)
     grps = pp.groups(prepared, imgsz, fam)
     sens = pp.sensitivity(prepared, imgsz, spec, grps, evaluator, c.sensitivity.ratio, fam, log=log,
                           grads_fn=grads_fn)
-    console.print("  the uniform candidate at the same target (the reference; in latency mode also profiled):")
+    detail("  the uniform candidate at the same target (the reference; in latency mode also profiled):")
     # Only a reference: where round_to's steps jump over the band for uniform ratios (a model an iterative step cut
     # already), the nearest uniform cut stands in for it (plan.json's compare records its MACs) instead of refusing
     # a cut the weighted search may still land.
@@ -166,7 +165,7 @@ def _make_cut(cutter: Cutter, model, spec, out: Path):
     from pipeline.adapters import pruning as yp
 
     c, fam, imgsz, evaluator, grads_fn = cutter.cfg, cutter.fam, cutter.imgsz, cutter.evaluator, cutter.grads_fn
-    log = lambda s: console.print(s)  # noqa: E731
+    log = detail
     if c.mode == "uniform":
         pruned, history, info = yp.prune(model, imgsz, spec, fam, grads_fn=grads_fn, log=log)
         return pruned, history, info, {}
@@ -178,7 +177,7 @@ def _make_cut(cutter: Cutter, model, spec, out: Path):
     compare = {k: {"latency_ms": ms[k], "map50_95_before_finetune": maps[k],
                    "macs_fraction": {"base": 1.0, "uniform": sc.uinfo["macs_fraction"],
                                      c.mode: info["macs_fraction"]}[k]} for k in ms}
-    console.print("  ORT CPU latency, held-out mAP50-95 before fine-tuning: " +
+    detail("  ORT CPU latency, held-out mAP50-95 before fine-tuning: " +
                   ", ".join(f"{k} {v['latency_ms']:.2f} ms / {v['map50_95_before_finetune']:.4f}"
                             for k, v in compare.items()))
     ratios = info["channel_ratio"]["ratios"] if isinstance(info["channel_ratio"], dict) else None
@@ -267,10 +266,10 @@ def cut_to_target(cutter: Cutter, model, spec, out: Path):
     from pipeline.adapters import pruning as yp
 
     c, fam, imgsz, t = cutter.cfg, cutter.fam, cutter.imgsz, cutter.cfg.target
-    log = lambda s: console.print(s)  # noqa: E731
+    log = detail
     quiet = lambda s: None  # noqa: E731
     measure = _Measure(cutter, model)
-    console.print(f"  target: {t.describe()}" + (f" (the layer-time table of {t.runner})" if measure.table else
+    detail(f"  target: {t.describe()}" + (f" (the layer-time table of {t.runner})" if measure.table else
                                                   " (measured here)" if t.kind != "params" else ""))
     sc = _scan(cutter, model, spec) if c.mode != "uniform" else None  # once, at the first guess
     weights = sc.weights if sc is not None else None
@@ -331,7 +330,7 @@ def cut_to_target(cutter: Cutter, model, spec, out: Path):
     target = {"kind": t.kind, "value": t.value, "runner": measure.runner, "requested_runner": t.runner,
               "measured": r["value"], "ci": r.get("ci"), "met": True, "candidates": trials}
     info = {**info, "seconds": time.time() - t0, "trials": trials, "target": target}
-    console.print(f"  target met: {t.kind} {r['value']:.4g}" + (f" [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}]" if
+    detail(f"  target met: {t.kind} {r['value']:.4g}" + (f" [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}]" if
                                                                  r.get("ci") else "")
                   + f" at {info['macs_fraction']:.4f}x MACs ({len(trials)} cuts measured)")
     plan = {"target": info["target"]}

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 from torch import nn
 
 from pipeline.adapters import pruning as yp
+from pipeline.core.console import task
 
 
 @dataclass
@@ -74,8 +74,7 @@ def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[
     for group in pruner.step(interactive=True):
         picked[names[id(group[0].dep.target.module)]] = (len(group[0].idxs), yp.group_bn_channels(group))
     rows = []
-    with Progress(transient=True) as prog:
-        task = prog.add_task(f"sensitivity: {len(grps)} groups at ratio {ratio}", total=len(grps))
+    with task(f"sensitivity scan at ratio {ratio}: groups", len(grps)) as prog:
         for g in grps:
             n, zero = picked.get(g.root, (0, []))  # absent: round_to leaves this group whole at this ratio
             v = base_map
@@ -91,7 +90,7 @@ def sensitivity(prepared: nn.Module, imgsz: int, spec: yp.PruneSpec, grps: list[
                         bn.bias.copy_(b)
             rows.append({"group": g.root, "channels": g.channels, "pruned_channels": n, "map50_95": v,
                          "drop": base_map - v})
-            prog.advance(task)
+            prog.advance(note=f"{g.root}: {v:.4f}")
     log(f"  sensitivity scan: {len(rows)} groups, base mAP50-95 {base_map:.4f}, "
         f"largest drop {max(r['drop'] for r in rows):.4f} ({max(rows, key=lambda r: r['drop'])['group']})")
     return {"ratio": ratio, "base_map50_95": base_map, "groups": rows}

@@ -20,6 +20,7 @@ from ultralytics.utils import LOGGER
 
 from pipeline.adapters.log_filter import collapsed_repeats, silenced
 from pipeline.adapters.offline import cpu_threads
+from pipeline.core.console import task
 from pipeline.core.errors import UserError
 from pipeline.core.store import atomic_path
 
@@ -208,8 +209,19 @@ def _all_cpu_threads(runner) -> None:
         torch.set_num_threads(cpu_threads())
 
 
+def _on_epoch(t):
+    """An on_fit_epoch_end callback that advances progress task `t` (core/console.task) with the epoch's val
+    mAP50-95."""
+
+    def on_epoch(trainer):
+        m = (getattr(trainer, "metrics", None) or {}).get("metrics/mAP50-95(B)")
+        t.update(trainer.epoch + 1, f"val mAP50-95 {m:.4f}" if isinstance(m, float) else "")
+
+    return on_epoch
+
+
 def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int,
-          batch: int, seed: int = 0, workers: int = 2, device: str = "cpu", **kw) -> Path:
+          batch: int, seed: int = 0, workers: int = 2, device: str = "cpu", progress: str = "training", **kw) -> Path:
     """Train with the stock trainer, given the model family's own arguments (YOLO26: nms=False, so each epoch's val
     mAP is its one-to-one head's); returns the best checkpoint as ultralytics wrote it (FP16 weights, optimizer
     stripped): the load stage turns it into FP32."""
@@ -218,10 +230,11 @@ def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
     y = YOLO(str(model_spec))
     for event in ("on_train_start", "on_val_start"):  # the final validation selects the device again
         y.add_callback(event, _all_cpu_threads)
-    with collapsed_repeats(LOGGER):
+    with task(progress, epochs) as t, collapsed_repeats(LOGGER):
+        y.add_callback("on_fit_epoch_end", _on_epoch(t))
         y.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, workers=workers,
-                device=device, project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False, amp=False,
-                deterministic=True, verbose=False, **kw)
+                device=device, project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False,
+                amp=False, deterministic=True, verbose=False, **kw)
     best = out_dir / "weights" / "best.pt"
     load_detection_model(best)  # refuse a result that is not a detection checkpoint
     return best
@@ -292,6 +305,7 @@ class TrainOptions:
     trainer: dict = field(default_factory=dict)
     distill: Distill | None = None
     sparsify: Sparsify | None = None
+    label: str = "fine-tune"  # the progress line's name
 
 
 class KeepArchitectureTrainer(DetectionTrainer):
@@ -403,15 +417,25 @@ def finetune(weights: str | Path, data_yaml: str | Path, out_dir: str | Path, op
     them), not ultralytics' best.pt: that one is picked on the val split, which bench scores. `opts` says how
     (TrainOptions: the stock trainer's arguments, distillation, sparsity training)."""
 
+    bar = task(opts.label, opts.epochs)
+    progress = bar.__enter__()
+
     def trainer(overrides):
         t = KeepArchitectureTrainer(overrides=overrides)
         for event in ("on_train_start", "on_val_start"):  # the final validation selects the device again
             t.add_callback(event, _all_cpu_threads)
+        t.add_callback("on_fit_epoch_end", _on_epoch(progress))
         t.options = opts
         return t
 
     tr = opts.trainer
-    out_dir = Path(out_dir).resolve()
+    try:
+        return _finetune(weights, data_yaml, Path(out_dir).resolve(), opts, tr, trainer)
+    finally:
+        bar.__exit__(None, None, None)
+
+
+def _finetune(weights, data_yaml, out_dir: Path, opts: TrainOptions, tr: dict, trainer) -> Path:
     last = out_dir / "weights" / "last.pt"
     if last.is_file() and (out_dir / "weights" / "done").exists():
         return last  # finished; the stage around it was cut off after training

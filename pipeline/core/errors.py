@@ -9,6 +9,8 @@ from pathlib import Path
 class UserError(Exception):
     """Bad input. The message names the file and the problem and fits on one line."""
 
+    log: str | None = None  # the failing stage's log (its library output), named after the line
+
     def __init__(self, problem: str, path: str | Path | None = None):
         self.path = str(path) if path is not None else None
         self.problem = " ".join(str(problem).split())

@@ -9,20 +9,29 @@ included, replaces the old one in a single rename; a crash or Ctrl-C before that
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from rich.console import Console
-
 from pipeline.core.config import Recipe
+from pipeline.core.console import captured, console
+from pipeline.core.errors import UserError
 from pipeline.core.store import Artifact, StageRecord, atomic_dir, sha256_json, sha256_tree
 
-console = Console(stderr=True, highlight=False)
+__all__ = ["Context", "StageResult", "console", "lib_versions", "run_stage", "CURRENT", "fault"]
+# The stage running now and its log, for the one line an interrupt or a fault prints (cli.main)
+CURRENT: dict = {"stage": None, "log": None}
+# Faults of the machine, not of the pipeline: a stage that meets one stops with one line (cli.main prints it)
+FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+          errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+          errno.EPERM: "operation not permitted", errno.EIO: "an I/O error"}
 LIBS = ("torch", "torchvision", "ultralytics", "torch-pruning", "onnx", "onnxruntime", "onnxslim", "pycocotools",
         "numpy", "opencv-python-headless", "yolo-edge")
 
@@ -43,6 +52,7 @@ class StageResult:
     metrics: dict = field(default_factory=dict)
     requested: dict = field(default_factory=dict)
     effective: dict = field(default_factory=dict)
+    summary: str = ""  # the stage's key numbers, for its result line
 
 
 @dataclass
@@ -87,6 +97,28 @@ def _outputs_intact(ctx: Context, stage: str, rec: StageRecord) -> bool:
     return True
 
 
+def fault(e: OSError, stage: str | None, where: str | Path | None) -> UserError | None:
+    """A machine fault (a full disk, a read-only file system...) as the one-line error that says which stage stopped
+    and that what was written before is intact; None for any other OSError."""
+    what = FAULTS.get(e.errno)
+    if what is None:
+        return None
+    at = e.filename or where
+    return UserError(f"{what} ({os.strerror(e.errno)}" + (f": {at}" if at else "") + ")"
+                     + (f": the {stage} stage stopped, its temporary files removed; earlier results are intact"
+                        if stage else ""), where)
+
+
+def _keep_failed_log(ctx: Context, stage: str, log: Path) -> Path | None:
+    """A failed stage's log, kept beside its directory (which keeps its last good state) as <stage>.failed.log."""
+    dest = ctx.run_dir / f"{stage}.failed.log"
+    try:
+        shutil.copyfile(log, dest)
+        return dest
+    except OSError:
+        return None
+
+
 def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict[str, Path],
               fn: Callable[[Context, Path, dict[str, Path]], StageResult]) -> StageRecord:
     in_arts = {k: Artifact.of(k, p) for k, p in inputs.items()}
@@ -94,22 +126,52 @@ def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict
                        "inputs": {k: a.digest for k, a in in_arts.items()}})
     old = ctx.record(stage)
     if old and old.key == key and not ctx.force and _outputs_intact(ctx, stage, old):
-        console.print(f"[green]✓[/] {stage}: cached (inputs, config and stage version unchanged; key {key[:12]})")
+        console.print(f"[green]✓[/] {stage}: cached (inputs, config and stage version unchanged; key {key[:12]})",
+                      soft_wrap=True)
         return old
     final = ctx.stage_dir(stage)
-    console.print(f"[cyan]▶[/] {stage}: running")
+    console.print(f"[cyan]▶[/] {stage}: running", soft_wrap=True)
     started = time.time()
-    with atomic_dir(final) as tmp:
-        res = fn(ctx, tmp, inputs)
-        outs = {}
-        for name, rel in res.outputs.items():
-            a = Artifact.of(name, tmp / rel)
-            a.path = str(final / rel)
-            outs[name] = {**a.__dict__, "rel": str(rel)}
-        rec = StageRecord(stage=stage, stage_version=version, key=key, config=config,
-                          inputs={k: a.__dict__ for k, a in in_arts.items()}, outputs=outs, env=lib_versions(),
-                          requested=res.requested, effective=res.effective, metrics=res.metrics,
-                          started=started, finished=time.time())
-        (tmp / "record.json").write_text(json.dumps(rec.to_json(), indent=1, default=str))
-    console.print(f"[green]✓[/] {stage}: done in {rec.finished - started:.1f}s")
+    try:
+        with atomic_dir(final) as tmp:
+            log = tmp / "log.txt"  # what every library printed while the stage ran (the stage directory's log.txt)
+            CURRENT.update(stage=stage, log=None)
+            try:
+                with captured(log):
+                    res = fn(ctx, tmp, inputs)
+            except BaseException as e:  # noqa: BLE001 - annotated and re-raised: the one line names the log
+                kept = _keep_failed_log(ctx, stage, log)
+                CURRENT.update(log=kept)
+                if isinstance(e, OSError) and (f := fault(e, stage, ctx.run_dir)) is not None:
+                    f.log = str(kept) if kept else None
+                    raise f from None
+                if isinstance(e, UserError) and kept is not None:
+                    e.log = str(kept)
+                raise
+            _write_record(ctx, stage, version, key, config, in_arts, res, tmp, final, started)
+    except OSError as e:  # the temporary directory, the swap into place or the record met a full or read-only disk
+        f = fault(e, stage, ctx.run_dir)
+        if f is None:
+            raise
+        f.log = f.log or (str(CURRENT["log"]) if CURRENT.get("stage") == stage and CURRENT.get("log") else None)
+        raise f from None
+    CURRENT.update(stage=None, log=None)  # (kept on a failure: cli.main names the stage and its log)
+    rec = ctx.record(stage)
+    console.print(f"[green]✓[/] {stage}: " + (f"{res.summary}; " if res.summary else "")
+                  + f"done in {rec.finished - started:.1f}s", soft_wrap=True)
     return rec
+
+
+def _write_record(ctx: Context, stage: str, version: int, key: str, config: dict, in_arts: dict, res: StageResult,
+                  tmp: Path, final: Path, started: float) -> None:
+    """The outputs' digests and the record, written last into the stage's new directory (the commit point)."""
+    outs = {}
+    for name, rel in res.outputs.items():
+        a = Artifact.of(name, tmp / rel)
+        a.path = str(final / rel)
+        outs[name] = {**a.__dict__, "rel": str(rel)}
+    rec = StageRecord(stage=stage, stage_version=version, key=key, config=config,
+                      inputs={k: a.__dict__ for k, a in in_arts.items()}, outputs=outs, env=lib_versions(),
+                      requested=res.requested, effective=res.effective, metrics=res.metrics,
+                      started=started, finished=time.time())
+    (tmp / "record.json").write_text(json.dumps(rec.to_json(), indent=1, default=str))

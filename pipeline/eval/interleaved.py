@@ -139,32 +139,29 @@ def widest(samples: Mapping[str, np.ndarray], rounds: int, pairs: list[tuple[str
 
 
 class _Progress:
-    """A transient rich progress bar over the rounds (a no-op when off)."""
+    """Progress over the rounds (pipeline/core/console.task; a no-op when off)."""
 
     def __init__(self, label: str, total: int, on: bool):
-        self.label, self.bar, self.task = label, None, None
+        self.label, self.cm, self.t = label, None, None
         if on:
-            from rich.progress import Progress
+            from pipeline.core.console import task
 
-            self.bar = Progress(transient=True)
-            self.task = self.bar.add_task(f"{label}: warm-up", total=total)
+            self.cm = task(f"{label}: rounds", total)
 
     def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
+        if self.cm is not None:
+            self.t = self.cm.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+        if self.cm is not None:
+            self.cm.__exit__(*exc)
         return False
 
     def update(self, rounds: int, width: float | None, s: Schedule):
-        if self.bar is not None:
-            w = "" if width is None else f", widest interval ±{50 * width:.1f}%"
-            self.bar.update(self.task, completed=rounds,
-                            description=f"{self.label}: round {rounds}{w} (stops at ±{50 * s.rel_width:g}% or "
-                                        f"{s.cap_s:g} s)")
+        if self.t is not None:
+            w = "" if width is None else f"widest interval ±{50 * width:.1f}% "
+            self.t.update(rounds, f"{w}(stops at ±{50 * s.rel_width:g}% or {s.cap_s:g} s)")
 
 
 def stop_reason(kind: str, s: Schedule, rounds: int) -> str:

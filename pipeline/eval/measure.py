@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from rich.progress import Progress
 
 from pipeline.backends.base import Runner
+from pipeline.core.console import task
 from pipeline.data.evalset import EvalImage  # noqa: F401  (the evaluator's image: path + the dataset's id)
 from pipeline.eval.coco import coco_eval, to_coco_results
 from pipeline.eval.detect import PrePost, e2e_detections, letterbox, postprocess
@@ -35,13 +35,12 @@ def detections(out: np.ndarray, undo: tuple, shape: tuple[int, int], image_id: i
 def predict(runner: Runner, images: Sequence[EvalImage], cat_ids: list[int], spec: PrePost,
             label: str = "predict") -> list[dict]:
     dets = []
-    with Progress(transient=True) as prog:
-        task = prog.add_task(f"{label}: {len(images)} images", total=len(images))
+    with task(f"{label}: images", len(images)) as t:
         for im in images:
             img = _read(im.path)
             x, undo = letterbox(img, spec)
             dets += detections(runner.infer({runner.input_name: x})[0], undo, img.shape[:2], im.id, cat_ids, spec)
-            prog.advance(task)
+            t.advance()
     return dets
 
 
@@ -92,13 +91,12 @@ def predict_e2e(runner_for, images: Sequence[EvalImage], cat_ids: list[int], lab
     """Detections of an end-to-end graph (uint8 BGR frame in, final detections out). `runner_for(h, w)` gives the
     runner of the graph built for frames of that size (an e2e graph's input size is fixed)."""
     dets = []
-    with Progress(transient=True) as prog:
-        task = prog.add_task(f"{label}: {len(images)} images", total=len(images))
+    with task(f"{label}: images", len(images)) as t:
         for im in images:
             img = _read(im.path)
             runner = runner_for(*img.shape[:2])
             dets += to_coco_results(e2e_detections(runner.infer({runner.input_name: img})), im.id, cat_ids)
-            prog.advance(task)
+            t.advance()
     return dets
 
 

@@ -40,6 +40,21 @@ def _dirt_note(ds: dict) -> str:
     return (" Data: " + "; ".join(parts) + ".") if parts else ""
 
 
+def summary_table(rep: dict) -> str:
+    """The variant table a terminal shows after a run: mAP50-95 with its interval, the change against the base,
+    MACs, engine latency and speed-up (report.md has everything else)."""
+    lines = [f"{'variant':<26} {'mAP50-95 [95% CI]':<26} {'Δ vs base, pt':<14} {'MACs':>6} {'engine p50':>11} "
+             f"{'speed-up':>9}"]
+    for r in rep["variants"] + rep.get("e2e_variants", []):
+        vb = r.get("vs_base", {})
+        ci = r.get("map50_95_ci")
+        m = f"{r['map50_95']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        d = "–" if vb.get("against") == r["name"] else f"{100 * vb.get('map50_95_delta', 0.0):+.2f}"
+        lines.append(f"{r['name']:<26} {m:<26} {d:<14} {vb.get('macs_ratio', 1):>5.2f}× "
+                     f"{r['latency_ms']['engine']['p50']:>8.2f} ms {speedup_cell(r, 'engine').split(' ')[0]:>9}")
+    return "\n".join(lines)
+
+
 def render_markdown(rep: dict) -> str:
     lines = [f"# yolo-edge report: {rep['run']}", "",
              f"Dataset: {rep['dataset']['images']} {rep['dataset']['split']} images, "

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.core import variants as V
+from pipeline.core.console import detail
 from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, lib_versions, run_stage
 from pipeline.core.store import StageRecord, atomic_path, sha256_file, write_json
@@ -100,7 +101,7 @@ def cross_check(ctx: Context, rows: list[dict], inputs: dict, out: Path, fam) ->
     for r in rows:
         if r["name"] not in checked:
             continue
-        console.print(f"[dim]bench: {r['name']}: ultralytics' validator on the same {cfg.split} split ...[/dim]")
+        detail(f"bench: {r['name']}: ultralytics' validator on the same {cfg.split} split ...")
         u = ua.val(inputs[f"{r['name']}.pt"], data_yaml, ctx.recipe.model.imgsz, conf=cfg.conf, iou=cfg.iou,
                    max_det=cfg.max_det, **fam.train_args)
         d = 100 * (r["map50_95"] - u["map50_95"])
@@ -204,11 +205,11 @@ def time_variants(cfg, scored: list[Scored], paths: list[str], spec: PrePost, fr
             c = timed_calls(sc.runner, inputs, spec)
             calls[tv.engine], calls[tv.end_to_end] = c["engine"], c["end_to_end"]
     sched = Schedule.of(cfg.model_dump())
-    console.print(f"[dim]bench: timing {len(scored)} variants together ({len(calls)} timed calls, {sched.per_round} "
+    detail(f"bench: timing {len(scored)} variants together ({len(calls)} timed calls, {sched.per_round} "
                   f"each per round, in a new random order every round) until every speed-up's 95% interval is "
                   f"within ±{50 * sched.rel_width:g}% or {sched.cap_s:g} s ...[/dim]")
     t = time_interleaved(calls, tracked_ratios(tvs), sched, label="bench: timing")
-    console.print(f"bench: timing: {t.summary['stop']} after {t.summary['rounds']} rounds "
+    detail(f"bench: timing: {t.summary['stop']} after {t.summary['rounds']} rounds "
                   f"({t.summary['wall_s']:.0f} s)")
     return t, tvs
 
@@ -310,6 +311,23 @@ def _int8_drop(ctx: Context, by: dict[str, dict], n_images: int) -> None:
         f"{n_images} val images (budget {100 * aa['max_drop']:.2f})")
 
 
+def _summary(rows: list[dict]) -> str:
+    """The bench's key numbers: each FP32 model's mAP50-95, the pruned one's change and speed-up over the base."""
+    by = {r["name"]: r for r in rows}
+    out = []
+    for v in (V.BASE_FP32, V.PRUNED_FP32):
+        r = by.get(v.name)
+        if r is None:
+            continue
+        s = f"{v.name} mAP50-95 {r['map50_95']:.4f}"
+        vb = r.get("vs_base") or {}
+        if vb.get("against") not in (None, v.name):
+            s += (f" ({100 * vb['map50_95_delta']:+.2f} pt, {vb['engine_p50_speedup']:.2f}x faster at "
+                  f"{vb['macs_ratio']:.2f}x MACs)")
+        out.append(s)
+    return "; ".join(out) + f" ({len(rows)} variants)"
+
+
 def run(ctx: Context) -> StageRecord:
     vs = variants(ctx)
     cfg = ctx.recipe.bench
@@ -363,7 +381,8 @@ def run(ctx: Context) -> StageRecord:
                                     "ground_truth": "ground_truth.json",
                                     **({"e2e": "e2e"} if (out / "e2e").is_dir() else {})},
                            metrics={r["name"]: {"map50_95": r["map50_95"], "e2e_p50_ms":
-                                                r["latency_ms"]["end_to_end"]["p50"]} for r in rows})
+                                                r["latency_ms"]["end_to_end"]["p50"]} for r in rows},
+                           summary=_summary(rows))
 
     rec = run_stage(ctx, "bench", VERSION, config, inputs, fn)
     publish(ctx)

@@ -223,6 +223,8 @@ def run(ctx: Context) -> StageRecord:
         return StageResult(outputs={"bundle": NAME, "archive": f"{NAME}.tar.gz"},
                            metrics={"files": len(files) + 1, "bytes": sum(f["size"] for f in files.values()),
                                     "digest": mf.digest(tree), "variants": [r["name"] for r in rows],
-                                    "archive_bytes": os.path.getsize(out / f"{NAME}.tar.gz")})
+                                    "archive_bytes": os.path.getsize(out / f"{NAME}.tar.gz")},
+                           summary=f"{len(rows)} variants, {os.path.getsize(out / f'{NAME}.tar.gz') / 1e6:.1f} MB "
+                                   f"archive ({mx.label} parses every file)")
 
     return run_stage(ctx, "bundle", VERSION, config, inputs, fn)

@@ -120,7 +120,8 @@ def run(ctx: Context) -> StageRecord:
         (out / "tuning_gt.json").write_text(json.dumps(gt))
         return StageResult(outputs={"calib": "calib.npy", "meta": "calib.json", "tuning": "tuning_gt.json",
                                     "list": "calib_images.txt"},
-                           metrics={"images": len(calib), "tuning_images": len(tuning), "digest": digest})
+                           metrics={"images": len(calib), "tuning_images": len(tuning), "digest": digest},
+                           summary=f"{len(calib)} calibration images, {len(tuning)} tuning images (train, not eval)")
 
     return run_stage(ctx, "calibrate", VERSION, config, inputs, fn)
 

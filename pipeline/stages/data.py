@@ -75,7 +75,10 @@ def run(ctx: Context) -> StageRecord:
         if sel.images:
             meta["selection"] = {**sel.model_dump(), "carved_from": "train"}
         (out / "dataset.json").write_text(json.dumps(meta, indent=1))
-        return StageResult(outputs=outputs, metrics=meta)
+        sp = meta["splits"]
+        summary = (", ".join(f"{sp[k]} {k}" for k in sp) + f" images, {sum(meta['boxes'].values())} boxes, "
+                   f"{len(d.names)} classes")
+        return StageResult(outputs=outputs, metrics=meta, summary=summary)
 
     return run_stage(ctx, "data", VERSION, config, {}, fn)
 

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from pipeline.core import variants as V
+from pipeline.core.console import detail
 from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
@@ -196,7 +197,7 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
             metrics[name] = info
             effective[name] = {"precision": "fp16" if kind == "fp16" else "int8-qdq+fp16", "io": "fp32",
                                "fp32_nodes": info["fp32_float_nodes"], "strongly_typed": True}
-            console.print(f"  {name}: {info['fp16_nodes']} FP16 nodes, {info['fp32_float_nodes']} FP32 float nodes; "
+            detail(f"  {name}: {info['fp16_nodes']} FP16 nodes, {info['fp32_float_nodes']} FP32 float nodes; "
                           + (f"parity {info['parity_emulated']['box_px_live']:.3f} px / "
                              f"{info['parity_emulated']['score']:.1e}" if kind == "fp16" else
                              f"error {info['int8_fp16_error_emulated']:.2e} vs INT8 {info['int8_error']:.2e}"))
@@ -204,7 +205,8 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
         (out / "strongly_typed.json").write_text(json.dumps(metrics, indent=1))
         return StageResult(outputs=outputs, metrics=metrics,
                            requested={v.output: v.precision for v in jobs},
-                           effective=effective)
+                           effective=effective, summary=f"{len(outputs)} strongly typed files ({', '.join(outputs)}),"
+                                                        f" each parsed by the {mx.label} table")
 
     return run_stage(ctx, "engine", VERSION, config, inputs, fn)
 

@@ -87,7 +87,9 @@ def run(ctx: Context, source_stage: str = "load", stage_name: str = "export") ->
                                  cfg.simplify, parity_images(ctx, 8), cfg.parity_atol, fam, cfg.dfl_last_axis)
         (out / "export.json").write_text(json.dumps(metrics, indent=1))
         return StageResult(outputs={"onnx": "model.onnx"}, metrics=metrics,
-                           requested={"opset": cfg.opset}, effective={"opset": metrics["opset"]})
+                           requested={"opset": cfg.opset}, effective={"opset": metrics["opset"]},
+                           summary=f"opset {metrics['opset']}, ONNX Runtime vs PyTorch "
+                                   f"{metrics['parity_max_abs_diff']:.1e} on {metrics['parity_images']} images")
 
     return run_stage(ctx, stage_name, VERSION, config, inputs, fn)
 

@@ -54,6 +54,9 @@ def run(ctx: Context) -> StageRecord:
                            metrics={"final_val": history[-1] if history else None, "epochs": len(history),
                                     **stats},
                            requested={"distill": c.distill.enabled, "epochs": c.epochs},
-                           effective={"distill": c.distill.enabled, "epochs": len(history), "weights": "fp32"})
+                           effective={"distill": c.distill.enabled, "epochs": len(history), "weights": "fp32"},
+                           summary=f"{len(history)} epochs" + (f", last val mAP50-95 {history[-1]['map50_95']:.4f}"
+                                                              if history else "")
+                           + (", distilled" if c.distill.enabled else ""))
 
     return run_stage(ctx, "finetune", VERSION, config, inputs, fn)

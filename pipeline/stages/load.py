@@ -94,7 +94,9 @@ def run(ctx: Context) -> StageRecord:
         if "training" in inputs:
             info["training"] = training_summary(inputs["training"])
         (out / "model.json").write_text(json.dumps(info, indent=1))
-        return StageResult(outputs={"model": "model.pt", "info": "model.json"}, metrics=stats)
+        return StageResult(outputs={"model": "model.pt", "info": "model.json"}, metrics=stats,
+                           summary=f"{fam.title}, {stats['params'] / 1e6:.2f} M params, {stats['macs'] / 1e9:.2f} "
+                                   f"GMACs at {ctx.recipe.model.imgsz} px")
 
     return run_stage(ctx, "load", VERSION, config, inputs, fn)
 

@@ -28,6 +28,7 @@ import json
 import shutil
 from pathlib import Path
 
+from pipeline.core.console import detail
 from pipeline.core.errors import UnreachableTarget, UserError
 from pipeline.core.stage import Context, StageResult, console, run_stage
 from pipeline.core.store import StageRecord
@@ -104,8 +105,10 @@ def run(ctx: Context) -> StageRecord:
             where = (f"; {tgt['kind']} {tgt['measured']:.4g}" + (f" [{tgt['ci'][0]:.4g}, {tgt['ci'][1]:.4g}]"
                                                                    if tgt.get("ci") else "")
                      + f" on {tgt['runner']} (target {tgt['value']:g})")
-        console.print(f"  pruned to {info['macs_fraction']:.3f}x MACs, {info['params_fraction']:.3f}x params "
-                      f"in {info['seconds']:.1f}s ({c.mode}, {len(steps)} step(s)){where}")
+        summary = (f"{info['macs_fraction']:.3f}x MACs, {info['params_fraction']:.3f}x params ({c.mode}"
+                   + (f", {len(steps)} steps" if len(steps) > 1 else "")
+                   + (", the sparsity fade's planned cut" if sparse is not None and "cut" in srec else "")
+                   + f"){where}")
         requested = {"macs_target": spec.macs_target, "ratio": spec.ratio, "round_to": spec.round_to,
                      "mode": c.mode, "steps": c.steps,
                      **({"target": c.target.model_dump(exclude_none=True)} if c.target is not None else {})}
@@ -119,7 +122,8 @@ def run(ctx: Context) -> StageRecord:
         metrics = {k: v for k, v in info.items() if k not in ("trials", "channel_ratio")}
         metrics["steps"] = [_summary(s) for s in steps]
         metrics["sparsity"] = sparse
-        return StageResult(outputs=outputs, metrics=metrics, requested=requested, effective=effective)
+        return StageResult(outputs=outputs, metrics=metrics, requested=requested, effective=effective,
+                           summary=summary)
 
     return run_stage(ctx, "prune", VERSION, config, inputs, fn)
 
@@ -155,7 +159,7 @@ def _planned_cut(ctx: Context, model, cut: dict, cutter: Cutter, out: Path):
             "macs_fraction": macs / base_macs, "params_fraction": params / base_params}
     plan = {**cut["plan"], "planned_by_fade_phase": True, "cut_max_abs_diff": diff, "output_max_abs": scale,
             "cut_exact": exact}
-    console.print(f"  the fade phase's planned cut: {info['macs_fraction']:.3f}x MACs, outputs (up to {scale:.3g}) "
+    detail(f"  the fade phase's planned cut: {info['macs_fraction']:.3f}x MACs, outputs (up to {scale:.3g}) "
                   f"change by at most {diff:.2e}" + (" (the removed channels carry zero)" if exact else
                                                      " [yellow](not exact: the weights did not finish fading)[/]"))
     if evaluator is not None:
@@ -190,21 +194,19 @@ def _summary(d: dict) -> dict:
 def _reconstruct(ctx: Context, reference, pruned, history, cutter: Cutter) -> dict:
     """Refit the pruned model's convs to the reference's features (in place) on the cutter's reconstruction images;
     returns the record."""
-    from rich.progress import Progress
-
     from pipeline.adapters import pruning as yp
     from pipeline.adapters.reconstruct import reconstruct
+    from pipeline.core.console import task
 
     r = ctx.recipe.prune.reconstruct
     (calib, overlap), evaluator, fam = cutter.calib, cutter.evaluator, cutter.fam
     before = evaluator(pruned)
-    with Progress(transient=True) as prog:
-        task = prog.add_task(f"reconstruct: refitting convs on {len(calib)} images", total=None)
+    with task(f"reconstruction on {len(calib)} images: convs", None) as prog:
         stats = reconstruct(yp.prepare(reference, fam), pruned, history, calib, ctx.recipe.model.imgsz, fam,
                             positions=r.positions, alpha=r.alpha, seed=r.seed,
-                            progress=lambda k, n: prog.update(task, completed=k, total=n))
+                            progress=lambda k, n: prog.update(k))
     after = evaluator(pruned)
-    console.print(f"  reconstruction: {len(stats['layers'])} convs refit in {stats['seconds']:.0f}s, mean feature "
+    detail(f"  reconstruction: {len(stats['layers'])} convs refit in {stats['seconds']:.0f}s, mean feature "
                   f"MSE {stats['mse_before']:.4f} -> {stats['mse_after']:.4f}; held-out mAP50-95 "
                   f"{before:.4f} -> {after:.4f}")
     return {**stats, "map50_95_before": before, "map50_95_after": after, "fit_on_eval_images": overlap}

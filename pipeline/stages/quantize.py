@@ -22,8 +22,9 @@ import numpy as np
 import onnx
 
 from pipeline.core import variants as V
+from pipeline.core.console import detail
 from pipeline.core.errors import UserError
-from pipeline.core.stage import Context, StageResult, console, run_stage
+from pipeline.core.stage import Context, StageResult, run_stage
 from pipeline.core.store import StageRecord
 from pipeline.stages.variants import post_of, wanted
 
@@ -63,7 +64,7 @@ def accuracy_aware(fp32: Path, dest: Path, cache: Path, method: str, exclude: li
     m = measure(trial)
     ref, cur = m["ref"], m["cur"]
     steps = [{"float_nodes": [], "tuning_map50_95": cur, "drop": m["drop"], "se": m["se"], "bound": m["bound"]}]
-    console.print(f"  accuracy-aware: FP32 {ref:.4f}, all-INT8 {cur:.4f} on {len(gt['images'])} tuning images "
+    detail(f"  accuracy-aware: FP32 {ref:.4f}, all-INT8 {cur:.4f} on {len(gt['images'])} tuning images "
                   f"(drop {100 * m['drop']:.2f} ± {100 * m['se']:.2f} pt)")
     if m["bound"] > cfg.max_drop or cfg.min_float > 0:
         cands = oq.quantized_nodes(onnx.load(str(trial)), op_types)
@@ -99,7 +100,7 @@ def accuracy_aware(fp32: Path, dest: Path, cache: Path, method: str, exclude: li
             steps.append({"float_nodes": list(take), "added_error": [errs[n] for n in take],
                           "output_error_after": base_err, "tuning_map50_95": cur, "drop": m["drop"], "se": m["se"],
                           "bound": m["bound"]})
-            console.print(f"  +{len(take)} float ({', '.join(take)}): {cur:.4f} (drop {100 * m['drop']:.2f} ± "
+            detail(f"  +{len(take)} float ({', '.join(take)}): {cur:.4f} (drop {100 * m['drop']:.2f} ± "
                           f"{100 * m['se']:.2f} pt)")
     shutil.copyfile(trial, dest)
     return {"tuning_fp32_map50_95": ref, "tuning_int8_map50_95": cur, "tuning_images": len(gt["images"]),
@@ -181,8 +182,13 @@ def run(ctx: Context) -> StageRecord:
             effective[v.output] = {"precision": "int8-qdq", "float_nodes": info.get("float_nodes", []),
                                    "decode_float": True}
         shutil.rmtree(work)
+        aware = metrics.get(V.PRUNED_INT8.output, {})
+        summary = f"{len(outputs)} INT8 files ({', '.join(outputs)})"
+        if "tuning_drop" in aware:
+            summary += (f"; {V.PRUNED_INT8.name}: {len(aware['float_nodes'])} nodes kept float, tuning drop "
+                        f"{100 * aware['tuning_drop']:.2f} ± {100 * aware['tuning_drop_se']:.2f} pt")
         return StageResult(outputs=outputs, metrics=metrics,
                            requested={"precision": "int8", "method": q.method, "backend": q.backend,
-                                      "max_drop": q.accuracy_aware.max_drop}, effective=effective)
+                                      "max_drop": q.accuracy_aware.max_drop}, effective=effective, summary=summary)
 
     return run_stage(ctx, "quantize", VERSION, config, inputs, fn)
