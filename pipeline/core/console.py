@@ -177,6 +177,16 @@ def _stream_handlers() -> list[tuple[str, logging.StreamHandler]]:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
 
 
+def _set_stream(h: logging.StreamHandler, stream) -> None:
+    """A handler's stream swapped without flushing the old one (logging's setStream does: a stream a test runner has
+    closed since would raise)."""
+    h.acquire()
+    try:
+        h.stream = stream
+    finally:
+        h.release()
+
+
 class _FdCapture:
     """File descriptors 1 and 2 pointed at a pipe that a thread drains into the sink (C-level and child output)."""
 
@@ -238,7 +248,7 @@ def captured(log_path: Path):
         fdc.start()
         sys.stdout, sys.stderr = _Stream(sink, "stdout", fdc.w), _Stream(sink, "stderr", fdc.w)
         for name, h, _ in saved_handlers:
-            h.setStream(_Stream(sink, name.split(".")[0] or "log"))
+            _set_stream(h, _Stream(sink, name.split(".")[0] or "log"))
         console.file = _Tee(term, sink)
         _STATE.update(sink=sink, term=term, term_console=Console(file=term, highlight=False), warned={})
         yield sink
@@ -247,8 +257,7 @@ def captured(log_path: Path):
         _STATE.update(sink=None, term=None, term_console=None, warned={})
         console.file = saved_file
         for _, h, stream in saved_handlers:
-            with contextlib.suppress(Exception):
-                h.setStream(stream)
+            _set_stream(h, stream)
         sys.stdout, sys.stderr = saved_std
         fdc.stop()
         for text, n in warned.items():

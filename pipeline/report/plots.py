@@ -23,10 +23,28 @@ def pareto(points: list[dict]) -> list[dict]:
     return front
 
 
+def separates(a: dict, b: dict) -> bool:
+    """Whether two front points' trade-off is resolved: b slower than a and more accurate, each beyond the other's
+    95% interval (a point without an interval counts as exact)."""
+    a_lat_hi = (a.get("lat_ci") or (a["latency_ms"],) * 2)[1]
+    b_lat_lo = (b.get("lat_ci") or (b["latency_ms"],) * 2)[0]
+    a_map_hi = (a.get("map_ci") or (a["map50_95"],) * 2)[1]
+    b_map_lo = (b.get("map_ci") or (b["map50_95"],) * 2)[0]
+    return b_lat_lo > a_lat_hi and b_map_lo > a_map_hi
+
+
+def front_segments(front: list[dict]) -> list[list[str]]:
+    """The Pareto front's steps worth drawing: between consecutive front points (by latency) whose intervals
+    separate on both axes; where they overlap the two are not told apart and no step is drawn."""
+    return [[a["variant"], b["variant"]] for a, b in zip(front, front[1:]) if separates(a, b)]
+
+
 def tradeoff_data(rep: dict) -> dict:
-    """{device id: {"points": [{variant, kind, latency_ms, map50_95, size_bytes, precision}], "front": {kind:
-    [variant, ...]}, "state": ...}}. A plain variant gives two points (engine-only and end-to-end p50); an `-e2e`
-    variant (the whole path in one graph: its engine time is its end-to-end time) gives one, end to end."""
+    """{device id: {"points": [{variant, kind, latency_ms, lat_ci, map50_95, map_ci, size_bytes, precision}], "front":
+    {kind: [variant, ...]}, "steps": {kind: [[variant, variant], ...]}, "state": ...}}. A plain variant gives two
+    points (engine-only and end-to-end p50); an `-e2e` variant (the whole path in one graph: its engine time is its
+    end-to-end time) gives one, end to end. `front` is the Pareto front of the point estimates; `steps` are its
+    segments whose intervals separate (front_segments), the only ones drawn."""
     out = {}
     for dev in devices(rep):
         pts = []
@@ -38,14 +56,16 @@ def tradeoff_data(rep: dict) -> dict:
                 if p50 is None or r.get("map50_95") is None:
                     continue
                 pts.append({"variant": r["name"], "kind": k, "latency_ms": float(p50),
+                            "lat_ci": (lat.get(k) or {}).get("p50_ci"), "map_ci": r.get("map50_95_ci"),
                             "map50_95": float(r["map50_95"]), "precision": r.get("precision", "?"),
                             "size_bytes": int((r.get("model") or {}).get("size_bytes") or 0),
                             "e2e": bool(r.get("e2e")), "source": _source(r)})
         if not pts:
             continue
+        fronts = {k: pareto([p for p in pts if p["kind"] == k]) for k in KINDS}
         out[dev["id"]] = {"points": pts, "description": dev["description"], "state": clocks_state(dev["state"]),
-                          "front": {k: [p["variant"] for p in pareto([p for p in pts if p["kind"] == k])]
-                                    for k in KINDS}}
+                          "front": {k: [p["variant"] for p in f] for k, f in fronts.items()},
+                          "steps": {k: front_segments(f) for k, f in fronts.items()}}
     return out
 
 
@@ -93,16 +113,22 @@ def write_tradeoff(rep: dict, dest: Path) -> dict:
             ax.scatter(p["latency_ms"], p["map50_95"], s=msize(p["size_bytes"]), marker=KINDS[p["kind"]][1],
                        facecolors=c if p["kind"] == "engine" or e2e_graph else "none", edgecolors=c,
                        linewidths=1.6, alpha=0.85, zorder=3)
+            x, y, lc, mc = p["latency_ms"], p["map50_95"], p.get("lat_ci"), p.get("map_ci")
+            if lc or mc:  # the 95% intervals: latency p50 (bootstrap over rounds), mAP (bootstrap over images)
+                ax.errorbar(x, y, xerr=[[x - lc[0]], [lc[1] - x]] if lc else None,
+                            yerr=[[y - mc[0]], [mc[1] - y]] if mc else None, fmt="none", ecolor=c, elinewidth=1.0,
+                            capsize=2.5, alpha=0.8, zorder=2.5)
         for k, style in (("engine", "-"), ("end_to_end", "--")):
-            fr = sorted((p for p in d["points"] if p["kind"] == k and p["variant"] in d["front"][k]),
-                        key=lambda p: p["latency_ms"])
-            if fr:
-                xs, ys = [p["latency_ms"] for p in fr], [p["map50_95"] for p in fr]
-                ax.step(xs, ys, where="post", linestyle=style, color="black", linewidth=1.4, alpha=0.7, zorder=2)
-        ys = [p["map50_95"] for p in d["points"]]
-        pad = max(0.004, 0.15 * (max(ys) - min(ys)))
+            at = {p["variant"]: p for p in d["points"] if p["kind"] == k}
+            for a, b in d["steps"][k]:  # only the steps whose intervals separate
+                pa, pb = at[a], at[b]
+                ax.plot([pa["latency_ms"], pb["latency_ms"], pb["latency_ms"]],
+                        [pa["map50_95"], pa["map50_95"], pb["map50_95"]], linestyle=style, color="black",
+                        linewidth=1.4, alpha=0.7, zorder=2)
+        ys = [y for p in d["points"] for y in (p["map50_95"], *(p.get("map_ci") or ()))]
+        pad = max(0.004, 0.08 * (max(ys) - min(ys)))
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
-        xs = [p["latency_ms"] for p in d["points"]]
+        xs = [x for p in d["points"] for x in (p["latency_ms"], *(p.get("lat_ci") or ()))]
         ax.set_xlim(0, max(xs) * 1.22)
         _label(fig, ax, [p for p in d["points"] if p["kind"] == "engine" or p["e2e"]])
         ax.set_xlabel("latency p50 (ms, batch 1) — lower is better")
@@ -113,8 +139,10 @@ def write_tradeoff(rep: dict, dest: Path) -> dict:
          Line2D([], [], marker="^", linestyle="", color="0.3", markerfacecolor="none", label=KINDS["end_to_end"][0]),
          Line2D([], [], marker="^", linestyle="", color="0.3", markerfacecolor="0.3",
                 label="`-e2e` variant: the whole path in one graph"),
-         Line2D([], [], color="black", alpha=0.7, linestyle="-", label="Pareto front, engine only"),
-         Line2D([], [], color="black", alpha=0.7, linestyle="--", label="Pareto front, end to end")]
+         Line2D([], [], color="black", alpha=0.7, linestyle="-",
+                label="Pareto front, engine only (steps whose 95% intervals separate)"),
+         Line2D([], [], color="black", alpha=0.7, linestyle="--", label="Pareto front, end to end"),
+         Line2D([], [], color="0.4", marker="|", linestyle="-", label="95% intervals (mAP, latency p50)")]
     h += [Line2D([], [], marker="s", linestyle="", color=color[v], label=v) for v in names]
     for mb in sorted({round(smax / 1e6, 1), round(smax / 4e6, 1)}):
         h.append(Line2D([], [], marker="o", linestyle="", color="0.6", markersize=math.sqrt(msize(int(mb * 1e6))),
