@@ -34,10 +34,17 @@ SetOpt = typer.Option(None, "--set", help="override a recipe key: --set bench.ca
 RunDirOpt = typer.Option(None, "--run-dir", help="run directory (default runs/<recipe name>)")
 
 
+def packaged_default() -> Path:
+    """The default recipe as the package ships it (models/default.yaml in a checkout is a link to it)."""
+    return Path(__file__).resolve().parent / "recipes" / "default.yaml"
+
+
 def _ctx(recipe: Path, sets: list[str] | None, run_dir: Path | None, force: bool = False):
     from pipeline.core.config import load_recipe
     from pipeline.core.stage import Context
 
+    if recipe == DEFAULT_RECIPE and not recipe.is_file():  # outside a checkout: the package's own copy
+        recipe = packaged_default()
     r = load_recipe(recipe, sets or [])
     return Context(run_dir=Path(run_dir or Path("runs") / r.name), recipe=r, recipe_path=recipe, force=force)
 
@@ -51,8 +58,11 @@ def _run_stages(ctx, stages: list[str], build_required: bool = False) -> None:
     todo = [spec(s) for s in stages if spec(s).enabled(ctx.recipe)]
     for st in todo:
         st.check(ctx)
-    for st in todo:
-        st.run(ctx, build_required)
+    from pipeline.core.store import run_lock
+
+    with run_lock(ctx.run_dir, f"`yolo-edge {' '.join(sys.argv[1:3])}`"):  # one command per run directory
+        for st in todo:
+            st.run(ctx, build_required)
 
 
 @app.command()
@@ -92,10 +102,31 @@ def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO di
     """Benchmark a model on a dataset of your own: data -> load -> export -> bench."""
     extra = [f"data.source={data}", f"model.weights={weights}", "prune.enabled=false", "quantize.enabled=false"]
     extra += [f"model.imgsz={imgsz}"] if imgsz else []
+    order = _checkpoint_order(data, weights, sets)
+    if order is not None:  # the dataset's classes are the checkpoint's: scored in the checkpoint's order
+        extra.append(f"data.names={json.dumps(order)}")
     name = run_dir or Path("runs") / f"bench-{Path(data).stem}-{Path(weights).stem}"
     ctx = _ctx(recipe, extra + list(sets or []), name, force)
     _run_stages(ctx, ["data", "load", "export", "bench"])
     _print_summary(ctx.run_dir)
+
+
+def _checkpoint_order(data: Path, weights: str, sets: list[str] | None) -> list[str] | None:
+    """The checkpoint's class order when the dataset has the same classes in another order (and the command names
+    no data.names of its own), said in one line; None otherwise (a different set is the load stage's refusal)."""
+    if str(weights).endswith((".yaml", ".yml")) or any(s.strip().startswith("data.names=") for s in sets or []):
+        return None
+    from pipeline.adapters.ultralytics_yolo import load_detection_model
+    from pipeline.core.stage import console
+    from pipeline.data.formats import load_dataset
+    from pipeline.stages.load import model_names
+
+    mine, theirs = model_names(load_detection_model(weights)), load_dataset(data).names
+    if sorted(mine) != sorted(theirs) or mine == theirs:
+        return None
+    console.print(f"{data}: its classes {theirs} are the checkpoint's in another order: scored in the checkpoint's "
+                  f"order {mine}", soft_wrap=True)
+    return mine
 
 
 @app.command()
@@ -166,13 +197,15 @@ def base(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Pat
          out: Path | None = typer.Option(None, help="where to write the checkpoint (default: model.weights)")):
     """Train the default base model from its yaml on the recipe's data (what the shipped checkpoint is), then
     (base.check_epochs) show whether more epochs still raise its mAP."""
+    from pipeline.core.store import run_lock
     from pipeline.stages import data as data_stage
     from pipeline.stages.base_training import train_base
 
     ctx = _ctx(recipe, sets, run_dir)
-    data_stage.run(ctx)
-    dest = Path(out or ctx.recipe.model.weights or "models/base/base.pt")
-    typer.echo(str(train_base(ctx, dest, epochs, start)))
+    with run_lock(ctx.run_dir, "`yolo-edge base`"):
+        data_stage.run(ctx)
+        dest = Path(out or ctx.recipe.model.weights or "models/base/base.pt")
+        typer.echo(str(train_base(ctx, dest, epochs, start)))
 
 
 @app.command()
@@ -393,9 +426,13 @@ def deploy_cmd(hosts: list[str] = typer.Option(..., "--host", help="[name=]user@
 
     bench_args = [x for flag, v in (("--cap-s", cap_s), ("--max-rounds", max_rounds), ("--warmup", warmup))
                   if v is not None for x in (flag, str(v))]
+    from pipeline.core.store import run_lock
+
     ctx = _ctx(recipe, sets, run_dir)
-    rep, outcomes = deploy(ctx, hosts, ssh_args=ssh_args, remote_dir=remote_dir, remote_python=remote_python,
-                           runner=runner, timeout=timeout, bench_args=bench_args, log=lambda s: typer.echo(s, err=True))
+    with run_lock(ctx.run_dir, "`yolo-edge deploy`"):
+        rep, outcomes = deploy(ctx, hosts, ssh_args=ssh_args, remote_dir=remote_dir, remote_python=remote_python,
+                               runner=runner, timeout=timeout, bench_args=bench_args,
+                               log=lambda s: typer.echo(s, err=True))
     failed = [o for o in outcomes if not o.ok]
     if rep is not None:
         from pipeline.report.markdown import render_devices

@@ -97,14 +97,22 @@ def _outputs_intact(ctx: Context, stage: str, rec: StageRecord) -> bool:
     return True
 
 
-def fault(e: OSError, stage: str | None, where: str | Path | None) -> UserError | None:
+def fault(e: BaseException, stage: str | None, where: str | Path | None) -> UserError | None:
     """A machine fault (a full disk, a read-only file system...) as the one-line error that says which stage stopped
-    and that what was written before is intact; None for any other OSError."""
-    what = FAULTS.get(e.errno)
+    and that what was written before is intact; None for anything else. An OSError says its errno; another error (a
+    C++ writer's RuntimeError) counts as the fault the disk under `where` is in (store.disk_fault), if any."""
+    from pipeline.core.store import disk_fault
+
+    if isinstance(e, OSError) and e.errno in FAULTS:
+        code, at = e.errno, e.filename or where
+    elif isinstance(e, Exception) and where is not None:  # numpy's "Not enough free space" has no errno
+        code, at = disk_fault(where, str(e)), where
+    else:
+        return None
+    what = FAULTS.get(code)
     if what is None:
         return None
-    at = e.filename or where
-    return UserError(f"{what} ({os.strerror(e.errno)}" + (f": {at}" if at else "") + ")"
+    return UserError(f"{what} ({os.strerror(code)}" + (f": {at}" if at else "") + ")"
                      + (f": the {stage} stage stopped, its temporary files removed; earlier results are intact"
                         if stage else ""), where)
 
@@ -142,7 +150,7 @@ def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict
             except BaseException as e:  # noqa: BLE001 - annotated and re-raised: the one line names the log
                 kept = _keep_failed_log(ctx, stage, log)
                 CURRENT.update(log=kept)
-                if isinstance(e, OSError) and (f := fault(e, stage, ctx.run_dir)) is not None:
+                if not isinstance(e, UserError) and (f := fault(e, stage, ctx.run_dir)) is not None:
                     f.log = str(kept) if kept else None
                     raise f from None
                 if isinstance(e, UserError) and kept is not None:

@@ -123,3 +123,63 @@ class StageRecord:
     @classmethod
     def from_json(cls, d: dict) -> StageRecord:
         return cls(**d)
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, command: str = "yolo-edge") -> Iterator[None]:
+    """Hold the run directory's lock for the block: a second command on the same directory is refused at once, in one
+    line naming the holder (a process killed while holding it frees it). Inside the lock, the temporary directories a
+    killed run left behind (`.<stage>.xxxx`, `.<stage>.old.<pid>`) are removed: nothing else can be writing them."""
+    import fcntl
+    import time
+
+    from pipeline.core.errors import UserError
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+")  # noqa: SIM115 - held for the block
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"the run directory is in use by {holder}: wait for it to finish, or give this one "
+                            f"another --run-dir", run_dir) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{command} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        f.flush()
+        for stale in run_dir.glob(".*"):
+            if stale.is_dir() and stale.name not in (".work",) and not stale.name.startswith(".."):
+                shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        f.close()
+
+
+def disk_fault(path: str | Path, message: str = "") -> int | None:
+    """The errno a failed write under `path` most likely met when the error itself does not say (torch.save and
+    other C++ writers report a full disk as a RuntimeError, numpy as an OSError without errno): ENOSPC when the
+    message says the space ran out or under 1 MiB is free, EROFS when the file system is mounted read-only; None
+    otherwise."""
+    import errno
+
+    low = message.lower()
+    if "no space left" in low or "not enough free space" in low or "file write failed" in low and \
+            "space" in low:
+        return errno.ENOSPC
+    if "read-only file system" in low:
+        return errno.EROFS
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if st.f_bavail * st.f_frsize < (1 << 20):
+        return errno.ENOSPC
+    return None

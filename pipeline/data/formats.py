@@ -568,8 +568,27 @@ def load_dataset(path: str | Path, strict: bool = False, names: list[str] | None
     else:
         ds = read_coco(p, strict)
     if names is not None and [str(n) for n in names] != ds.names:
-        raise UserError(f"data.names {list(names)} differs from the dataset's own classes {ds.names}", p)
+        if sorted(str(n) for n in names) != sorted(ds.names):
+            raise UserError(f"data.names {list(names)} differs from the dataset's own classes {ds.names}", p)
+        ds = reordered(ds, [str(n) for n in names])
     return ds
+
+
+def reordered(ds: Dataset, names: list[str]) -> Dataset:
+    """The dataset with its classes in the order of `names` (the same names): every box's class index remapped, each
+    class keeping its own category id."""
+    import dataclasses
+
+    new = {n: i for i, n in enumerate(names)}
+    old_to_new = [new[n] for n in ds.names]
+
+    def remap(boxes):
+        return [(old_to_new[c], *rest) for c, *rest in boxes]
+
+    splits = {k: [dataclasses.replace(im, boxes=remap(im.boxes), crowd=remap(im.crowd)) for im in v]
+              for k, v in ds.splits.items()}
+    cat_ids = [ds.cat_id(ds.names.index(n)) for n in names]
+    return dataclasses.replace(ds, names=list(names), splits=splits, category_ids=cat_ids)
 
 
 def _link(target: Path, link: Path) -> None:

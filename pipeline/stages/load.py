@@ -46,9 +46,27 @@ def preflight(ctx: Context) -> None:
     from pipeline.adapters.ultralytics_yolo import check_model_spec, check_pruned_checkpoint
 
     spec = weights_spec(ctx)
+    if not spec.endswith((".yaml", ".yml")):
+        check_against_record(Path(spec))
     fam = check_model_spec(spec, ctx.recipe.model.family)
     if not spec.endswith((".yaml", ".yml")):
         check_pruned_checkpoint(spec, ctx.recipe.model.imgsz, fam)
+
+
+def check_against_record(weights: Path) -> None:
+    """A checkpoint with a training record beside it (`make base` writes <name>.json with the file's sha256) must be
+    the file the record describes: a corrupted or replaced base is refused in one line, before any work."""
+    from pipeline.core.store import sha256_file
+
+    try:
+        rec = json.loads(weights.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return
+    want = rec.get("sha256") if isinstance(rec, dict) and "epochs" in rec else None
+    if isinstance(want, str) and sha256_file(weights) != want:
+        raise UserError(f"the checkpoint is not the file its training record ({weights.with_suffix('.json').name}) "
+                        f"describes (sha256 {sha256_file(weights)[:12]}, recorded {want[:12]}): it was corrupted or "
+                        f"replaced; restore it (git checkout) or retrain it (make base)", weights)
 
 
 def model_names(model) -> list[str]:
@@ -58,12 +76,20 @@ def model_names(model) -> list[str]:
     return [str(n) for n in names] if isinstance(names, (list, tuple)) else []
 
 
+def placeholder_names(names: list[str]) -> bool:
+    """Class names ultralytics makes up when it has none ("0", "1"... or "class0"...): they name no class."""
+    return all(n in (str(i), f"class{i}") for i, n in enumerate(names))
+
+
 def check_class_order(model, names: list[str], where) -> None:
-    """A checkpoint whose classes are the dataset's in another order would be scored against the wrong labels."""
+    """A checkpoint whose classes are not the dataset's, or are in another order, would be scored against the wrong
+    labels (a model whose names are ultralytics' placeholders is taken as it is)."""
     mine = model_names(model)
     if sorted(mine) == sorted(names) and mine != list(names):
         raise UserError(f"the model's classes {mine} are the dataset's {list(names)} in another order: set "
                         f"data.names to {mine}", where)
+    if mine and not placeholder_names(mine) and sorted(mine) != sorted(names):
+        raise UserError(f"the model's classes {mine} are not the dataset's {list(names)}", where)
 
 
 def run(ctx: Context) -> StageRecord:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pipeline.core.errors import UserError
 from pipeline.core.stage import Context, console, lib_versions
-from pipeline.core.store import atomic_path, sha256_json, sha256_tree
+from pipeline.core.store import atomic_path, sha256_file, sha256_json, sha256_tree
 
 VERSION = 1
 
@@ -94,8 +94,9 @@ def read_record(path: Path) -> dict | None:
 
 
 def shipped_matches(path: Path, key: str, want: dict | None = None) -> tuple[bool, str]:
-    """Whether the weights at `path` are this run's (their record's key is `key`); if not, why, naming what differs
-    from `want` (key_of's dict): the model weights, the data, which settings."""
+    """Whether the weights at `path` are this run's (their record's key is `key`, and the file is the one the record
+    describes, by sha256); if not, why, naming what differs from `want` (key_of's dict): the model weights, the data,
+    which settings; or that the file was corrupted."""
     rec = read_record(path)
     if rec is None:
         return False, f"{path} (or its .json record) is absent"
@@ -103,6 +104,8 @@ def shipped_matches(path: Path, key: str, want: dict | None = None) -> tuple[boo
         return False, (f"{path} was trained from other inputs or settings ("
                        + (f"{differences(rec, want)}; " if want else "")
                        + f"its record's key {str(rec.get('key'))[:12]} is not this run's {key[:12]})")
+    if rec.get("sha256") and sha256_file(path) != rec["sha256"]:
+        return False, f"{path} is not the file its record describes (sha256): corrupted or replaced"
     return True, ""
 
 
@@ -129,8 +132,8 @@ def made_prefix(ctx: Context, want: dict) -> tuple[int, Path | None, dict | None
         key = _keyed(want["model_digest"], want["data_digest"], settings(ctx, i))["key"]
         for cand in (work / f"{key[:16]}.pt", Path(s.shipped) if s.shipped else None):
             r = read_record(cand) if cand is not None else None
-            if r is not None and r.get("key") == key:
-                return i, cand, r
+            if r is not None and r.get("key") == key and (not r.get("sha256") or sha256_file(cand) == r["sha256"]):
+                return i, cand, r  # (a file its record does not describe, by sha256, is made again)
     return 0, None, None
 
 
@@ -143,7 +146,7 @@ def _write(model, dest: Path, rec: dict) -> None:
     # FP16, as ultralytics stores checkpoints: lossless here, every weight comes from the trainer's FP16 last.pt
     ua.save_checkpoint(model, dest, train_args=getattr(model, "args", None), half=True)
     with atomic_path(dest.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(rec, indent=1))
+        tmp.write_text(json.dumps({**rec, "sha256": sha256_file(dest)}, indent=1))
 
 
 def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict) -> dict:
@@ -235,6 +238,10 @@ def sparse_weights(ctx: Context, model_path: Path, data_dir: Path) -> tuple[Path
     want = key_of(ctx, model_path, data_dir)
     if s.shipped:
         ok, why = shipped_matches(Path(s.shipped), want["key"], want)
+        if not ok and why.endswith("corrupted or replaced"):  # never a silent retraining of hours
+            raise UserError("the shipped sparsity-trained weights are not the file their record describes "
+                            "(sha256): corrupted or replaced; restore them (git checkout) or retrain them "
+                            "(make sparse)", s.shipped)
         if ok:
             rec = read_record(Path(s.shipped))
             console.print(f"  sparsity training: the shipped {s.shipped} matches this run's model, data and "
