@@ -451,7 +451,11 @@ def main() -> None:
 
     try:
         with offline():  # ultralytics offline for the command (it is imported only inside commands)
-            app(standalone_mode=False)
+            rc = app(standalone_mode=False)
+        if rc == 130:  # typer turns a KeyboardInterrupt into a returned 130 outside standalone mode
+            raise KeyboardInterrupt
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except UserError as e:
         typer.secho(f"error: {e}" + (f" (its log: {e.log})" if e.log else ""), err=True, fg="red")
         sys.exit(2)

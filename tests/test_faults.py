@@ -145,10 +145,10 @@ def test_ctrl_c_and_kill_9_mid_stage_then_a_rerun_finishes(tmp_path, base_ckpt_p
     re-run resumes the fine-tune. kill -9 during quantize: the re-run starts quantize afresh (its half-made temporary
     directory removed) and the report passes check-report."""
     run = tmp_path / "run"
-    sets = _sets(f"model.weights={base_ckpt_path}")
+    sets = _sets(f"model.weights={base_ckpt_path}", "finetune.epochs=2")
     p = _start(run, *sets)
     _wait_for(p, "▶ finetune: running")
-    time.sleep(8)
+    time.sleep(5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     r = subprocess.CompletedProcess(p.args, p.returncode, out, err)

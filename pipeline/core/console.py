@@ -311,12 +311,12 @@ class _Task:
             sink.project(f"{self.label}: {done}/{self.total or '?'}" + (f" {note}" if note else ""))
         if self.bar is None and self.total:
             frac, el = done / self.total, time.time() - self.t0
-            for mark in (0.25, 0.5, 0.75):
-                if frac >= mark and mark not in self.said and el >= 20 and done < self.total:
-                    self.said.add(mark)
-                    eta = el * (1 - frac) / max(frac, 1e-9)
-                    console.print(f"  {self.label}: {done}/{self.total} ({eta / 60:.0f} min left)" if eta >= 90 else
-                                  f"  {self.label}: {done}/{self.total} ({eta:.0f} s left)", soft_wrap=True)
+            marks = [m for m in (0.25, 0.5, 0.75) if frac >= m and m not in self.said]
+            if marks and el >= 20 and done < self.total:  # one line for the marks passed since the last
+                self.said.update(marks)
+                eta = el * (1 - frac) / max(frac, 1e-9)
+                console.print(f"  {self.label}: {done}/{self.total} ({eta / 60:.0f} min left)" if eta >= 90 else
+                              f"  {self.label}: {done}/{self.total} ({eta:.0f} s left)", soft_wrap=True)
 
 
 @contextlib.contextmanager
