@@ -23,8 +23,8 @@ help: ## list the targets
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[train,dev]'
 	@touch $@
 
 venv: $(VENV)/.installed ## create the virtual environment (.venv) with everything installed

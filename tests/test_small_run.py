@@ -26,7 +26,40 @@ def small(tmp_path_factory, base_ckpt_path):
             "--set", "prune.sparsity.enabled=false"]  # its own test; the shipped sparse weights fit the default data
     r = cli("run", "--run-dir", run, *sets)
     assert r.returncode == 0, r.stderr[-3000:]
+    (run.parent / "console.txt").write_text(r.stderr + "\x00" + r.stdout)  # what the terminal showed
     return run, sets, json.loads((run / "report.json").read_text())
+
+
+@pytest.mark.slow(seconds=150)
+def test_the_console_shows_the_project_s_lines_and_each_stage_keeps_its_log(small):
+    """Every stage: one start line and one result line with its key numbers; at most 60 lines in all (a pipe is not
+    a terminal: no bar redraws); what the libraries print (ultralytics' trainer and exporter, ONNX Runtime's
+    quantizer) is not on the terminal but in the stage's log.txt, timestamped."""
+    from pipeline.stages.order import RECORDS
+
+    run = small[0]
+    err, out = (run.parent / "console.txt").read_text().split("\x00")
+    lines = (err + out).strip().splitlines()
+    assert len(lines) <= 60, len(lines)
+    for stage in RECORDS:
+        assert f"▶ {stage}: running" in err and any(ln.startswith(f"✓ {stage}: ") for ln in err.splitlines()), stage
+        assert (run / stage / "log.txt").is_file(), stage
+    assert "✓ prune: 0.4" in err and "x MACs" in err  # a result line carries the stage's numbers
+    for chatter in ("Ultralytics 8.4", "Please consider", "Predict:", "engine/trainer:", "\r"):
+        assert chatter not in err + out, chatter
+    ft = (run / "finetune" / "log.txt").read_text()
+    assert "engine/trainer:" in ft and __import__("re").match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[", ft)
+    assert "Please consider" in (run / "quantize" / "log.txt").read_text()
+    assert "variant" in out and "report: " in out  # the summary table and where the report is
+
+
+@pytest.mark.slow(seconds=30)
+def test_verbose_streams_the_libraries_lines_too(tmp_path, base_ckpt_path):
+    r = cli("-v", "run", "--stages", "data,load,export", "--run-dir", tmp_path / "run", "--set",
+            f"model.weights={base_ckpt_path}", "--set", "data.synthetic.train=8", "--set", "data.synthetic.val=8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ONNX:" in r.stderr + r.stdout and "✓ export:" in r.stderr  # ultralytics' exporter, on the terminal too
+    assert "ONNX:" in (tmp_path / "run" / "export" / "log.txt").read_text()
 
 
 def _by(rep):
