@@ -135,6 +135,28 @@ def time_all(kind: str, scored: list, paths: list[str], spec, base: str | None, 
     return t, tvs, {**ts.summary(), "scope": "the whole interleaved timing session (every variant)"}
 
 
+def _layer_times(runner: str, scored: list, paths: list[str], spec, state: dict) -> dict | None:
+    """The unpruned model's per-layer milliseconds on this device (TensorRT's profiler; device/layer_times.py), the
+    table a latency target of the prune stage reads: of the base FP16 variant (what the device runs), else the base
+    FP32 one. A failure to profile is recorded in the table's place, never fails the bench."""
+    import numpy as np
+
+    from pipeline.device import layer_times as lt
+    from pipeline.eval.measure import TimingInputs
+
+    pick = [(v, r) for v, r, *_ in scored if v.get("role") == "base"]
+    pick = sorted(pick, key=lambda vr: {"fp16": 0, "fp32": 1}.get(vr[0]["precision"], 2))
+    if not pick:
+        return None
+    v, r = pick[0]
+    try:
+        x = np.ascontiguousarray(TimingInputs.load(paths[:1], spec).tensors[0])
+        ms = lt.profile(r.runner, {r.input_name: x})
+        return lt.table(ms, variant=v["name"], imgsz=spec.imgsz, device=state, runs=20)
+    except Exception as e:  # noqa: BLE001 - a profile is extra: the bench stands without it
+        return {"schema": lt.SCHEMA, "error": f"{type(e).__name__}: {str(e)[:200]}", "variant": v["name"]}
+
+
 def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None = None,
           engine_cache: str | Path | None = None, warmup: int | None = None, threads: int | None = None,
           only: list[str] | None = None, timing: dict | None = None) -> dict:
@@ -191,6 +213,7 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
             engine_timer=engine_timer, power=power,
             dev_box={"map50_95": dev.get("map50_95"), "map50": dev.get("map50"), "runner": dev.get("runner")},
             map50_95_minus_dev_box=(acc["map50_95"] - dev["map50_95"]) if dev.get("map50_95") is not None else None))
+    layers = _layer_times(runner, scored, paths, spec, state) if runner == "tensorrt" else None
     del scored  # the runners
     add_vs_base(rows, dict.fromkeys(names_run, base), t, tvs)
     import platform
@@ -206,6 +229,7 @@ def bench(bundle: str | Path, runner: str = "tensorrt", out: str | Path | None =
               "comparable": state["comparable"],
               **({"not_comparable": state["not_comparable_because"]} if not state["comparable"] else {}),
               "variants": rows, "e2e_variants": [],
+              **({"layer_times": layers} if layers else {}),
               "tensorrt_checked_for": (m.get("tensorrt") or {}).get("target")}
     dest = Path(out) if out else Path("device_report.json")
     write_json(dest, report)

@@ -51,9 +51,10 @@ def latency_table(ctx: Context) -> dict | None:
             table = json.loads(path.read_text()).get("layer_times")
         except (OSError, ValueError, AttributeError):
             table = None
-    if table is None:
-        console.print(f"[yellow]prune.target: {ctx.recipe.prune.target.runner} has no layer-time table ({path}: "
-                      f"`make deploy` with TensorRT records one): the target is timed on this box's ONNX Runtime "
-                      f"instead[/]", soft_wrap=True)
+    if table is None or "error" in table:
+        why = (f"its layer-time profile failed ({table['error']})" if table else
+               f"has no layer-time table ({path}: `make deploy` with TensorRT records one)")
+        console.print(f"[yellow]prune.target: {ctx.recipe.prune.target.runner} {why}: the target is timed on this "
+                      f"box's ONNX Runtime instead[/]", soft_wrap=True)
         return None
     return lt.check(table, path)
