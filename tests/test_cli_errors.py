@@ -270,3 +270,18 @@ def test_check_trt_on_a_file_that_is_not_onnx(tmp_path, content):
     f = tmp_path / "model.onnx"
     f.write_bytes(content)
     _assert_clean_error(cli("check-trt", f), str(f), "not an ONNX model")
+
+
+@pytest.mark.slow(seconds=20)
+def test_a_checkpoint_whose_classes_are_not_the_datasets_is_refused(tmp_path, base_ckpt_path):
+    from pipeline.adapters import ultralytics_yolo as ua
+
+    m = ua.load_detection_model(base_ckpt_path)
+    m.names = {i: f"thing{i}" for i in range(len(m.names))}  # as many classes, other names
+    ua.save_checkpoint(m, tmp_path / "other.pt")
+    r = cli("run", "--stages", "data,load", "--run-dir", tmp_path / "run", "--set",
+            f"model.weights={tmp_path}/other.pt", "--set", "data.synthetic.train=8", "--set", "data.synthetic.val=4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]  # after the data stage's lines: the load stage's one line
+    assert last.startswith("error: ") and "other.pt" in last and "the model's classes ['thing0'" in last
+    assert "are not the dataset's ['circle'" in last and not (tmp_path / "run" / "load" / "record.json").exists()

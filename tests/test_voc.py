@@ -212,9 +212,14 @@ def test_bench_scores_a_voc_test_split_and_agrees_with_ultralytics(bccd, tmp_pat
     ids = ids[:39] + ["BloodImage_00338"] * ("BloodImage_00338" not in ids[:39])  # its zero-area box, counted
     (voc / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
     run = tmp_path / "run"
+    elsewhere = tmp_path / "elsewhere"  # not the checkout: the default recipe comes from the package
+    elsewhere.mkdir()
     r = cli("bench", "--data", voc, "--weights", weights, "--run-dir", run, "--set", "bench.split=test",
-            "--set", "data.names=[RBC, WBC, Platelets]", "--set", "bench.cap_s=5", cwd=ROOT)
+            "--set", "bench.cap_s=5", cwd=elsewhere)
     assert r.returncode == 0, r.stderr[-3000:]
+    # VOC's sorted names are the checkpoint's classes in another order: scored in the checkpoint's, said in one line
+    assert "are the checkpoint's in another order: scored in the checkpoint's order ['RBC', 'WBC', 'Platelets']" \
+        in r.stderr
     rep = json.loads((run / "report.json").read_text())
     assert rep["dataset"]["split"] == "test" and rep["dataset"]["images"] == 40
     assert rep["dataset"]["dirty_boxes"] == {"clipped": 0, "dropped": 1, "files": 1}
@@ -243,7 +248,8 @@ def test_init_pins_a_voc_sets_class_order_to_the_checkpoints(bccd, tmp_path):
     # sparsity training is the recommended default: written, priced in the plan, and how to skip it said
     assert rec.prune.sparsity.enabled is True and "enabled: true" in out.read_text()
     assert "sparsity training: on (80 epochs before the cut" in r.stdout and "--no-sparsity" in r.stdout
-    # the sorted order against the same checkpoint: one line, before anything is scored
-    r = cli("bench", "--data", bccd, "--weights", weights, "--run-dir", tmp_path / "run", cwd=ROOT)
+    # a run whose recipe names the sorted order against the same checkpoint: one line, before anything is scored
+    r = cli("run", "--stages", "data,load", "--run-dir", tmp_path / "run", "--set", f"data.source={bccd}",
+            "--set", f"model.weights={weights}", "--set", "data.names=[Platelets, RBC, WBC]", cwd=ROOT)
     assert r.returncode == 2 and "in another order: set data.names to ['RBC', 'WBC', 'Platelets']" in r.stderr
     assert "Traceback" not in r.stderr
