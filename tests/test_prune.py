@@ -358,8 +358,10 @@ def test_finetune_keeps_pruned_architecture_and_saves_fp32(synth_small, tmp_path
 def test_cli_refuses_pruned_checkpoint_whose_history_does_not_match(tmp_path, synth_small):
     from conftest import cli
 
+    from pipeline.data.synthetic import CLASSES
+
     m = _randomized("yolo11n.yaml")
-    m.names = dict(enumerate(["c"] * 8))
+    m.names = dict(enumerate(CLASSES))
     p1, h1, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.25), F11)
     _, h2, _ = yp.prune(m, 320, yp.PruneSpec(ratio=0.4), F11)
     good, bad = tmp_path / "good", tmp_path / "bad"

@@ -157,11 +157,13 @@ def test_iterative_schedule_records_every_step_and_replays(tmp_path, base_ckpt):
     for name in ("run16", "run2"):
         for st in ("data", "load"):
             shutil.copytree(run / st, tmp_path / name / st)
-    # round_to 16 (the default recipe's) is too coarse for a second step on a pruned YOLO11n: said in one line
+    # round_to 16 (the default recipe's) is too coarse for a second step on a pruned YOLO11n to land in the band: the
+    # last step takes the nearest cut below the target, and the record and the result line say how far it landed
     r = _stage(tmp_path / "run16", "prune", sets + no_recon + ["--set", "prune.round_to=16"])
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "prune step 2/2:" in r.stderr and "use fewer prune.steps or a smaller prune.round_to" in r.stderr
-    assert not (tmp_path / "run16" / "prune").exists()
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    t = json.loads((tmp_path / "run16" / "prune" / "plan.json").read_text())["target"]
+    assert t["landed"] <= 0.5 and not t["within_tolerance"] and t["distance"] == pytest.approx(t["landed"] - 0.5)
+    assert "from the 0.5x target: round_to 16's steps jump over" in r.stderr
     # a budget no step can keep: a one-line refusal, nothing written
     r = _stage(tmp_path / "run2", "prune", sets + no_recon + ["--set", "prune.max_step_drop=1e-9",
                                                              "--set", "prune.round_to=8"])

@@ -78,7 +78,7 @@ def test_a_device_table_picks_another_cut_than_the_dev_box(ort_speedup, base_ckp
 
 @pytest.mark.slow(seconds=60)
 def test_a_device_without_a_table_is_timed_here_and_the_run_says_so(base_ckpt_path, tmp_path):
-    plan, r = _prune(tmp_path / "run", base_ckpt_path, "prune.target={speedup: 1.2, runner: 'device:nano'}")
+    plan, r = _prune(tmp_path / "run", base_ckpt_path, "prune.target={speedup: 1.05, runner: 'device:nano'}")
     assert "device:nano has no layer-time table" in r.stderr and "timed on this box's ONNX Runtime" in r.stderr
     t = plan["steps"][0]["target"]
     assert t["runner"] == "onnxruntime" and t["requested_runner"] == "device:nano"

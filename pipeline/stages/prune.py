@@ -295,4 +295,7 @@ def _iterative(ctx: Context, model, spec, cutter: Cutter, out: Path, inputs):
                         f"mAP50-95: nothing to keep", ctx.recipe_path)
     shutil.rmtree(work, ignore_errors=True)
     info["seconds"] = total_s
+    low, high, band = yp._band(dataclasses.replace(spec, macs_target=c.macs_target))
+    info["target"] = {"macs_fraction": c.macs_target, "landed": frac, "distance": frac - c.macs_target,
+                      "tolerance": band, "within_tolerance": bool(low <= frac <= high)}
     return cur, history, info, steps
