@@ -14,7 +14,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 STAGES := $(shell sed -n 's/^STAGES = (\(.*\))$$/\1/p' pipeline/stages/order.py | tr -d '",')
 
 .DEFAULT_GOAL := help
-.PHONY: help venv pipeline test test-fast status report base sparse $(STAGES) deploy lint clean check-report check-trt modelopt-venv profile history nightly heldout gate baseline compare
+.PHONY: help venv pipeline test test-heavy test-fast status report base sparse $(STAGES) deploy lint clean check-report check-trt modelopt-venv profile history nightly heldout gate baseline compare
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]*):.*## (.*)/\1\t\2/' | \
@@ -32,11 +32,14 @@ venv: $(VENV)/.installed ## create the virtual environment (.venv) with everythi
 pipeline: venv ## run the whole pipeline on the default recipe (offline, CPU): runs/default/report.json
 	$(CLI) run --recipe $(RECIPE) $(ARGS)
 
-test: venv ## run the test suite, one pytest-xdist worker per core (at most 4; TEST_WORKERS=1: one worker)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+test: venv ## run the test suite, one pytest-xdist worker per core (at most 4; TEST_WORKERS=1: one worker), all but the heavy fault scenarios
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not heavy" $(PYTEST_ARGS)
+
+test-heavy: venv ## the heavy fault scenarios (Ctrl-C and kill -9 mid-run, a full disk, a read-only run dir: ~8 min on 2 cores; tmpfs mounts need root)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m heavy $(PYTEST_ARGS)
 
 test-fast: venv ## the sub-minute inner loop: every test not marked slow (no training, no stage runs through the CLI)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not heavy" $(PYTEST_ARGS)
 
 $(STAGES): venv  # one target per stage
 	$(CLI) stage $@ --recipe $(RECIPE) $(ARGS)

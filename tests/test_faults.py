@@ -139,6 +139,7 @@ def _wait_for(p: subprocess.Popen, marker: str, timeout: float = 600) -> list[st
     raise AssertionError(f"never saw {marker!r}: {''.join(lines)[-2000:]}")
 
 
+@pytest.mark.heavy
 @pytest.mark.slow(seconds=240)
 def test_ctrl_c_and_kill_9_mid_stage_then_a_rerun_finishes(tmp_path, base_ckpt_path):
     """Ctrl-C during the fine-tune: one line naming the stage and its log, exit 130, the stages before intact; the
@@ -180,6 +181,7 @@ def _mount(point: Path, *opts: str) -> None:
         pytest.skip(f"cannot mount a tmpfs here (root and CAP_SYS_ADMIN needed): {r.stderr.strip()[:120]}")
 
 
+@pytest.mark.heavy
 @pytest.mark.slow(seconds=240)
 def test_a_full_disk_then_a_read_only_run_dir_each_stop_in_one_line(tmp_path, base_ckpt_path):
     """The run directory on a 48 MiB tmpfs: the stage that fills it stops with one line naming the disk and the
