@@ -146,3 +146,21 @@ def pytest_collection_modifyitems(config, items):
         return 0.0 if mark is None else -float(mark.kwargs.get("seconds", 1.0))
 
     items.sort(key=weight)  # stable: within a weight, collection order
+
+
+def randomized(name: str, nc: int = 8, seed: int = 0):
+    """A model built from `name` with random weights *and* random BN statistics, so an inexact rewrite or cut cannot
+    hide."""
+    import torch
+
+    from pipeline.adapters import ultralytics_yolo as ua
+
+    torch.manual_seed(seed)
+    m = ua.build_from_yaml(name, nc=nc)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.3, 0.3)
+    return m.eval()

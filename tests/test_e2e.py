@@ -75,19 +75,24 @@ def test_letterbox_inside_graph_equals_detect_letterbox(tmp_path, hw, resize):
 def test_nms_and_selection_equal_postprocess(tmp_path, conf, iou, max_det, hw):
     """The in-graph NMS + top-max_det + box mapping against detect.postprocess on random raw outputs (many
     overlapping boxes, multi-label candidates), including max_det cutting the list and no detection at all."""
-    spec = PrePost(imgsz=S, conf=conf, iou=iou, max_det=max_det)
-    raw = _raw(seed=3)
+    _selection_equals_postprocess(tmp_path, PrePost(imgsz=S, conf=conf, iou=iou, max_det=max_det), _raw(seed=3), hw)
+
+
+def _selection_equals_postprocess(tmp_path, spec: PrePost, raw, hw) -> dict:
+    """The e2e graph of a toy detector answering `raw`, against detect.postprocess: the same detections, in the same
+    (score-descending) order; max_det 7 cuts the list, conf 1.0 leaves none. Returns the graph's description."""
     toy = _toy_detector(tmp_path / "toy.onnx", raw)
-    e2e.build_e2e(toy, tmp_path / "e.onnx", hw, spec)
+    info = e2e.build_e2e(toy, tmp_path / "e.onnx", hw, spec)
     img = np.zeros((*hw, 3), np.uint8)
     got = e2e.run(e2e.session(tmp_path / "e.onnx"), img)
     ref = postprocess(raw, letterbox(img, spec)[1], hw, spec)
     assert got.shape == ref.shape
-    if max_det == 7:
+    if spec.max_det == 7:
         assert len(ref) == 7
-    if conf == 1.0:
+    if spec.conf == 1.0:
         assert len(ref) == 0
-    assert np.allclose(got, ref, atol=1e-4), np.abs(got - ref).max(0)  # same order too: score-descending
+    assert np.allclose(got, ref, atol=1e-4), np.abs(got - ref).max(0)
+    return info
 
 
 def _raw_xyxy(seed=0, s=S, nc=NC, n=N):
@@ -105,19 +110,8 @@ def test_topk_selection_equals_postprocess(tmp_path, conf, max_det, hw):
     detect.postprocess's `topk` path, including max_det cutting the list, fewer anchors than max_det (84 < 300: the
     padded slots) and no detection at all."""
     spec = PrePost(imgsz=S, conf=conf, max_det=max_det, post="topk")
-    raw = _raw_xyxy(seed=5)
-    toy = _toy_detector(tmp_path / "toy.onnx", raw)
-    info = e2e.build_e2e(toy, tmp_path / "e.onnx", hw, spec)
+    info = _selection_equals_postprocess(tmp_path, spec, _raw_xyxy(seed=5), hw)
     assert info["selection"] == "topk" and "iou" not in info
-    img = np.zeros((*hw, 3), np.uint8)
-    got = e2e.run(e2e.session(tmp_path / "e.onnx"), img)
-    ref = postprocess(raw, letterbox(img, spec)[1], hw, spec)
-    assert got.shape == ref.shape
-    if max_det == 7:
-        assert len(ref) == 7
-    if conf == 1.0:
-        assert len(ref) == 0
-    assert np.allclose(got, ref, atol=1e-4), np.abs(got - ref).max(0)  # same order too: score-descending
 
 
 @pytest.mark.parametrize("trt", ["10.3", "11"])

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, randomized
 
 from pipeline.adapters import pruning as yp
 from pipeline.adapters import ultralytics_yolo as ua
@@ -19,16 +19,7 @@ FAMILIES = [("yolov8n.yaml", "yolov8"), ("yolo11n.yaml", "yolo11"), ("yolo26n.ya
 
 
 def _randomized(name, nc=3, seed=0):
-    """A model with random weights *and* random BN statistics, so an inexact cut cannot hide."""
-    torch.manual_seed(seed)
-    m = ua.build_from_yaml(name, nc=nc)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.3, 0.3)
-    return m.eval()
+    return randomized(name, nc, seed)
 
 
 def _images(imgsz):

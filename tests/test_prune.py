@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import randomized
 
 from pipeline.adapters import pruning as yp
 from pipeline.adapters import ultralytics_yolo as ua
@@ -25,16 +26,7 @@ F11 = family_named("yolo11")
 
 
 def _randomized(name, nc=8, seed=0):
-    """A YOLO11 with random weights *and* random BN statistics, so an inexact rewrite cannot hide."""
-    torch.manual_seed(seed)
-    m = ua.build_from_yaml(name, nc=nc)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.3, 0.3)
-    return m.eval()
+    return randomized(name, nc, seed)
 
 
 def _real_images(imgsz):
