@@ -79,3 +79,41 @@ def test_training_history_keeps_the_rerun_of_an_epoch_whose_checkpoint_was_lost(
     h = ua.training_history(tmp_path)
     assert [r["epoch"] for r in h] == [1, 2, 3]
     assert h[1]["map50_95"] == 0.36 and h[1]["train_loss"] == {"box_loss": 1.3}
+
+
+@pytest.mark.slow
+def test_train_cut_off_resumes_from_its_last_epoch_and_a_finished_run_is_kept(tmp_path):
+    """What `make base` relies on across sessions: a stock training cut off once epoch 1's last.pt is on disk goes
+    on from epoch 2 in the same folder (not from scratch), and calling it again once finished trains nothing."""
+    from ultralytics.utils import callbacks
+
+    from pipeline.data.formats import load_dataset, write_yolo
+    from pipeline.data.synthetic import SynthSpec, generate
+
+    y = write_yolo(load_dataset(generate(tmp_path / "ds", SynthSpec(seed=7, train=8, val=4))), tmp_path / "y")
+    out = tmp_path / "phase1"
+
+    class Cut(Exception):
+        pass
+
+    def cut(trainer):
+        if trainer.epoch == 0:
+            raise Cut
+
+    args = dict(epochs=2, imgsz=64, batch=4, workers=0)
+    callbacks.default_callbacks["on_model_save"].append(cut)
+    try:
+        with pytest.raises(Cut):
+            ua.train("yolo11n.yaml", y, out, **args)
+    finally:
+        callbacks.default_callbacks["on_model_save"].remove(cut)
+    assert [r["epoch"] for r in ua.training_history(out)] == [1]
+    assert not (out / "weights" / "done").exists()
+    first = ua.training_history(out)[0]
+    best = ua.train("yolo11n.yaml", y, out, **args)
+    h = ua.training_history(out)
+    assert [r["epoch"] for r in h] == [1, 2] and h[0] == first  # epoch 1 kept, not trained again
+    assert (out / "weights" / "done").exists() and best.is_file()
+    stamp = (out / "weights" / "last.pt").stat().st_mtime_ns
+    assert ua.train("yolo11n.yaml", y, out, **args) == best
+    assert (out / "weights" / "last.pt").stat().st_mtime_ns == stamp

@@ -220,23 +220,45 @@ def _on_epoch(t):
     return on_epoch
 
 
+def _resumable(last: Path) -> bool:
+    """Does `last` hold an unfinished run's state (its epoch and optimizer; ultralytics strips both at the end)?"""
+    try:
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception:  # cut off mid-write, or from another version: not resumable
+        return False
+    return isinstance(ck, dict) and ck.get("epoch", -1) >= 0 and ck.get("optimizer") is not None
+
+
 def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int,
           batch: int, seed: int = 0, workers: int = 2, device: str = "cpu", progress: str = "training", **kw) -> Path:
     """Train with the stock trainer, given the model family's own arguments (YOLO26: nms=False, so each epoch's val
     mAP is its one-to-one head's); returns the best checkpoint as ultralytics wrote it (FP16 weights, optimizer
-    stripped): the load stage turns it into FP32."""
+    stripped): the load stage turns it into FP32. A run in `out_dir` that was cut off (kill, Ctrl-C, a lost
+    session) resumes from its last epoch (this machine's data path, device and workers); a finished one (its
+    `weights/done` marker) is not trained again."""
     kw = {**check_model_spec(model_spec).train_args, **kw}
     out_dir = Path(out_dir).resolve()
-    y = YOLO(str(model_spec))
+    last, done = out_dir / "weights" / "last.pt", out_dir / "weights" / "done"
+    best = out_dir / "weights" / "best.pt"
+    if done.exists() and best.is_file():
+        return best
+    resume = last.is_file() and _resumable(last)
+    if not resume and out_dir.exists():
+        shutil.rmtree(out_dir)  # a run cut off before its first epoch was saved: start over
+    y = YOLO(str(last if resume else model_spec))
     for event in ("on_train_start", "on_val_start"):  # the final validation selects the device again
         y.add_callback(event, _all_cpu_threads)
     with task(progress, epochs) as t, collapsed_repeats(LOGGER):
         y.add_callback("on_fit_epoch_end", _on_epoch(t))
-        y.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, workers=workers,
-                device=device, project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False,
-                amp=False, deterministic=True, verbose=False, **kw)
-    best = out_dir / "weights" / "best.pt"
+        if resume:
+            LOGGER.info(f"resuming {out_dir} from {last}")
+            y.train(resume=str(last), data=str(data_yaml), device=device, workers=workers, save_dir=str(out_dir))
+        else:
+            y.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, workers=workers,
+                    device=device, project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False,
+                    amp=False, deterministic=True, verbose=False, **kw)
     load_detection_model(best)  # refuse a result that is not a detection checkpoint
+    done.touch()
     return best
 
 

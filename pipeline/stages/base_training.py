@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from pipeline.core.stage import Context, console, lib_versions
-from pipeline.core.store import atomic_path, sha256_file
+from pipeline.core.store import atomic_path, sha256_file, sha256_json
 
 
 def _history(train_dir: Path, phase: int, offset: int) -> list[dict]:
@@ -102,6 +101,18 @@ def check_as_phase(prev: dict, phase: dict, dest: Path) -> bool:
             and w.get("sha256") == sha256_file(f))
 
 
+def work_dir(ctx: Context, dest: Path, phases: list[dict], start: Path | None, prev: dict | None) -> Path:
+    """Where one `make base` call trains: named by what it trains (model, data, setup, phases, the weights it starts
+    from), so that a call cut off (kill, Ctrl-C, a lost session) and made again resumes there: finished phases are
+    kept, the interrupted one goes on from its last epoch. Removed once the base is shipped."""
+    b = ctx.recipe.base
+    key = sha256_json({"dest": str(dest.resolve()), "phases": phases, "arch": str(ctx.recipe.model.arch),
+                       "imgsz": ctx.recipe.model.imgsz, "batch": b.batch, "seed": b.seed,
+                       "data": ctx.recipe.data.model_dump(), "start": sha256_file(start) if start else None,
+                       "shipped": prev["sha256"] if prev is not None else None})
+    return ctx.run_dir / f"base-{key[:12]}"
+
+
 def trained_on(device: str) -> str:
     """The processor a run trained on, for the record: numerics (and so the exact mAP path) differ between a CPU
     and a GPU, and between thread counts."""
@@ -140,7 +151,9 @@ def _train_phases(ctx: Context, phases: list[dict], spec, work: Path, data_yaml:
         if i in skip:
             continue
         trained.append(i)
-        console.print(f"phase {i}/{len(phases)}: training {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
+        state = ("finished earlier: kept" if (work / f"phase{i}" / "weights" / "done").exists() else
+                 "resuming" if (work / f"phase{i}" / "weights" / "last.pt").is_file() else "training")
+        console.print(f"phase {i}/{len(phases)}: {state} {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
                       f"{ctx.recipe.model.imgsz}px on {data_yaml}")
         ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
                  batch=b.batch, seed=b.seed, workers=b.workers, device=b.device, patience=0,
@@ -166,9 +179,10 @@ def _convergence_check(ctx: Context, phases: list[dict], spec, work: Path, data_
     console.print(f"convergence check: {b.check_epochs} more epochs from the final weights with the "
                   f"{'fine-tune' if b.check_settings == 'finetune' else 'last phase'}'s settings (not shipped"
                   f"{'' if b.check_settings == 'finetune' else '; kept as ' + str(check_file(dest))})")
-    ua.train(spec, data_yaml, work / "check", epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz, seed=b.seed,
+    check_dir = work / f"check-{sha256_json([b.check_epochs, settings])[:8]}"
+    ua.train(spec, data_yaml, check_dir, epochs=b.check_epochs, imgsz=ctx.recipe.model.imgsz, seed=b.seed,
              workers=b.workers, device=b.device, patience=0, **{k: v for k, v in settings.items() if v is not None})
-    ch = _history(work / "check", 0, len(history))
+    ch = _history(check_dir, 0, len(history))
     check = {"epochs": b.check_epochs, "settings": settings, "settings_from": b.check_settings,
              "trained_on": trained_on(b.device), "history": ch,
              **convergence(history, ch, b.converged_gain, b.converged_window)}
@@ -177,7 +191,7 @@ def _convergence_check(ctx: Context, phases: list[dict], spec, work: Path, data_
         # still raised the base) makes it the next phase without training it again.
         check["as_phase"] = {"epochs": b.check_epochs, **{k: v for k, v in phases[-1].items() if k != "epochs"}}
         with atomic_path(check_file(dest)) as tmp:
-            shutil.copyfile(work / "check" / "weights" / "last.pt", tmp)
+            shutil.copyfile(check_dir / "weights" / "last.pt", tmp)
         check["weights"] = {"file": check_file(dest).name, "sha256": sha256_file(check_file(dest))}
     console.print(f"  mean of the last {check['window']} epochs: shipped run {check['shipped_tail_map50_95']:.4f}, "
                   f"{b.check_epochs} more epochs {check['check_tail_map50_95']:.4f} (gain {check['gain']:+.4f}): "
@@ -195,10 +209,13 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
     ua.check_model_spec(start or ctx.recipe.model.arch)  # before anything is made: one line naming a bad file
     phases = [{"epochs": epochs, "nbs": b.nbs}] if epochs else recipe_phases(b)
     data_yaml = ctx.output("data", "yolo") / "data.yaml"
-    work = Path(tempfile.mkdtemp(prefix="base-", dir=ctx.run_dir))
     spec: str | Path = start or ctx.recipe.model.arch
     history: list[dict] = []
     prev = None if (epochs or start) else _shipped_prefix(ctx, dest, phases)
+    work = work_dir(ctx, dest, phases, start, prev)
+    if work.is_dir() and any(work.glob("*/weights/last.pt")):
+        console.print(f"resuming the interrupted training in {work} (its finished phases are kept)")
+    work.mkdir(parents=True, exist_ok=True)
     if prev is not None:
         spec = work / "shipped.pt"  # `dest` is replaced at the end: train from a copy
         shutil.copyfile(dest, spec)
