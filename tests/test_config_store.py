@@ -14,6 +14,14 @@ def test_default_recipe_loads_and_overrides():
     assert r.data.source == "synthetic"
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "models").glob("*.yaml")))
+def test_every_shipped_recipe_loads_and_names_its_run(recipe):
+    r = load_recipe(ROOT / "models" / recipe, [])
+    assert r.name == recipe.removesuffix(".yaml")  # runs/<name>: two recipes never share a run directory
+    if recipe == "bccd-3x.yaml":
+        assert r.prune.target.kind == "macs" and r.prune.target.value <= 1 / 3 and r.data.selection.images > 0
+
+
 def test_a_device_index_reads_as_ultralytics_takes_it():
     """`--set base.device=0` (how ultralytics users name a GPU) parses as an int: it becomes "0", not a refusal."""
     sets = ["base.device=0", "prune.sparsity.device=0", "finetune.device=cuda:0"]
