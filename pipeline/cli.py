@@ -205,7 +205,21 @@ def base(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Pat
     with run_lock(ctx.run_dir, "`yolo-edge base`"):
         data_stage.run(ctx)
         dest = Path(out or ctx.recipe.model.weights or "models/base/base.pt")
-        typer.echo(str(train_base(ctx, dest, epochs, start)))
+        with _command_log(ctx, "base"):
+            shipped = train_base(ctx, dest, epochs, start)
+        typer.echo(str(shipped))
+
+
+def _command_log(ctx, name: str):
+    """What the libraries print during a command outside the stages (`base`, `sparsify`): appended to
+    runs/<run>/<name>/log.txt (named on the terminal), as a stage's goes to its own log.txt."""
+    from pipeline.core.console import captured
+    from pipeline.core.stage import console
+
+    log = ctx.run_dir / name / "log.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"{name}: the libraries' output goes to {log}", soft_wrap=True)
+    return captured(log)
 
 
 @app.command()
@@ -220,7 +234,8 @@ def sparsify(recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir:
     _run_stages(ctx, ["data", "load"])
     dest = Path(out or ctx.recipe.prune.sparsity.shipped or "models/base/sparse.pt")
     model, data = ctx.output("load", "model"), ctx.output("data", "yolo")
-    sparsity.train(ctx, model, data, dest, sparsity.key_of(ctx, model, data))
+    with _command_log(ctx, "sparsify"):
+        sparsity.train(ctx, model, data, dest, sparsity.key_of(ctx, model, data))
     typer.echo(str(dest))
 
 

@@ -143,6 +143,9 @@ def test_make_base_trains_phases_and_checks_convergence_with_the_finetune_settin
             "--set", "finetune.batch=8", "--set", "finetune.nbs=8"]
     r = cli("base", "--run-dir", tmp_path / "run", "--out", out, *sets)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "engine/trainer:" not in r.stdout + r.stderr  # ultralytics' chatter: in the command's log only
+    assert "engine/trainer:" in (tmp_path / "run" / "base" / "log.txt").read_text()
+    assert not list((tmp_path / "run").glob("base-*"))  # the training folder goes once the base is shipped
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["phases"] == [{"epochs": 1, "nbs": 64},
                               {"epochs": 1, "nbs": 8, "close_mosaic": 1, "warmup_epochs": 0.0}]
