@@ -107,3 +107,18 @@ def test_resumed_finetune_prints_one_frozen_layer_line(tmp_path, ultra_lines):
     assert len(summary) == 1 and int(summary[0].split()[0]) > 100, summary  # a YOLO11n: ~250 parameters
     assert not any(isinstance(f, CollapseRepeats) for f in log.filters)
     assert ua.training_history(tmp_path / "ft")[-1]["epoch"] == 2 and last.is_file()
+
+
+def test_a_resumed_tasks_eta_counts_from_where_it_went_on():
+    """Plain progress lines (no terminal): a training resumed at epoch 72 of 80 that took 30 s for its next 4 epochs
+    has about 30 s left, not the 2 s a count from zero would claim."""
+    from pipeline.core.console import _Task, console
+
+    t = _Task("training", 80, None, None)
+    t.t0 -= 30
+    t.resumed_at(72)
+    with console.capture() as cap:
+        t.update(76)
+    line = cap.get().strip()
+    assert line.startswith("training: 76/80 (") and line.endswith(" s left)"), line
+    assert 25 <= int(line.split("(")[1].split()[0]) <= 35, line

@@ -214,6 +214,8 @@ def _on_epoch(t):
     mAP50-95."""
 
     def on_epoch(trainer):
+        if t.start is None:  # a resumed run's first epoch: the ETA counts from the epoch it went on from
+            t.resumed_at(getattr(trainer, "start_epoch", 0) or 0)
         m = (getattr(trainer, "metrics", None) or {}).get("metrics/mAP50-95(B)")
         t.update(trainer.epoch + 1, f"val mAP50-95 {m:.4f}" if isinstance(m, float) else "")
 

@@ -297,7 +297,13 @@ def warn(msg: str) -> None:
 class _Task:
     def __init__(self, label: str, total: int | None, bar, task_id):
         self.label, self.total, self.bar, self.id = label, total, bar, task_id
-        self.done, self.t0, self.said = 0, time.time(), set()
+        self.done, self.t0, self.said, self.start = 0, time.time(), set(), None
+
+    def resumed_at(self, done: int) -> None:
+        """The work goes on from `done` units finished earlier (a resumed training): the ETA is the rate since then."""
+        self.start = self.done = done
+        if self.bar is not None and done:
+            self.bar.reset(self.id, completed=done)
 
     def advance(self, n: int = 1, note: str = "") -> None:
         self.update(self.done + n, note)
@@ -310,11 +316,11 @@ class _Task:
         if sink is not None:
             sink.project(f"{self.label}: {done}/{self.total or '?'}" + (f" {note}" if note else ""))
         if self.bar is None and self.total:
-            frac, el = done / self.total, time.time() - self.t0
+            frac, el, start = done / self.total, time.time() - self.t0, self.start or 0
             marks = [m for m in (0.25, 0.5, 0.75) if frac >= m and m not in self.said]
-            if marks and el >= 20 and done < self.total:  # one line for the marks passed since the last
+            if marks and el >= 20 and start < done < self.total:  # one line for the marks passed since the last
                 self.said.update(marks)
-                eta = el * (1 - frac) / max(frac, 1e-9)
+                eta = el * (self.total - done) / (done - start)
                 console.print(f"  {self.label}: {done}/{self.total} ({eta / 60:.0f} min left)" if eta >= 90 else
                               f"  {self.label}: {done}/{self.total} ({eta:.0f} s left)", soft_wrap=True)
 
