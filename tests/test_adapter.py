@@ -117,3 +117,6 @@ def test_train_cut_off_resumes_from_its_last_epoch_and_a_finished_run_is_kept(tm
     stamp = (out / "weights" / "last.pt").stat().st_mtime_ns
     assert ua.train("yolo11n.yaml", y, out, **args) == best
     assert (out / "weights" / "last.pt").stat().st_mtime_ns == stamp
+    (out / "weights" / "done").unlink()  # cut off after ultralytics finished but before the marker: still finished
+    assert ua.train("yolo11n.yaml", y, out, **args) == best
+    assert (out / "weights" / "last.pt").stat().st_mtime_ns == stamp and (out / "weights" / "done").exists()

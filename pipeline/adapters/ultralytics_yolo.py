@@ -222,13 +222,18 @@ def _on_epoch(t):
     return on_epoch
 
 
-def _resumable(last: Path) -> bool:
-    """Does `last` hold an unfinished run's state (its epoch and optimizer; ultralytics strips both at the end)?"""
+def _run_state(last: Path) -> str | None:
+    """What `last` holds: "resumable" (an unfinished run's epoch and optimizer), "finished" (ultralytics stripped both
+    at the end: the run was cut off only after its training) or None (absent, cut off mid-write, another version)."""
     try:
         ck = torch.load(last, map_location="cpu", weights_only=False)
-    except Exception:  # cut off mid-write, or from another version: not resumable
-        return False
-    return isinstance(ck, dict) and ck.get("epoch", -1) >= 0 and ck.get("optimizer") is not None
+    except Exception:
+        return None
+    if not isinstance(ck, dict) or ck.get("model") is None:
+        return None
+    if ck.get("epoch", -1) >= 0 and ck.get("optimizer") is not None:
+        return "resumable"
+    return "finished" if ck.get("epoch") == -1 else None
 
 
 def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int,
@@ -242,9 +247,11 @@ def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
     out_dir = Path(out_dir).resolve()
     last, done = out_dir / "weights" / "last.pt", out_dir / "weights" / "done"
     best = out_dir / "weights" / "best.pt"
-    if done.exists() and best.is_file():
+    state = _run_state(last) if last.is_file() else None
+    if best.is_file() and (done.exists() or state == "finished"):
+        done.touch()
         return best
-    resume = last.is_file() and _resumable(last)
+    resume = state == "resumable"
     if not resume and out_dir.exists():
         shutil.rmtree(out_dir)  # a run cut off before its first epoch was saved: start over
     y = YOLO(str(last if resume else model_spec))
