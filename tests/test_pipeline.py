@@ -268,7 +268,7 @@ def test_shipped_sparse_weights_match_the_default_run(tmp_path, base_ckpt):
     assert ok, why
 
 
-@pytest.mark.parametrize("recipe_file", ["default.yaml", "bccd.yaml", "bccd-s.yaml"])
+@pytest.mark.parametrize("recipe_file", ["default.yaml", "bccd.yaml", "bccd-s.yaml", "bccd-26n.yaml"])
 def test_the_shipped_base_is_the_recipes_converged_base(tmp_path, recipe_file):
     """Each shipped base's record holds every phase of its recipe's base for its model, data and setup and
     still describes the file, so `make base` goes on from it (its check only) instead of training from the yaml;
