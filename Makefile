@@ -35,7 +35,7 @@ pipeline: venv ## run the whole pipeline on the default recipe (offline, CPU): r
 test: venv ## run the test suite, one pytest-xdist worker per core (at most 4; TEST_WORKERS=1: one worker), all but the heavy fault scenarios
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not heavy" $(PYTEST_ARGS)
 
-test-heavy: venv ## the heavy fault scenarios (Ctrl-C and kill -9 in each stage in turn, a full disk, a read-only run dir; tmpfs mounts need root)
+test-heavy: venv ## the scenarios that take minutes (Ctrl-C and kill -9 in each stage in turn, a full disk, a read-only run dir: tmpfs mounts need root; a YOLO26 through every stage)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m heavy $(PYTEST_ARGS)
 
 test-fast: venv ## the sub-minute inner loop: every test not marked slow (no training, no stage runs through the CLI)

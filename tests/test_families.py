@@ -182,6 +182,7 @@ def yolo26_run(tmp_path_factory):
     return run, json.loads((run / "report.json").read_text())
 
 
+@pytest.mark.heavy  # three minutes of one worker: make test-heavy (CI runs it), keeping make test under ten
 @pytest.mark.slow(seconds=150)
 def test_a_yolo26_goes_through_every_stage_without_nms(yolo26_run):
     """YOLO26 through load, prune, fine-tune (its own loss), export, INT8 (accuracy-aware, ultralytics' peer),
