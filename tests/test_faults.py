@@ -170,7 +170,9 @@ def test_the_disk_fills_in_one_stage_after_another_then_the_run_dir_is_read_only
         assert r.returncode == 0, (stopped, r.stderr[-2000:])
         assert len(set(stopped)) >= 4, stopped  # the load, the trainings, the exports, quantization...
         check_report(run)
-        # Then mounted read-only: a forced bench stops with one line; writable again, what was there is intact.
+        # Then mounted read-only (grown first: a forced bench needs room for its new directory beside the old one):
+        # it stops with one line; writable again, what was there is intact.
+        subprocess.run(["mount", "-o", "remount,size=2g", str(mnt)], check=True)
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         r = cli("run", "--stages", "bench", "--force", "--run-dir", run, *sets)
         one_line_error(r, "the file system is read-only")
