@@ -95,7 +95,8 @@ def stage(name: str, recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt,
 @app.command()
 def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO directory or instances JSON, or a "
                                                           "Pascal VOC directory"),
-          weights: str = typer.Option(..., "--weights", help="YOLO11 .pt checkpoint (or .yaml architecture)"),
+          weights: str = typer.Option(..., "--weights", help="a YOLOv8, YOLO11 or YOLO26 .pt checkpoint (or "
+                                                                  ".yaml architecture)"),
           imgsz: int | None = typer.Option(None, help="input size (default: the recipe's)"),
           recipe: Path = RecipeOpt, sets: list[str] | None = SetOpt, run_dir: Path | None = RunDirOpt,
           force: bool = typer.Option(False, "--force")):
@@ -132,7 +133,8 @@ def _checkpoint_order(data: Path, weights: str, sets: list[str] | None) -> list[
 @app.command()
 def init(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO directory or instances JSON, or a "
                                                          "Pascal VOC directory"),
-         weights: str = typer.Option(..., "--weights", help="YOLO11 .pt checkpoint (or .yaml architecture)"),
+         weights: str = typer.Option(..., "--weights", help="a YOLOv8, YOLO11 or YOLO26 .pt checkpoint (or "
+                                                                  ".yaml architecture)"),
          device: str = typer.Option("cpu", "--device", help="where training runs: cpu, 0, cuda:0 (as ultralytics)"),
          out: Path | None = typer.Option(None, "--out", help="recipe to write (default models/<data>-<weights>.yaml)"),
          sparsity: bool = typer.Option(True, "--sparsity/--no-sparsity", help="sparsity training before the cut "
