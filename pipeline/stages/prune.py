@@ -266,7 +266,7 @@ def _iterative(ctx: Context, model, spec, cutter: Cutter, out: Path, inputs):
             ua.save_checkpoint(pruned, ck)
             opts = ua.TrainOptions(c.step_epochs, imgsz, {**f.trainer_args(), "close_mosaic": 0,
                                                           "warmup_epochs": min(f.warmup_epochs, 1.0),
-                                                          **fam.train_args})
+                                                          **fam.train_args}, label=f"step {i} fine-tune")
             last = ua.finetune(ck, inputs["data"] / "data.yaml", work / f"step{i}" / "train", opts)
             tuned = ua.load_detection_model(last)
             if fam.signature(tuned) != fam.signature(pruned):

@@ -207,7 +207,7 @@ def train(ctx: Context, model_path: Path, data_dir: Path, dest: Path, want: dict
                                {**s.trainer_args(), "close_mosaic": s.close_mosaic,
                                 "warmup_epochs": s.warmup_epochs, "patience": 0, **fam.train_args},
                                distill=ua.Distill(model_path, **s.distill.trainer_args()) if ph.distill else None,
-                               sparsify=ua.Sparsify(fam, ph.reg, fade))
+                               sparsify=ua.Sparsify(fam, ph.reg, fade), label=f"sparsity phase {i}/{n}")
         last = ua.finetune(start, data_dir / "data.yaml", work / tag, opts)
         trained = ua.load_detection_model(last)
         if fade:  # exactly zero (the saved EMA followed the fade; FP16 keeps zeros)
