@@ -103,19 +103,21 @@ def bench(data: Path = typer.Option(..., "--data", help="YOLO data yaml, COCO di
     """Benchmark a model on a dataset of your own: data -> load -> export -> bench."""
     extra = [f"data.source={data}", f"model.weights={weights}", "prune.enabled=false", "quantize.enabled=false"]
     extra += [f"model.imgsz={imgsz}"] if imgsz else []
-    order = _checkpoint_order(data, weights, sets)
-    if order is not None:  # the dataset's classes are the checkpoint's: scored in the checkpoint's order
-        extra.append(f"data.names={json.dumps(order)}")
     name = run_dir or Path("runs") / f"bench-{Path(data).stem}-{Path(weights).stem}"
     ctx = _ctx(recipe, extra + list(sets or []), name, force)
+    # Without data.names (the recipe's or a --set), a dataset whose classes are the checkpoint's in another order is
+    # scored in the checkpoint's order; named ones stand (another order is then the load stage's refusal).
+    order = None if ctx.recipe.data.names is not None else _checkpoint_order(data, weights)
+    if order is not None:
+        ctx = _ctx(recipe, extra + [f"data.names={json.dumps(order)}"] + list(sets or []), name, force)
     _run_stages(ctx, ["data", "load", "export", "bench"])
     _print_summary(ctx.run_dir)
 
 
-def _checkpoint_order(data: Path, weights: str, sets: list[str] | None) -> list[str] | None:
-    """The checkpoint's class order when the dataset has the same classes in another order (and the command names
-    no data.names of its own), said in one line; None otherwise (a different set is the load stage's refusal)."""
-    if str(weights).endswith((".yaml", ".yml")) or any(s.strip().startswith("data.names=") for s in sets or []):
+def _checkpoint_order(data: Path, weights: str) -> list[str] | None:
+    """The checkpoint's class order when the dataset has the same classes in another order, said in one line; None
+    otherwise (a different set is the load stage's refusal)."""
+    if str(weights).endswith((".yaml", ".yml")):
         return None
     from pipeline.adapters.ultralytics_yolo import load_detection_model
     from pipeline.core.stage import console

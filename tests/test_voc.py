@@ -253,3 +253,8 @@ def test_init_pins_a_voc_sets_class_order_to_the_checkpoints(bccd, tmp_path):
             "--set", f"model.weights={weights}", "--set", "data.names=[Platelets, RBC, WBC]", cwd=ROOT)
     assert r.returncode == 2 and "in another order: set data.names to ['RBC', 'WBC', 'Platelets']" in r.stderr
     assert "Traceback" not in r.stderr
+    # bench adopts the checkpoint's order only where no data.names is given: a recipe's (or a --set) stands
+    r = cli("bench", "--data", bccd, "--weights", weights, "--run-dir", tmp_path / "bench", "--recipe", out,
+            "--set", "data.names=[Platelets, RBC, WBC]", cwd=ROOT)
+    assert r.returncode == 2 and "in another order: set data.names to ['RBC', 'WBC', 'Platelets']" in r.stderr
+    assert "scored in the checkpoint's order" not in r.stdout + r.stderr
