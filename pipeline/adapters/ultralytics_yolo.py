@@ -222,18 +222,24 @@ def _on_epoch(t):
     return on_epoch
 
 
-def _run_state(last: Path) -> str | None:
-    """What `last` holds: "resumable" (an unfinished run's epoch and optimizer), "finished" (ultralytics stripped both
-    at the end: the run was cut off only after its training) or None (absent, cut off mid-write, another version)."""
+def prior_run(out_dir: Path) -> str | None:
+    """What an earlier `train` left in `out_dir`: "finished" (its done marker, or a last.pt ultralytics already
+    stripped of epoch and optimizer at the end, with best.pt beside it), "resumable" (an unfinished run's last.pt,
+    epoch and optimizer in it) or None (nothing, or a last.pt cut off mid-write or from another version)."""
+    w = Path(out_dir) / "weights"
+    if not (w / "last.pt").is_file():
+        return None
+    if (w / "done").exists() and (w / "best.pt").is_file():
+        return "finished"
     try:
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = torch.load(w / "last.pt", map_location="cpu", weights_only=False)
     except Exception:
         return None
     if not isinstance(ck, dict) or ck.get("model") is None:
         return None
     if ck.get("epoch", -1) >= 0 and ck.get("optimizer") is not None:
         return "resumable"
-    return "finished" if ck.get("epoch") == -1 else None
+    return "finished" if ck.get("epoch") == -1 and (w / "best.pt").is_file() else None
 
 
 def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *, epochs: int, imgsz: int,
@@ -245,10 +251,9 @@ def train(model_spec: str | Path, data_yaml: str | Path, out_dir: str | Path, *,
     `weights/done` marker) is not trained again."""
     kw = {**check_model_spec(model_spec).train_args, **kw}
     out_dir = Path(out_dir).resolve()
-    last, done = out_dir / "weights" / "last.pt", out_dir / "weights" / "done"
-    best = out_dir / "weights" / "best.pt"
-    state = _run_state(last) if last.is_file() else None
-    if best.is_file() and (done.exists() or state == "finished"):
+    last, done, best = (out_dir / "weights" / f for f in ("last.pt", "done", "best.pt"))
+    state = prior_run(out_dir)
+    if state == "finished":
         done.touch()
         return best
     resume = state == "resumable"

@@ -151,8 +151,8 @@ def _train_phases(ctx: Context, phases: list[dict], spec, work: Path, data_yaml:
         if i in skip:
             continue
         trained.append(i)
-        state = ("finished earlier: kept" if (work / f"phase{i}" / "weights" / "done").exists() else
-                 "resuming" if (work / f"phase{i}" / "weights" / "last.pt").is_file() else "training")
+        before = ua.prior_run(work / f"phase{i}")
+        state = {"finished": "finished earlier: kept", "resumable": "resuming"}.get(before, "training")
         console.print(f"phase {i}/{len(phases)}: {state} {spec} for {ph['epochs']} epochs (nbs {ph['nbs']}) at "
                       f"{ctx.recipe.model.imgsz}px on {data_yaml}")
         ua.train(spec, data_yaml, work / f"phase{i}", epochs=ph["epochs"], imgsz=ctx.recipe.model.imgsz,
@@ -213,7 +213,7 @@ def train_base(ctx: Context, dest: Path, epochs: int | None = None, start: Path 
     history: list[dict] = []
     prev = None if (epochs or start) else _shipped_prefix(ctx, dest, phases)
     work = work_dir(ctx, dest, phases, start, prev)
-    if work.is_dir() and any(work.glob("*/weights/last.pt")):
+    if work.is_dir() and any(work.glob("*/weights/last.pt")):  # phases or a check an earlier call left
         console.print(f"resuming the interrupted training in {work} (its finished phases are kept)")
     work.mkdir(parents=True, exist_ok=True)
     if prev is not None:
