@@ -201,7 +201,10 @@ def test_an_injected_slowdown_is_measured_as_that_factor(tmp_path):
     r = t.ratio("slowed", "plain")
     lo, hi = r["ci"]
     print(f"\nslowdown 1.3 measured {r['estimate']:.3f} [{lo:.3f}, {hi:.3f}] in {t.summary['rounds']} rounds")
-    assert lo <= 1.3 * 1.02 and hi >= 1.3 * 0.98 and lo > 1.0, r
+    # eight runs beside a training on two cores: estimates 1.293-1.309, intervals about 0.01 wide; inside the whole
+    # suite (other workers starting processes) an interval once missed 1.3 +- 2 %, so the band is the schedule's
+    # own precision goal, +- 5 %, and the interval must still rule out 'no slowdown' by a wide margin
+    assert lo <= 1.3 * 1.05 and hi >= 1.3 * 0.95 and lo > 1.15, r
     with pytest.raises(ValueError, match="at least 1"):
         SlowedRunner(inner, 0.9)
 
