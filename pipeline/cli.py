@@ -479,9 +479,13 @@ def main() -> None:
         typer.secho(f"error: {e}" + (f" (its log: {e.log})" if e.log else ""), err=True, fg="red")
         sys.exit(2)
     except KeyboardInterrupt:
-        stage, log = CURRENT.get("stage"), CURRENT.get("log")
-        typer.secho(f"interrupted: the {stage + ' stage' if stage else 'stage'} in progress was discarded"
-                    + (f" (its log: {log})" if log else "") + "; earlier results are intact", err=True)
+        stage, log, done = CURRENT.get("stage"), CURRENT.get("log"), CURRENT.get("finished")
+        if stage is None and done:
+            typer.secho(f"interrupted after the {done} stage finished: its results and earlier ones are intact",
+                        err=True)
+        else:
+            typer.secho(f"interrupted: the {stage + ' stage' if stage else 'stage'} in progress was discarded"
+                        + (f" (its log: {log})" if log else "") + "; earlier results are intact", err=True)
         sys.exit(130)
     except OSError as e:  # a full or read-only disk outside a stage (a report written after it)
         f = fault(e, CURRENT.get("stage"), None)

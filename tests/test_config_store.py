@@ -109,6 +109,58 @@ def test_stage_cache_is_by_content_and_interrupt_keeps_record(tmp_path):
     assert rec["key"] == r3.key and (ctx.stage_dir("s") / "o.txt").read_text() == "V2"
 
 
+def test_a_ctrl_c_while_the_record_is_written_keeps_the_failed_log_and_during_the_swap_keeps_the_stage(
+        tmp_path, monkeypatch):
+    """Ctrl-C lands anywhere in a stage: before its commit the stage is discarded with its log kept as
+    <stage>.failed.log; during the swap into place it is held back until the stage is whole, then raised."""
+    import os
+    import signal
+
+    import pipeline.core.stage as stage_mod
+    import pipeline.core.store as store_mod
+    from pipeline.core.config import Recipe
+    from pipeline.core.stage import CURRENT, Context, StageResult, run_stage
+
+    ctx = Context(run_dir=tmp_path / "run", recipe=Recipe(), recipe_path=ROOT / "models/default.yaml")
+    src = tmp_path / "in.txt"
+    src.write_text("v1")
+
+    def fn(ctx, out, inputs):
+        print("the stage's own line")
+        (out / "o.txt").write_text(inputs["x"].read_text())
+        return StageResult(outputs={"o": "o.txt"})
+
+    real_write = stage_mod._write_record
+
+    def interrupted_write(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at the next bytecode: while the record is written
+        real_write(*a, **k)
+
+    monkeypatch.setattr(stage_mod, "_write_record", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(ctx, "s", 1, {}, {"x": src}, fn)
+    assert "the stage's own line" in (ctx.run_dir / "s.failed.log").read_text()
+    assert not ctx.stage_dir("s").exists() and CURRENT["stage"] == "s" and CURRENT["log"]
+    assert [p.name for p in ctx.run_dir.iterdir()] == ["s.failed.log"]  # no temporary directory left
+
+    monkeypatch.setattr(stage_mod, "_write_record", real_write)
+    real_replace = os.replace
+    swaps = []
+
+    def interrupted_replace(a, b):
+        swaps.append(b)
+        os.kill(os.getpid(), signal.SIGINT)
+        real_replace(a, b)
+
+    monkeypatch.setattr(store_mod.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(ctx, "s", 1, {}, {"x": src}, fn)
+    monkeypatch.setattr(store_mod.os, "replace", real_replace)
+    assert swaps and json.loads((ctx.stage_dir("s") / "record.json").read_text())["stage"] == "s"
+    assert CURRENT["stage"] is None and CURRENT["finished"] == "s"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
 @pytest.mark.parametrize("phases,msg", [
     ("[{epochs: 5}]", "reg > 0 .*fade .*or hold"),
     ("[{epochs: 5, fade: 2}, {epochs: 5, reg: 0.01}]", "only the last sparsity phase may fade"),

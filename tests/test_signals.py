@@ -48,8 +48,14 @@ def test_every_stage_interrupted_in_turn_then_the_run_finishes(tmp_path, base_ck
             break
         if sig == signal.SIGINT:
             assert p.returncode == 130, err[-2000:]
-            last = one_line_error(subprocess.CompletedProcess(p.args, p.returncode, out, err), "interrupted: the ",
-                                  "stage in progress was discarded", "earlier results are intact")
+            last = one_line_error(subprocess.CompletedProcess(p.args, p.returncode, out, err), "interrupted",
+                                  "earlier ", "intact")
+            if last.startswith("interrupted after the "):  # it came while the stage was put in place: kept whole
+                done = last.split("interrupted after the ")[1].split(" stage finished")[0]
+                assert json.loads((run / done / "record.json").read_text())["stage"] == done, last
+                assert _stale(run) == [], f"Ctrl-C after {done} leaves {_stale(run)}"
+                continue
+            assert "stage in progress was discarded" in last, last
             hit = last.split("interrupted: the ")[1].split(" stage")[0]
             assert (run / f"{hit}.failed.log").is_file(), last
             assert not (run / hit / "record.json").exists(), f"{hit} was interrupted yet has a record"

@@ -9,11 +9,14 @@ included, replaces the old one in a single rename; a crash or Ctrl-C before that
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import platform
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from pipeline.core.store import Artifact, StageRecord, atomic_dir, sha256_json, 
 
 __all__ = ["Context", "StageResult", "console", "lib_versions", "run_stage", "CURRENT", "fault"]
 # The stage running now and its log, for the one line an interrupt or a fault prints (cli.main)
-CURRENT: dict = {"stage": None, "log": None}
+CURRENT: dict = {"stage": None, "log": None, "finished": None}
 # Faults of the machine, not of the pipeline: a stage that meets one stops with one line (cli.main prints it)
 FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -117,11 +120,34 @@ def fault(e: BaseException, stage: str | None, where: str | Path | None) -> User
                         if stage else ""), where)
 
 
-def _keep_failed_log(ctx: Context, stage: str, log: Path) -> Path | None:
-    """A failed stage's log, kept beside its directory (which keeps its last good state) as <stage>.failed.log."""
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C (SIGINT) held back for the block and delivered when it ends: a stage's swap into place and the
+    bookkeeping after it are never cut in half. Outside the main thread (signals go to it alone) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    before = signal.signal(signal.SIGINT, lambda sig, frame: pending.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if pending and callable(before):
+            before(signal.SIGINT, pending[0])
+        elif pending and before == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
+def _keep_failed_log(ctx: Context, stage: str, log: Path, e: BaseException) -> Path | None:
+    """A failed stage's log, kept beside its directory (which keeps its last good state) as <stage>.failed.log; a
+    stage stopped before its log was opened leaves one that names what stopped it."""
     dest = ctx.run_dir / f"{stage}.failed.log"
     try:
-        shutil.copyfile(log, dest)
+        if log.is_file():
+            shutil.copyfile(log, dest)
+        else:
+            dest.write_text(f"the {stage} stage stopped before its log was opened: {type(e).__name__}: {e}\n")
         return dest
     except OSError:
         return None
@@ -140,15 +166,17 @@ def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict
     final = ctx.stage_dir(stage)
     console.print(f"[cyan]▶[/] {stage}: running", soft_wrap=True)
     started = time.time()
+    held = contextlib.ExitStack()
     try:
         with atomic_dir(final) as tmp:
             log = tmp / "log.txt"  # what every library printed while the stage ran (the stage directory's log.txt)
-            CURRENT.update(stage=stage, log=None)
-            try:
+            CURRENT.update(stage=stage, log=None, finished=None)
+            try:  # the record is written inside: an interrupt while it is hashed still leaves the failed log
                 with captured(log):
                     res = fn(ctx, tmp, inputs)
+                _write_record(ctx, stage, version, key, config, in_arts, res, tmp, final, started)
             except BaseException as e:  # noqa: BLE001 - annotated and re-raised: the one line names the log
-                kept = _keep_failed_log(ctx, stage, log)
+                kept = _keep_failed_log(ctx, stage, log, e)
                 CURRENT.update(log=kept)
                 if not isinstance(e, UserError) and (f := fault(e, stage, ctx.run_dir)) is not None:
                     f.log = str(kept) if kept else None
@@ -156,14 +184,16 @@ def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict
                 if isinstance(e, UserError) and kept is not None:
                     e.log = str(kept)
                 raise
-            _write_record(ctx, stage, version, key, config, in_arts, res, tmp, final, started)
+            held.enter_context(interrupts_held())  # the swap into place and the bookkeeping after it run whole
+        CURRENT.update(stage=None, log=None, finished=stage)  # (kept on a failure: cli.main names the stage and log)
     except OSError as e:  # the temporary directory, the swap into place or the record met a full or read-only disk
         f = fault(e, stage, ctx.run_dir)
         if f is None:
             raise
         f.log = f.log or (str(CURRENT["log"]) if CURRENT.get("stage") == stage and CURRENT.get("log") else None)
         raise f from None
-    CURRENT.update(stage=None, log=None)  # (kept on a failure: cli.main names the stage and its log)
+    finally:
+        held.close()  # a Ctrl-C that came during the swap is raised here, after the stage is committed
     rec = ctx.record(stage)
     console.print(f"[green]✓[/] {stage}: " + (f"{res.summary}; " if res.summary else "")
                   + f"done in {rec.finished - started:.1f}s", soft_wrap=True)
