@@ -109,8 +109,18 @@ def test_stage_cache_is_by_content_and_interrupt_keeps_record(tmp_path):
     assert rec["key"] == r3.key and (ctx.stage_dir("s") / "o.txt").read_text() == "V2"
 
 
+@pytest.fixture
+def default_sigint():
+    """Ctrl-C raising KeyboardInterrupt, as in the CLI's process (a pytest-xdist worker ignores SIGINT)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_a_ctrl_c_while_the_record_is_written_keeps_the_failed_log_and_during_the_swap_keeps_the_stage(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, default_sigint):
     """Ctrl-C lands anywhere in a stage: before its commit the stage is discarded with its log kept as
     <stage>.failed.log; during the swap into place it is held back until the stage is whole, then raised."""
     import os

@@ -286,7 +286,10 @@ def test_a_load_started_halfway_leaves_the_speedup_interval_where_a_quiet_run_pu
     for name, r in (("quiet", before), ("loaded", loaded), ("quiet again", after)):
         print("\n" + _line(name, r), end="")
     print(f"\none after the other, the same load in the large model's slot: {sequential:.3f}")
-    lo, hi = min(before["ci"][0], after["ci"][0]), max(before["ci"][1], after["ci"][1])
+    # The quiet sessions' bracket, widened by the schedule's own goal (every ratio within +-5 %): beside another test
+    # worker on 2 cores the loaded session has read 4 % low (1.835 [1.742, 1.890] against quiet [1.902, 1.950]);
+    # the same load in one model's slot reads 2x out (3.94).
+    lo, hi = min(before["ci"][0], after["ci"][0]) / 1.05, max(before["ci"][1], after["ci"][1]) * 1.05
     assert loaded["hogs"] >= 1 and before["estimate"] > 1.1  # the larger model is the slower one
     assert loaded["ci"][0] <= hi and lo <= loaded["ci"][1], (before, loaded, after)
     assert sequential > hi, (sequential, before, after)
