@@ -122,3 +122,20 @@ def test_a_resumed_tasks_eta_counts_from_where_it_went_on():
     line = cap.get().strip()
     assert line.startswith("training: 76/80 (") and line.endswith(" s left)"), line
     assert 25 <= int(line.split("(")[1].split()[0]) <= 35, line
+
+
+def test_a_project_line_longer_than_80_columns_stays_one_line_off_a_terminal(tmp_path):
+    """Off a terminal (a pipe, nohup, CI) rich assumes 80 columns; the project's lines are not wrapped there, so a log
+    line reads whole (a sparsity phase's line is ~85 characters)."""
+    from pipeline.core.console import captured, console
+
+    msg = "  sparsity phase 1/3: 20 epochs, group regularization 0.0005, on the rewritten model, distilled from it"
+    assert len(msg) > 80
+    with console.capture() as cap:
+        console.print(msg)
+    assert cap.get() == msg + "\n"
+    log = tmp_path / "log.txt"
+    with captured(log):
+        console.print(msg)
+    lines = [ln for ln in log.read_text().splitlines() if "sparsity phase" in ln]
+    assert len(lines) == 1 and lines[0].endswith(msg.strip()), lines

@@ -25,7 +25,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a line longer than the terminal (or than the 80 columns rich assumes off a terminal: a pipe, a log)
+# stays one line, so a log or a grep reads it whole
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _STATE: dict = {"verbose": False, "sink": None, "term": None, "term_console": None, "warned": {}}
 
@@ -250,7 +252,7 @@ def captured(log_path: Path):
         for name, h, _ in saved_handlers:
             _set_stream(h, _Stream(sink, name.split(".")[0] or "log"))
         console.file = _Tee(term, sink)
-        _STATE.update(sink=sink, term=term, term_console=Console(file=term, highlight=False), warned={})
+        _STATE.update(sink=sink, term=term, term_console=Console(file=term, highlight=False, soft_wrap=True), warned={})
         yield sink
     finally:
         warned = _STATE["warned"]
