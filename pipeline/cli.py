@@ -128,7 +128,7 @@ def _checkpoint_order(data: Path, weights: str) -> list[str] | None:
     if sorted(mine) != sorted(theirs) or mine == theirs:
         return None
     console.print(f"{data}: its classes {theirs} are the checkpoint's in another order: scored in the checkpoint's "
-                  f"order {mine}", soft_wrap=True)
+                  f"order {mine}")
     return mine
 
 
@@ -222,7 +222,7 @@ def _command_log(ctx, name: str):
 
     log = ctx.run_dir / name / "log.txt"
     log.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"{name}: the libraries' output goes to {log}", soft_wrap=True)
+    console.print(f"{name}: the libraries' output goes to {log}")
     return captured(log)
 
 

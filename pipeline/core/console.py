@@ -264,7 +264,7 @@ def captured(log_path: Path):
         fdc.stop()
         for text, n in warned.items():
             if n > 1:
-                console.print(f"[yellow]  (the warning above came {n} times: {text[:80]}...)[/]", soft_wrap=True)
+                console.print(f"[yellow]  (the warning above came {n} times: {text[:80]}...)[/]")
         sink.close()
         if opened:
             with contextlib.suppress(OSError):
@@ -275,7 +275,7 @@ def detail(msg: str) -> None:
     """A line of the project's that only the log needs (and the terminal with -v, or outside a stage)."""
     sink = _STATE["sink"]
     if sink is None:
-        console.print(msg, soft_wrap=True)
+        console.print(msg)
         return
     sink.project(msg)
     if _STATE["verbose"]:
@@ -293,7 +293,7 @@ def warn(msg: str) -> None:
         _STATE["sink"].project(msg)
         return
     warned[key] = 1
-    console.print(f"[yellow]{msg}[/]", soft_wrap=True)
+    console.print(f"[yellow]{msg}[/]")
 
 
 class _Task:
@@ -324,7 +324,7 @@ class _Task:
                 self.said.update(marks)
                 eta = el * (self.total - done) / (done - start)
                 console.print(f"  {self.label}: {done}/{self.total} ({eta / 60:.0f} min left)" if eta >= 90 else
-                              f"  {self.label}: {done}/{self.total} ({eta:.0f} s left)", soft_wrap=True)
+                              f"  {self.label}: {done}/{self.total} ({eta:.0f} s left)")
 
 
 @contextlib.contextmanager

@@ -160,11 +160,10 @@ def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict
                        "inputs": {k: a.digest for k, a in in_arts.items()}})
     old = ctx.record(stage)
     if old and old.key == key and not ctx.force and _outputs_intact(ctx, stage, old):
-        console.print(f"[green]✓[/] {stage}: cached (inputs, config and stage version unchanged; key {key[:12]})",
-                      soft_wrap=True)
+        console.print(f"[green]✓[/] {stage}: cached (inputs, config and stage version unchanged; key {key[:12]})")
         return old
     final = ctx.stage_dir(stage)
-    console.print(f"[cyan]▶[/] {stage}: running", soft_wrap=True)
+    console.print(f"[cyan]▶[/] {stage}: running")
     started = time.time()
     held = contextlib.ExitStack()
     try:
@@ -196,7 +195,7 @@ def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict
         held.close()  # a Ctrl-C that came during the swap is raised here, after the stage is committed
     rec = ctx.record(stage)
     console.print(f"[green]✓[/] {stage}: " + (f"{res.summary}; " if res.summary else "")
-                  + f"done in {rec.finished - started:.1f}s", soft_wrap=True)
+                  + f"done in {rec.finished - started:.1f}s")
     return rec
 
 

@@ -55,6 +55,6 @@ def latency_table(ctx: Context) -> dict | None:
         why = (f"its layer-time profile failed ({table['error']})" if table else
                f"has no layer-time table ({path}: `make deploy` with TensorRT records one)")
         console.print(f"[yellow]prune.target: {ctx.recipe.prune.target.runner} {why}: the target is timed on this "
-                      f"box's ONNX Runtime instead[/]", soft_wrap=True)
+                      f"box's ONNX Runtime instead[/]")
         return None
     return lt.check(table, path)

@@ -29,11 +29,11 @@ def _user_dataset(ctx: Context) -> Dataset:
 def warn_dirty(ds: Dataset) -> None:
     """One warning line per annotation file whose boxes were clipped or dropped."""
     for w in ds.warnings:
-        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}")
     if ds.warnings:
         c = ds.dirty
         console.print(f"{ds.source}: {c['dropped']} box(es) dropped and {c['clipped']} clipped in {c['files']} "
-                      f"file(s) (data.strict: true refuses them instead)", highlight=False, soft_wrap=True)
+                      f"file(s) (data.strict: true refuses them instead)")
 
 
 def run(ctx: Context) -> StageRecord:

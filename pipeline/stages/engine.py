@@ -242,7 +242,7 @@ def run(ctx: Context, workspace_mib: int = 2048, dla_core: int = -1, opt_level: 
     ok, why = tensorrt_available()
     if not ok and not require_build:
         console.print(f"[dim]engine: strongly typed ONNX files written ({', '.join(rec.outputs)}); no TensorRT "
-                      f"engine built here ({why}): `make engine` on the device builds them[/dim]", soft_wrap=True)
+                      f"engine built here ({why}): `make engine` on the device builds them[/dim]")
         return rec
     if not ok:
         raise UserError(f"wrote the strongly typed ONNX files ({', '.join(rec.outputs)}) to {ctx.stage_dir('engine')};"

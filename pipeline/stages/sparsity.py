@@ -251,12 +251,12 @@ def sparse_weights(ctx: Context, model_path: Path, data_dir: Path) -> tuple[Path
     if shipped_matches(dest, want["key"])[0]:
         if s.shipped:
             console.print(f"  [yellow]sparsity training: {why}: using the weights this run trained earlier "
-                          f"({dest})[/]", soft_wrap=True)
+                          f"({dest})[/]")
         rec = read_record(dest)
     else:
         console.print(("  [yellow]sparsity training: " + why if s.shipped else
                        "  [yellow]sparsity training: no shipped weights (prune.sparsity.shipped)")
-                      + f": training here, {to_train(ctx, want, model_path, data_dir)}[/]", soft_wrap=True)
+                      + f": training here, {to_train(ctx, want, model_path, data_dir)}[/]")
         rec = train(ctx, model_path, data_dir, dest, want)
     return dest, {**rec, "source": "trained", "path": str(dest)}
 
