@@ -165,10 +165,13 @@ def calibrate(r, t: Timing, z: Sizes) -> list[Stage]:
 def quantize(r, t: Timing, z: Sizes) -> list[Stage]:
     q, p, n, I = r.quantize, r.prune, _models(r), t.infer_img_s  # noqa: E741
     calib = _calib_images(r, z)
-    tuning = min(r.calib.tuning_images, max(z.n_train - calib, 0)) if q.accuracy_aware.enabled and p.enabled else 0
+    sel = r.data.selection.images  # data.selection: the search tunes on it (images no training saw)
+    pool = sel if sel else max(z.n_train - calib, 0)
+    tuning = min(r.calib.tuning_images, pool) if q.accuracy_aware.enabled and p.enabled else 0
     return [Stage("quantize", 15 + 2 * n * calib * I + 4 * tuning * I + (10 + calib * I if q.peer else 0),
                   f"INT8 Q/DQ ({q.backend}, {q.method}) of {n} model(s)"
-                  + (f", accuracy-aware on {tuning} held-out train images" if tuning else "")
+                  + (f", accuracy-aware on {tuning} {'selection' if sel else 'held-out train'} images"
+                     if tuning else "")
                   + (", ultralytics' INT8 beside it" if q.peer else ""))]
 
 

@@ -220,6 +220,9 @@ def test_a_yolo26_goes_through_every_stage_without_nms(yolo26_run):
     train = {p.name for p in (run / "data" / "yolo" / "images" / "train").iterdir()}
     assert train.isdisjoint(p.name for p in (run / "data" / "yolo" / "images" / "selection").iterdir())
     assert "selection split (8 train images carved out" in (run / "report.md").read_text()
+    cal = json.loads((run / "calibrate" / "record.json").read_text())["metrics"]  # the INT8 search tuned on it
+    assert cal["tuning_from"] == "selection" and cal["tuning_images"] == 8
+    assert "on 8 selection images (the search's estimate)" in by["pruned-int8"]["note"]
     # the cross-check scored the one-to-one head (nms=False) beside bench
     assert set(rep["cross_check"]["variants"]) == {"base-fp32", "pruned-fp32"}
     # the bundle: every file JetPack 6's TensorRT parses; the device bench (ONNX Runtime) scores what the dev box did

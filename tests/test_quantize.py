@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -187,6 +188,30 @@ def test_calibration_eval_overlap_is_refused(tmp_path):
             "--set", f"calib.source={lst}", "--set", "calib.min_count=1")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "is also an evaluation image" in r.stderr and "sneaky.jpg" in r.stderr
+
+
+@pytest.mark.slow
+def test_the_int8_search_tunes_on_the_selection_split_when_the_recipe_carves_one(tmp_path):
+    """data.selection: the accuracy-aware search's tuning images are the selection split (no training saw them),
+    never calibration or evaluation images; without one, the train images calibration left over."""
+    sets = ["--set", "calib.count=8", "--set", "calib.min_count=8"]
+    r, run = _calib_run(tmp_path, *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((run / "calibrate" / "record.json").read_text())
+    assert rec["metrics"]["tuning_from"] == "train" and "tuning_from" not in rec["config"]
+    tuning = {Path(i["file_name"]).name
+              for i in json.loads((run / "calibrate" / "tuning_gt.json").read_text())["images"]}
+    assert len(tuning) == 16  # 24 train - 8 calibration
+    r, run = _calib_run(tmp_path, *sets, "--set", "data.selection.images=6")
+    assert r.returncode == 0 and "calibrate: running" in r.stderr, r.stderr[-2000:]  # a new key: not the cached set
+    rec = json.loads((run / "calibrate" / "record.json").read_text())
+    assert rec["metrics"]["tuning_from"] == "selection" and rec["metrics"]["tuning_images"] == 6
+    names = lambda split: {p.name for p in (run / "data" / "yolo" / "images" / split).iterdir()}  # noqa: E731
+    tuning = {Path(i["file_name"]).name
+              for i in json.loads((run / "calibrate" / "tuning_gt.json").read_text())["images"]}
+    calib = {Path(p).name for p in (run / "calibrate" / "calib_images.txt").read_text().split()}
+    assert tuning == names("selection") and tuning.isdisjoint(names("train")) and tuning.isdisjoint(calib)
+    assert calib <= names("train")
 
 
 @pytest.mark.slow

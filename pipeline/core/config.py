@@ -31,8 +31,8 @@ class SyntheticCfg(Strict):
 class SelectionCfg(Strict):
     """A selection split carved out of train (`images` of them, a seeded sample; never in the eval split): nothing
     trains on it (the fine-tune, sparsity training and `make base` see train without it), bench scores every variant
-    on it beside the report's split. Recipe choices are compared on it, so the split that reports a result did not
-    choose it. 0: none."""
+    on it beside the report's split, and the accuracy-aware INT8 search tunes on it. Recipe choices are compared on it,
+    so the split that reports a result did not choose it. 0: none."""
 
     images: int = Field(0, ge=0)
     seed: int = 0
@@ -305,7 +305,9 @@ class CalibCfg(Strict):
     min_count: int = Field(64, ge=1)
     seed: int = 0
     force: bool = False  # accept fewer images than min_count
-    tuning_images: int = Field(256, ge=8)  # held-out train images for accuracy-aware INT8 (never calib, never eval)
+    # images for accuracy-aware INT8 (never calib, never eval): the selection split where data.selection carves one,
+    # else held-out train images
+    tuning_images: int = Field(256, ge=8)
 
 
 class AccuracyAwareCfg(Strict):

@@ -338,7 +338,9 @@ def label_path(img: Path) -> Path:
     return Path(sb.join(s.rsplit(sa, 1))).with_suffix(".txt")
 
 
-def read_yolo(data_yaml: Path, strict: bool = False) -> Dataset:
+def read_yolo(data_yaml: Path, strict: bool = False, extra_splits: tuple[str, ...] = ()) -> Dataset:
+    """A YOLO data yaml's train, val and test splits (and `extra_splits`, where the yaml names them: a run's own copy
+    carries its selection split)."""
     data_yaml = Path(data_yaml)
     if not data_yaml.is_file():
         raise UserError("data yaml not found", data_yaml)
@@ -356,7 +358,7 @@ def read_yolo(data_yaml: Path, strict: bool = False) -> Dataset:
         root = Path(d["path"]) if Path(d["path"]).is_absolute() else data_yaml.parent / d["path"]
     splits = {}
     fixer = BoxFixer(strict, data_yaml)
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", *extra_splits):
         if not d.get(split):
             continue
         imgs = []

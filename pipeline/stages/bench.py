@@ -301,13 +301,15 @@ def _int8_drop(ctx: Context, by: dict[str, dict], n_images: int) -> None:
     if not ("tuning_drop" in aa and aware in by and fp32 in by):
         return
     val = by[fp32]["map50_95"] - by[aware]["map50_95"]
+    cal = ctx.record("calibrate")
+    source = cal.metrics.get("tuning_from", "train") if cal is not None else "train"
     by[aware]["int8_drop"] = {
         "tuning": aa["tuning_drop"], "tuning_se": aa["tuning_drop_se"], "tuning_images": aa["tuning_images"],
         "val": val, "val_images": n_images, "budget": aa["max_drop"], "noise_z": aa["noise_z"],
         "within_budget_on_tuning": aa["within_budget"], "within_budget_on_val": val <= aa["max_drop"]}
     by[aware]["note"] += (
         f"; drop vs pruned-fp32: {100 * aa['tuning_drop']:.2f} ± {100 * aa['tuning_drop_se']:.2f} pt on "
-        f"{aa['tuning_images']} tuning images (the search's estimate), {100 * val:.2f} pt on the "
+        f"{aa['tuning_images']} {source} images (the search's estimate), {100 * val:.2f} pt on the "
         f"{n_images} val images (budget {100 * aa['max_drop']:.2f})")
 
 

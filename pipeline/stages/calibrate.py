@@ -2,10 +2,12 @@
 written once as calib.npy with a digest over the image bytes and the preprocessing spec.
 
 Images come from the train split (a seeded sample) or a list under calib/; never from the evaluation split:
-any overlap with the images bench evaluates is refused by content hash. A second, disjoint sample of train
-images ("tuning") with its COCO ground truth serves the accuracy-aware INT8 search, so no decision is ever
-made on the evaluation images. The stage key covers the images' contents, so a calibration tensor whose images
-changed is rebuilt, never reused by path."""
+any overlap with the images bench evaluates is refused by content hash. A second, disjoint set of images
+("tuning") with its COCO ground truth serves the accuracy-aware INT8 search, so no decision is ever made on the
+evaluation images: the selection split where the recipe carves one (data.selection: images no training saw, so
+the search's drop estimate is not flattered by images the model fitted), else a sample of the other train images.
+The stage key covers the images' contents, so a calibration tensor whose images changed is rebuilt, never reused
+by path."""
 
 from __future__ import annotations
 
@@ -77,6 +79,8 @@ def select(ctx: Context):
         raise UserError(f"only {len(calib)} calibration images (< calib.min_count={c.min_count}): INT8 ranges from "
                         f"so few images are unreliable; add images or set calib.force=true",
                         ctx.recipe_path if c.source == "train" else c.source)
+    if "selection" in ds.splits:  # data.selection: never trained on (carve_selection keeps eval images out of it)
+        rest = ds.split("selection")
     tuning = [im for im in rest if sha256_file(im.path) not in eval_hashes][: c.tuning_images]
     return calib, tuning, ds
 
@@ -93,6 +97,8 @@ def run(ctx: Context) -> StageRecord:
     calib, tuning, ds = select(ctx)
     spec = PrePost.from_recipe(ctx.recipe)
     config = {**ctx.recipe.calib.model_dump(), "prepost": spec.as_dict()}
+    if "selection" in ds.splits:  # only then: runs without a selection split keep their keys
+        config["tuning_from"] = "selection"
     inputs = {"data": ctx.output("data", "yolo")}
     if ctx.recipe.calib.source != "train":
         inputs["list"] = Path(ctx.recipe.calib.source)
@@ -120,8 +126,10 @@ def run(ctx: Context) -> StageRecord:
         (out / "tuning_gt.json").write_text(json.dumps(gt))
         return StageResult(outputs={"calib": "calib.npy", "meta": "calib.json", "tuning": "tuning_gt.json",
                                     "list": "calib_images.txt"},
-                           metrics={"images": len(calib), "tuning_images": len(tuning), "digest": digest},
-                           summary=f"{len(calib)} calibration images, {len(tuning)} tuning images (train, not eval)")
+                           metrics={"images": len(calib), "tuning_images": len(tuning), "digest": digest,
+                                    "tuning_from": config.get("tuning_from", "train")},
+                           summary=f"{len(calib)} calibration images, {len(tuning)} tuning images "
+                                   f"({config.get('tuning_from', 'train')}, not eval)")
 
     return run_stage(ctx, "calibrate", VERSION, config, inputs, fn)
 

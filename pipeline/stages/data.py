@@ -85,8 +85,10 @@ def run(ctx: Context) -> StageRecord:
 
 def dataset(ctx: Context) -> Dataset:
     """The run's dataset, read back from the data stage's YOLO layout (for training-side uses: its image ids follow
-    file order; anything scored against ground truth reads `eval_set`)."""
-    return load_dataset(ctx.output("data", "yolo") / "data.yaml")
+    file order; anything scored against ground truth reads `eval_set`), with its selection split where it has one."""
+    from pipeline.data.formats import read_yolo
+
+    return read_yolo(ctx.output("data", "yolo") / "data.yaml", extra_splits=("selection",))
 
 
 def eval_set(ctx: Context, verify: bool = True) -> EvalSet:
