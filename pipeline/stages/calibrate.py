@@ -65,11 +65,8 @@ def select(ctx: Context):
             raise UserError("calib.source is 'train' but the dataset has no train images: name a list of calibration "
                             "images (calib.source: calib/<list>.txt) or add a train split", ctx.recipe.data.source)
         calib = [train[i].path for i in order[: c.count]]
-        rest = [train[i] for i in order[c.count:]]
     else:
         calib = _list_file_images(Path(c.source))[: c.count]
-        calib_h = {sha256_file(p) for p in calib}
-        rest = [train[i] for i in order if sha256_file(train[i].path) not in calib_h]
     for p in calib:
         h = sha256_file(p)
         if h in eval_hashes:
@@ -79,10 +76,20 @@ def select(ctx: Context):
         raise UserError(f"only {len(calib)} calibration images (< calib.min_count={c.min_count}): INT8 ranges from "
                         f"so few images are unreliable; add images or set calib.force=true",
                         ctx.recipe_path if c.source == "train" else c.source)
-    if "selection" in ds.splits:  # data.selection: never trained on (carve_selection keeps eval images out of it)
+    if tuning_from(ds) == "selection":  # data.selection: never trained on (carve_selection keeps eval images out)
         rest = ds.split("selection")
+    elif c.source == "train":
+        rest = [train[i] for i in order[c.count:]]
+    else:
+        calib_h = {sha256_file(p) for p in calib}
+        rest = [train[i] for i in order if sha256_file(train[i].path) not in calib_h]
     tuning = [im for im in rest if sha256_file(im.path) not in eval_hashes][: c.tuning_images]
     return calib, tuning, ds
+
+
+def tuning_from(ds) -> str:
+    """Where the accuracy-aware search's tuning images come from: the selection split where the run carves one."""
+    return "selection" if "selection" in ds.splits else "train"
 
 
 def preflight(ctx: Context) -> None:
@@ -97,8 +104,9 @@ def run(ctx: Context) -> StageRecord:
     calib, tuning, ds = select(ctx)
     spec = PrePost.from_recipe(ctx.recipe)
     config = {**ctx.recipe.calib.model_dump(), "prepost": spec.as_dict()}
-    if "selection" in ds.splits:  # only then: runs without a selection split keep their keys
-        config["tuning_from"] = "selection"
+    source = tuning_from(ds)
+    if source == "selection":  # only then: runs without a selection split keep their keys
+        config["tuning_from"] = source
     inputs = {"data": ctx.output("data", "yolo")}
     if ctx.recipe.calib.source != "train":
         inputs["list"] = Path(ctx.recipe.calib.source)
@@ -127,9 +135,9 @@ def run(ctx: Context) -> StageRecord:
         return StageResult(outputs={"calib": "calib.npy", "meta": "calib.json", "tuning": "tuning_gt.json",
                                     "list": "calib_images.txt"},
                            metrics={"images": len(calib), "tuning_images": len(tuning), "digest": digest,
-                                    "tuning_from": config.get("tuning_from", "train")},
+                                    "tuning_from": source},
                            summary=f"{len(calib)} calibration images, {len(tuning)} tuning images "
-                                   f"({config.get('tuning_from', 'train')}, not eval)")
+                                   f"({source}, not eval)")
 
     return run_stage(ctx, "calibrate", VERSION, config, inputs, fn)
 
