@@ -285,3 +285,14 @@ def test_a_checkpoint_whose_classes_are_not_the_datasets_is_refused(tmp_path, ba
     last = r.stderr.strip().splitlines()[-1]  # after the data stage's lines: the load stage's one line
     assert last.startswith("error: ") and "other.pt" in last and "the model's classes ['thing0'" in last
     assert "are not the dataset's ['circle'" in last and not (tmp_path / "run" / "load" / "record.json").exists()
+
+
+def test_a_selection_split_larger_than_train_is_refused_naming_the_recipe(tmp_path):
+    """data.selection.images is a recipe key: too many for the train split names the recipe (not the directory the
+    synthetic set is generated in) and leaves no data stage behind."""
+    r = cli("run", "--stages", "data", "--run-dir", tmp_path / "run", "--set", "data.synthetic.train=8", "--set",
+            "data.synthetic.val=4", "--set", "data.selection.images=9")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: models/default.yaml: data.selection.images=9: the train split has 8 images"), last
+    assert "keep some to train on" in last and not (tmp_path / "run" / "data" / "record.json").exists()

@@ -57,7 +57,7 @@ def run(ctx: Context) -> StageRecord:
         split = ctx.recipe.bench.split
         outputs = {"yolo": "yolo", "coco": "coco", "eval": "eval", "meta": "dataset.json"}
         if sel.images:
-            d = carve_selection(d, split, sel.images, sel.seed)
+            d = carve_selection(d, split, sel.images, sel.seed, blame=ctx.recipe_path)
         write_yolo(d, out / "yolo")
         write_coco(d, out / "coco")
         for name, sp in (("eval", split), ("selection", "selection")):
@@ -96,9 +96,10 @@ def eval_set(ctx: Context, verify: bool = True) -> EvalSet:
     return EvalSet.load(ctx.output("data", "eval"), verify=verify)
 
 
-def carve_selection(d: Dataset, eval_split: str, n: int, seed: int) -> Dataset:
+def carve_selection(d: Dataset, eval_split: str, n: int, seed: int, blame: Path | str | None = None) -> Dataset:
     """`d` with a seeded sample of n train images (none whose content is in the eval split) moved to a 'selection'
-    split: what the recipe's choices are compared on, never trained on."""
+    split: what the recipe's choices are compared on, never trained on. Too few train images is an error naming
+    `blame` (the recipe that sets the key) or else the dataset."""
     import dataclasses
 
     import numpy as np
@@ -111,7 +112,7 @@ def carve_selection(d: Dataset, eval_split: str, n: int, seed: int) -> Dataset:
     picked = [int(i) for i in order if sha256_file(train[i].path) not in evals][:n]
     if len(picked) < n or len(train) - n < 1:
         raise UserError(f"data.selection.images={n}: the train split has {len(train)} images ({len(picked)} not in "
-                        f"the '{eval_split}' split); keep some to train on", d.source)
+                        f"the '{eval_split}' split); keep some to train on", blame or d.source)
     chosen = set(picked)
     return dataclasses.replace(d, splits={**d.splits, "train": [im for i, im in enumerate(train) if i not in chosen],
                                           "selection": [train[i] for i in sorted(chosen)]})
