@@ -110,8 +110,9 @@ def read_inputs(data: Path, weights: str, imgsz: int | None) -> Inputs:
     else:
         size, src = DEFAULT_IMGSZ, ("ultralytics' default (an architecture yaml carries no size)" if is_yaml else
                                     "ultralytics' default (the checkpoint does not say its size)")
-    if size % 32:
-        raise UserError(f"input size {size} is not a multiple of 32 (the model's largest stride)")
+    stride = int(max(model.stride))
+    if size % stride:
+        raise UserError(f"input size {size} is not a multiple of the model's largest stride {stride}")
     return Inputs(names=list(ds.names), n_train=len(train), n_val=len(ds.splits["val"]),
                   n_images=sum(len(v) for v in ds.splits.values()), model=model, imgsz=size, imgsz_from=src,
                   is_yaml=is_yaml, dataset=ds, family=fam)

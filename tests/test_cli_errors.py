@@ -296,3 +296,15 @@ def test_a_selection_split_larger_than_train_is_refused_naming_the_recipe(tmp_pa
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: models/default.yaml: data.selection.images=9: the train split has 8 images"), last
     assert "keep some to train on" in last and not (tmp_path / "run" / "data" / "record.json").exists()
+
+
+def test_an_input_size_off_the_models_stride_is_refused_by_the_load_stage(tmp_path):
+    """An input size the model's strides do not divide (its feature maps would not line up) is one line naming the
+    recipe and a size that works, not a traceback from inside the MACs count."""
+    r = cli("run", "--stages", "data,load", "--run-dir", tmp_path / "run", "--set", "data.synthetic.train=8", "--set",
+            "data.synthetic.val=4", "--set", "model.imgsz=100")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: models/default.yaml: model.imgsz 100 is not a multiple of the model's largest "
+                           "stride 32 (e.g. 96)"), last
+    assert not (tmp_path / "run" / "load" / "record.json").exists()

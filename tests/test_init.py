@@ -65,7 +65,7 @@ def test_init_reads_sizes_and_checks_classes(synth_small, base_ckpt):
     assert inp.imgsz == 640 and inp.n_train == 24 and inp.n_val == 12 and len(inp.names) == 8
     assert read_inputs(synth_small, str(base_ckpt), None).imgsz == 320  # the checkpoint's training size
     assert read_inputs(synth_small, str(base_ckpt), 256).imgsz == 256
-    with pytest.raises(UserError, match="multiple of 32"):
+    with pytest.raises(UserError, match="input size 300 is not a multiple of the model.s largest stride 32"):
         read_inputs(synth_small, str(base_ckpt), 300)
     with pytest.raises(UserError, match="no train images"):
         read_inputs(synth_small / "annotations" / "instances_val.json", str(base_ckpt), None)

@@ -114,6 +114,10 @@ def run(ctx: Context) -> StageRecord:
         else:
             model = ua.build_from_yaml(spec, nc=len(meta["names"]), names=meta["names"])
         fam = family_of(model, ctx.recipe.model.family, spec)
+        stride, imgsz = int(max(model.stride)), ctx.recipe.model.imgsz
+        if imgsz % stride:
+            raise UserError(f"model.imgsz {imgsz} is not a multiple of the model's largest stride {stride} "
+                            f"(e.g. {max(stride, round(imgsz / stride) * stride)})", ctx.recipe_path)
         stats = {**ua.model_stats(model, ctx.recipe.model.imgsz, fam), "family": fam.name}
         ua.save_checkpoint(model, out / "model.pt")
         info = {**stats, "nc": len(meta["names"]), "names": ua.names_of(model) or meta["names"], "source": spec}
