@@ -308,3 +308,26 @@ def test_an_input_size_off_the_models_stride_is_refused_by_the_load_stage(tmp_pa
     assert last.startswith("error: models/default.yaml: model.imgsz 100 is not a multiple of the model's largest "
                            "stride 32 (e.g. 96)"), last
     assert not (tmp_path / "run" / "load" / "record.json").exists()
+
+
+def test_a_bench_split_the_synthetic_set_lacks_is_refused_naming_the_recipe(tmp_path):
+    """The synthetic set has train and val only: bench.split 'test' is one line naming the recipe, not a data stage
+    without an eval set that a later stage trips over."""
+    r = cli("run", "--stages", "data", "--run-dir", tmp_path / "run", "--set", "data.synthetic.train=8", "--set",
+            "data.synthetic.val=4", "--set", "bench.split=test")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: models/default.yaml: bench.split 'test': the dataset has no images in it (its "
+                           "splits: train 8, val 4)"), last
+    assert not (tmp_path / "run" / "data" / "record.json").exists()
+
+
+def test_a_training_record_given_as_the_weights_is_not_a_checkpoint(tmp_path):
+    """models/base/<name>.json beside a base is its record: given as model.weights it is refused as what it is."""
+    rec = tmp_path / "base.json"
+    rec.write_text(json.dumps({"epochs": 3, "sha256": "0" * 64}))
+    r = cli("run", "--stages", "data,load", "--run-dir", tmp_path / "run", "--set", "data.synthetic.train=8", "--set",
+            "data.synthetic.val=4", "--set", f"model.weights={rec}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {rec}: not a YOLO checkpoint"), last

@@ -55,6 +55,9 @@ def run(ctx: Context) -> StageRecord:
         else:
             d = _user_dataset(ctx)
         split = ctx.recipe.bench.split
+        if not d.splits.get(split):  # a user's dataset was checked before any stage ran; the synthetic one here
+            raise UserError(f"bench.split '{split}': the dataset has no images in it (its splits: "
+                            f"{', '.join(f'{k} {len(v)}' for k, v in d.splits.items())})", ctx.recipe_path)
         outputs = {"yolo": "yolo", "coco": "coco", "eval": "eval", "meta": "dataset.json"}
         if sel.images:
             d = carve_selection(d, split, sel.images, sel.seed, blame=ctx.recipe_path)

@@ -58,6 +58,8 @@ def check_against_record(weights: Path) -> None:
     the file the record describes: a corrupted or replaced base is refused in one line, before any work."""
     from pipeline.core.store import sha256_file
 
+    if weights.suffix == ".json":  # the record itself given as the weights: torch.load says what it is
+        return
     try:
         rec = json.loads(weights.with_suffix(".json").read_text())
     except (OSError, ValueError):
@@ -97,7 +99,7 @@ def run(ctx: Context) -> StageRecord:
     meta = data_stage.meta(ctx)
     config = {"model": ctx.recipe.model.model_dump(), "names": meta["names"]}
     inputs = {} if spec.endswith((".yaml", ".yml")) else {"weights": Path(spec)}
-    if inputs and Path(spec).with_suffix(".json").is_file():
+    if inputs and Path(spec).suffix != ".json" and Path(spec).with_suffix(".json").is_file():
         inputs["training"] = Path(spec).with_suffix(".json")
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
