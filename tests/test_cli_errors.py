@@ -331,3 +331,15 @@ def test_a_training_record_given_as_the_weights_is_not_a_checkpoint(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {rec}: not a YOLO checkpoint"), last
+
+
+@pytest.mark.parametrize("name,content", [("notes.md", b"# a README\n"), ("labels.txt", b"0 0.5 0.5 0.2 0.2\n")])
+def test_a_file_that_is_no_dataset_layout_is_refused_as_such(tmp_path, name, content):
+    """A file that is neither a YOLO data yaml nor a COCO JSON is named as not a dataset, with the layouts taken
+    (not reported as broken JSON)."""
+    f = tmp_path / name
+    f.write_bytes(content)
+    for cmd in (("check-data", f), ("convert", "--to", "coco", f, tmp_path / "out")):
+        _assert_clean_error(cli(*cmd), str(f), "not a dataset: expected a YOLO data yaml, a COCO directory or "
+                                                   "instances JSON, or a Pascal VOC directory")
+    assert not (tmp_path / "out").exists()

@@ -567,6 +567,9 @@ def load_dataset(path: str | Path, strict: bool = False, names: list[str] | None
         ds = read_yolo(p / "data.yaml", strict)
     elif is_voc(p):
         return read_voc(p, strict, names)
+    elif p.is_file() and p.suffix.lower() != ".json":
+        raise UserError("not a dataset: expected a YOLO data yaml, a COCO directory or instances JSON, or a Pascal "
+                        "VOC directory", p)
     else:
         ds = read_coco(p, strict)
     if names is not None and [str(n) for n in names] != ds.names:
