@@ -448,6 +448,8 @@ def deploy_cmd(hosts: list[str] = typer.Option(..., "--host", help="[name=]user@
     from pipeline.core.store import run_lock
 
     ctx = _ctx(recipe, sets, run_dir)
+    if not (ctx.run_dir / "report.json").is_file():  # before the lock, which would create a mistyped --run-dir
+        raise UserError("no report.json: run the pipeline (make pipeline) first", ctx.run_dir / "report.json")
     with run_lock(ctx.run_dir, "`yolo-edge deploy`"):
         rep, outcomes = deploy(ctx, hosts, ssh_args=ssh_args, remote_dir=remote_dir, remote_python=remote_python,
                                runner=runner, timeout=timeout, bench_args=bench_args,

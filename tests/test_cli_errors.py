@@ -343,3 +343,11 @@ def test_a_file_that_is_no_dataset_layout_is_refused_as_such(tmp_path, name, con
         _assert_clean_error(cli(*cmd), str(f), "not a dataset: expected a YOLO data yaml, a COCO directory or "
                                                    "instances JSON, or a Pascal VOC directory")
     assert not (tmp_path / "out").exists()
+
+
+def test_deploy_from_a_run_directory_without_a_report_creates_nothing(tmp_path):
+    """A mistyped --run-dir is one line naming the missing report; no directory (nor its lock file) is left behind."""
+    run = tmp_path / "no-such-run"
+    _assert_clean_error(cli("deploy", "--run-dir", run, "--host", "user@jetson"), str(run / "report.json"),
+                        "no report.json: run the pipeline")
+    assert not run.exists()
