@@ -287,49 +287,45 @@ def test_a_checkpoint_whose_classes_are_not_the_datasets_is_refused(tmp_path, ba
     assert "are not the dataset's ['circle'" in last and not (tmp_path / "run" / "load" / "record.json").exists()
 
 
+def _refused_small_run(tmp_path, stages, *sets):
+    """The last stderr line of a run on an 8 + 4 image synthetic set that must stop in one line (exit 2, no traceback)
+    and leave no record of the last stage asked for."""
+    flags = [x for s in ("data.synthetic.train=8", "data.synthetic.val=4", *sets) for x in ("--set", s)]
+    r = cli("run", "--stages", stages, "--run-dir", tmp_path / "run", *flags)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / stages.split(",")[-1] / "record.json").exists()
+    return r.stderr.strip().splitlines()[-1]
+
+
 def test_a_selection_split_larger_than_train_is_refused_naming_the_recipe(tmp_path):
     """data.selection.images is a recipe key: too many for the train split names the recipe (not the directory the
     synthetic set is generated in) and leaves no data stage behind."""
-    r = cli("run", "--stages", "data", "--run-dir", tmp_path / "run", "--set", "data.synthetic.train=8", "--set",
-            "data.synthetic.val=4", "--set", "data.selection.images=9")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
+    last = _refused_small_run(tmp_path, "data", "data.selection.images=9")
     assert last.startswith("error: models/default.yaml: data.selection.images=9: the train split has 8 images"), last
-    assert "keep some to train on" in last and not (tmp_path / "run" / "data" / "record.json").exists()
+    assert "keep some to train on" in last
 
 
 def test_an_input_size_off_the_models_stride_is_refused_by_the_load_stage(tmp_path):
     """An input size the model's strides do not divide (its feature maps would not line up) is one line naming the
     recipe and a size that works, not a traceback from inside the MACs count."""
-    r = cli("run", "--stages", "data,load", "--run-dir", tmp_path / "run", "--set", "data.synthetic.train=8", "--set",
-            "data.synthetic.val=4", "--set", "model.imgsz=100")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
+    last = _refused_small_run(tmp_path, "data,load", "model.imgsz=100")
     assert last.startswith("error: models/default.yaml: model.imgsz 100 is not a multiple of the model's largest "
                            "stride 32 (e.g. 96)"), last
-    assert not (tmp_path / "run" / "load" / "record.json").exists()
 
 
 def test_a_bench_split_the_synthetic_set_lacks_is_refused_naming_the_recipe(tmp_path):
     """The synthetic set has train and val only: bench.split 'test' is one line naming the recipe, not a data stage
     without an eval set that a later stage trips over."""
-    r = cli("run", "--stages", "data", "--run-dir", tmp_path / "run", "--set", "data.synthetic.train=8", "--set",
-            "data.synthetic.val=4", "--set", "bench.split=test")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
+    last = _refused_small_run(tmp_path, "data", "bench.split=test")
     assert last.startswith("error: models/default.yaml: bench.split 'test': the dataset has no images in it (its "
                            "splits: train 8, val 4)"), last
-    assert not (tmp_path / "run" / "data" / "record.json").exists()
 
 
 def test_a_training_record_given_as_the_weights_is_not_a_checkpoint(tmp_path):
     """models/base/<name>.json beside a base is its record: given as model.weights it is refused as what it is."""
     rec = tmp_path / "base.json"
     rec.write_text(json.dumps({"epochs": 3, "sha256": "0" * 64}))
-    r = cli("run", "--stages", "data,load", "--run-dir", tmp_path / "run", "--set", "data.synthetic.train=8", "--set",
-            "data.synthetic.val=4", "--set", f"model.weights={rec}")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
+    last = _refused_small_run(tmp_path, "data,load", f"model.weights={rec}")
     assert last.startswith(f"error: {rec}: not a YOLO checkpoint"), last
 
 
