@@ -46,6 +46,7 @@ $(STAGES): venv  # one target per stage
 
 HOSTS ?=
 deploy: venv ## bundle, then copy + install + bench on each Jetson over ssh (HOSTS="user@jetson [name=user@host:port ...]"), merged into runs/<run>/report.json under "devices"
+	@test -n "$(HOSTS)" || { echo "make deploy needs HOSTS='user@jetson [name=user@host:port ...]'" >&2; exit 2; }
 	$(CLI) deploy --recipe $(RECIPE) $(foreach h,$(HOSTS),--host $(h)) $(ARGS)
 
 nightly: venv ## the nightly matrix (benchmarks/matrix.yaml: default ~6 min + 60-epoch fine-tune ~33 min on 2 cores), recorded in benchmarks/history.db, gated against benchmarks/baselines/ (exit 2 on a regression, an unexplained gain or a missing variant/device)
@@ -76,6 +77,7 @@ history: venv ## record the latest runs/default results in benchmarks/history.db
 	$(CLI) history record runs/default --history $(HISTORY)
 
 check-trt: venv ## check an ONNX file against TensorRT's operator table and rules: make check-trt FILE=model.onnx [TRT=10.3|10.6|11]
+	@test -n "$(FILE)" || { echo "make check-trt needs FILE=model.onnx [TRT=10.3|10.6|11]" >&2; exit 2; }
 	$(CLI) check-trt $(FILE) --trt $(TRT)
 
 modelopt-venv: ## NVIDIA ModelOpt in its own venv (.venv-modelopt) for quantize.backend=modelopt

@@ -307,3 +307,15 @@ def test_readme_make_table_and_makefile_agree():
     assert made and documented
     assert not made - documented, f"targets missing from the README's table: {sorted(made - documented)}"
     assert not documented - made, f"README names targets the Makefile lacks: {sorted(documented - made)}"
+
+
+@pytest.mark.parametrize("target,var", [("check-trt", "FILE"), ("deploy", "HOSTS"), ("compare", "ENTRIES"),
+                                        ("baseline", "REASON")])
+def test_a_make_target_missing_its_variable_says_which_in_one_line(target, var):
+    """`make check-trt` without FILE (and the like) names the variable and its form, exit 2, before any CLI call
+    (`-o venv`: the environment is taken as it is)."""
+    r = subprocess.run(["make", "-s", "-o", "venv", target, f"{var}="], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("make: ***")]
+    assert len(lines) == 1 and lines[0].startswith(f"make {target} needs {var}="), r.stderr
