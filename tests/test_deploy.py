@@ -469,3 +469,17 @@ def test_deploy_copies_with_scp_where_rsync_is_not_used(run, fleet):
     assert dev["steps_s"]["copy_tool"] == "scp" and dev["skipped"] == []
     ref = json.loads((d / "report.json").read_text())["variants"]
     assert [v["map50_95"] for v in dev["variants"]] == [v["map50_95"] for v in ref]
+
+
+def test_a_path_that_is_no_bundle_is_named_as_such(tmp_path):
+    """The device CLI's bundle argument: a plain file is not a bundle, a missing path is no such bundle."""
+    from pipeline.core.errors import UserError
+    from pipeline.device.manifest import resolve
+
+    f = tmp_path / "notes.md"
+    f.write_text("x")
+    with pytest.raises(UserError, match=r"not a bundle: a bundle is a directory or a \.tar\.gz") as e:
+        resolve(f)
+    assert str(f) in str(e.value)
+    with pytest.raises(UserError, match="no such bundle"):
+        resolve(tmp_path / "absent")

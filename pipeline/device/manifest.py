@@ -151,6 +151,8 @@ def resolve(bundle: str | Path) -> Path:
     p = Path(bundle)
     if p.is_file() and p.name.endswith((".tar.gz", ".tgz")):
         return unpack(p, p.parent)
+    if p.is_file():
+        raise UserError("not a bundle: a bundle is a directory or a .tar.gz (runs/<run>/bundle/)", p)
     if not p.is_dir():
         raise UserError("no such bundle (a directory or a .tar.gz)", p)
     return p
