@@ -347,3 +347,20 @@ def test_deploy_from_a_run_directory_without_a_report_creates_nothing(tmp_path):
     _assert_clean_error(cli("deploy", "--run-dir", run, "--host", "user@jetson"), str(run / "report.json"),
                         "no report.json: run the pipeline")
     assert not run.exists()
+
+
+def test_a_yolo_directory_is_read_through_its_one_data_yaml_whatever_its_name(tmp_path, synth_small):
+    """ultralytics' sets name their yaml after the set (coco8.yaml): the directory reads as that yaml does; two data
+    yamls are one line asking which; a directory of no layout says what was looked for."""
+    from pipeline.data.formats import load_dataset
+
+    y = _yolo(tmp_path, synth_small)
+    y.rename(y.with_name("mine.yaml"))
+    (y.parent / "notes.yaml").write_text("a: 1\n")  # a yaml without names is not a data yaml
+    by_dir, by_yaml = load_dataset(y.parent), load_dataset(y.with_name("mine.yaml"))
+    assert by_dir.names == by_yaml.names and {k: len(v) for k, v in by_dir.splits.items()} == {"train": 2, "val": 2}
+    (y.parent / "other.yaml").write_text(y.with_name("mine.yaml").read_text())
+    _assert_clean_error(cli("check-data", y.parent), str(y.parent), "2 data yamls (mine.yaml, other.yaml)")
+    (tmp_path / "empty").mkdir()
+    _assert_clean_error(cli("check-data", tmp_path / "empty"), "not a dataset: no data.yaml (YOLO), "
+                        "annotations/instances_<split>.json (COCO) or Annotations/ (Pascal VOC)")

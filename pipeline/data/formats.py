@@ -279,7 +279,8 @@ def read_coco(root: Path, strict: bool = False) -> Dataset:
             split = f.stem[len("instances_"):]
             ann_files["train" if split.startswith("train") else "val" if split.startswith("val") else split] = f
         if not ann_files:
-            raise UserError("no annotations/instances_<split>.json found", root)
+            raise UserError("not a dataset: no data.yaml (YOLO), annotations/instances_<split>.json (COCO) or "
+                            "Annotations/ (Pascal VOC) in it", root)
         base = root
     names = category_ids = None
     splits = {}
@@ -565,6 +566,11 @@ def load_dataset(path: str | Path, strict: bool = False, names: list[str] | None
         ds = read_yolo(p, strict)
     elif p.is_dir() and (p / "data.yaml").is_file() and not (p / "annotations").is_dir():
         ds = read_yolo(p / "data.yaml", strict)
+    elif p.is_dir() and not (p / "annotations").is_dir() and not is_voc(p) and (yamls := _yolo_yamls(p)):
+        if len(yamls) > 1:
+            raise UserError(f"a YOLO directory with {len(yamls)} data yamls ({', '.join(y.name for y in yamls)}): "
+                            f"give the one to read", p)
+        ds = read_yolo(yamls[0], strict)  # ultralytics' own sets name it after the set (coco8.yaml)
     elif is_voc(p):
         return read_voc(p, strict, names)
     elif p.is_file() and p.suffix.lower() != ".json":
@@ -577,6 +583,21 @@ def load_dataset(path: str | Path, strict: bool = False, names: list[str] | None
             raise UserError(f"data.names {list(names)} differs from the dataset's own classes {ds.names}", p)
         ds = reordered(ds, [str(n) for n in names])
     return ds
+
+
+def _yolo_yamls(d: Path) -> list[Path]:
+    """The YOLO data yamls at the top of directory `d`: yaml files with a `names` key beside an images/ folder."""
+    if not (d / "images").is_dir():
+        return []
+    found = []
+    for f in sorted([*d.glob("*.yaml"), *d.glob("*.yml")]):
+        try:
+            doc = yaml.safe_load(f.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(doc, dict) and "names" in doc:
+            found.append(f)
+    return found
 
 
 def reordered(ds: Dataset, names: list[str]) -> Dataset:
