@@ -316,10 +316,10 @@ def convert(src: Path, dest: Path, to: str = typer.Option(..., help="yolo or coc
     from pipeline.data.formats import load_dataset, write_coco, write_yolo
     from pipeline.stages.data import warn_dirty
 
+    if to not in ("yolo", "coco"):  # before the dataset is read
+        raise UserError(f"--to must be yolo or coco, got '{to}'")
     ds = load_dataset(src, strict=strict, names=_names(names))
     warn_dirty(ds)
-    if to not in ("yolo", "coco"):
-        raise UserError(f"--to must be yolo or coco, got '{to}'")
     typer.echo(str(write_yolo(ds, dest) if to == "yolo" else write_coco(ds, dest)))
 
 
