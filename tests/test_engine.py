@@ -46,7 +46,7 @@ def _types(path):
 
 @pytest.mark.slow
 def test_fp16_variant_is_strongly_typed_and_matches_fp32(files):
-    from pipeline.stages.engine import FP16_BOX_FRAC, FP16_SCORE, make_variant
+    from pipeline.stages.engine import fp16_parity_failure, make_variant
 
     dest = files["dir"] / "base-fp16.onnx"
     info = make_variant("fp16", files["fp32"], dest, files["fp32"], files["x"], 320, files["dir"], F11)
@@ -60,7 +60,7 @@ def test_fp16_variant_is_strongly_typed_and_matches_fp32(files):
     # ORT's CPU has no FP16 Conv: the record names it and the gate is the FP16-rounded graph
     assert "Conv" in info["ort_cpu_missing_fp16"]
     for k in ("parity_emulated", "parity_ort"):
-        assert info[k]["box_px_live"] <= FP16_BOX_FRAC * 320 and info[k]["score"] <= FP16_SCORE, info
+        assert fp16_parity_failure(info[k], 320) is None and info[k]["nonfinite"] == 0, info
 
 
 @pytest.mark.slow  # its module fixture exports and converts the shipped base (~8 s)
@@ -125,6 +125,43 @@ def test_the_parity_checks_refuse_a_wrong_conversion(files, kind, monkeypatch):
     with pytest.raises(UserError, match="FP16 output differs|INT8 with FP16 around it") as e:
         make_variant(kind, src, files["dir"] / f"{kind}_wrong.onnx", files["fp32"], files["x"], 320, files["dir"], F11)
     print(f"{kind}: {e.value}")
+
+
+def test_fp16_parity_reads_percentiles_and_bounds_one_anchor_loosely():
+    """One live anchor's box 1.3 px off (a pruned YOLO26n's honest FP16 rounding at 416 px, a 153 px box) passes; a
+    shift of every live box by 1 px, a non-finite output, or one anchor 8 px off does not."""
+    from pipeline.stages.engine import LIVE, _diff, fp16_parity_failure
+
+    rng = np.random.default_rng(0)
+    ref = []
+    for _ in range(4):
+        a = np.zeros((1, 7, 3549), np.float32)
+        a[0, :4] = rng.uniform(0, 416, (4, 3549))
+        a[0, 4:] = rng.uniform(0, 0.2, (3, 3549))
+        a[0, 4, :300] = rng.uniform(LIVE + 0.01, 0.9, 300)  # 300 live anchors an image
+        ref.append(a)
+
+    def run(change):
+        got = [a.copy() for a in ref]
+        change(got)
+        return fp16_parity_failure(_diff(ref, got), 416)
+
+    def one_anchor(px):
+        def change(got):
+            got[1][0, 2, 7] += px
+        return change
+
+    def shift_all(got):
+        for g in got:
+            g[0, :4] += 1.0
+
+    def overflow(got):
+        got[2][0, 0, 3000] = np.inf
+
+    assert run(lambda got: None) is None and run(one_anchor(1.3)) is None
+    assert "99th percentile of live anchors' box coordinates" in run(shift_all)
+    assert "non-finite" in run(overflow)
+    assert "the largest live anchor's box coordinate" in run(one_anchor(8.0))
 
 
 # ---- check-trt: one file per rule ----------------------------------------------------------------------------------

@@ -35,19 +35,24 @@ from pipeline.stages.variants import wanted
 VERSION = 3  # 3: files named by their variants (pipeline/core/variants.py)
 # The parity checks compare a strongly typed file with its FP32 model on PARITY_IMAGES eval images. They catch a
 # broken conversion (a layer lost, a wrong cast, an FP16 overflow), not FP16's or INT8's own rounding, which differs
-# from model to model and input size to input size; bench's mAP of each variant is the finer check. Each tolerance
-# sits over the largest honest value measured on 16 images (benchmarks/RESULTS.md, 2026-12-04): the shipped base at
-# 320 and 640 px, the pruned model fine-tuned under OMP_NUM_THREADS 1 and 2 and seeds 0-2, YOLO11n models trained on
-# the BCCD photos (416 and 640 px).
+# from model to model and input size to input size; bench's mAP of each variant is the finer check. A broken
+# conversion moves most outputs, so each check reads a high percentile; the maximum over every anchor of 16 images is
+# bounded only loosely, for it is one anchor's rounding (a large box whose regression sits on a rounding edge) and
+# grows with the image count. Each tolerance is 4x the largest honest value measured on 16 images (benchmarks/
+# RESULTS.md, 2026-12-08): the shipped synthetic base and pruned model at 320 px; on the BCCD photos at 416 px the
+# YOLO11n, YOLOv8n and YOLO26n bases and seven pruned models (two 0.33x YOLO11n seeds, three YOLOv8n cuts, two YOLO26n
+# cuts); the FP16-rounded graph and ONNX Runtime's own FP16 file alike. Non-finite outputs always fail.
 PARITY_IMAGES = 16
 LIVE = 0.25  # anchors scoring above this in FP32 are those that can become detections
-# Box coordinates of live anchors, max abs difference, as a fraction of the input size: measured 1.0e-4 to 3.9e-4
-# (0.033-0.124 px at 320, 0.25 px at 640, 0.07-0.13 px on BCCD) and 6.5e-4 on a converged BCCD YOLO11n at 416 px
-# (0.271 px); 2.5e-3 is 3.8x the largest (0.8 px at 320, 1.6 px at 640).
-FP16_BOX_FRAC = 2.5e-3
-# Class scores (probabilities), max abs difference over every anchor: measured 0.004-0.018 (the largest: pruned at
-# 320; a maximum over ~25k anchors, so it grows with the image count); 0.06 is 3.3x that.
-FP16_SCORE = 6e-2
+# Box coordinates of live anchors, abs difference as a fraction of the input size. 99th percentile: measured
+# 2.4e-5 to 3.2e-4 (the largest: a pruned YOLOv8n; 0.13 px at 416). Maximum: 1.0e-4 to 3.1e-3 (the largest: one
+# anchor of a pruned YOLO26n, 1.30 px on a 117x153 px box; YOLOv8n's base 2.4e-3).
+FP16_BOX_P99_FRAC = 1.3e-3
+FP16_BOX_MAX_FRAC = 1.25e-2
+# Class scores (probabilities), abs difference. 99th percentile over live anchors: measured 7.8e-4 to 1.1e-2 (a
+# pruned YOLO26n). Maximum over every anchor: 4.4e-3 to 4.3e-2 (the same model; YOLO26n's base 4.0e-2).
+FP16_SCORE_P99 = 4.5e-2
+FP16_SCORE_MAX = 0.17
 # INT8 with FP16 around it: its output error vs FP32 (score-weighted, pipeline.quant.ort_qdq.output_error's
 # measure) may be at most INT8_FP16_RATIO times the INT8 file's own (FP32 around the Q/DQ). Not additive: FP16 in
 # front of a QuantizeLinear moves values across rounding boundaries, so the excess scales with the INT8 error itself
@@ -81,15 +86,36 @@ def ort_cpu_missing_fp16(model: onnx.ModelProto) -> list[str]:
 
 
 def _diff(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
-    box = score = 0.0
+    """FP16 parity statistics: box coordinates of live anchors (px) and class scores, maxima and 99th percentiles,
+    and the count of non-finite values where FP32 is finite."""
+    box, score, score_live, nonfinite = [], [], [], 0
     for a, b in zip(ref, got):
         a, b = a[0], b[0]  # (4 + nc, anchors)
+        nonfinite += int((np.isfinite(a) & ~np.isfinite(b)).sum())
         d = np.abs(a - b)
         live = a[4:].max(0) > LIVE
-        if live.any():
-            box = max(box, float(d[:4][:, live].max()))
-        score = max(score, float(d[4:].max()))
-    return {"box_px_live": box, "score": score}
+        box.append(d[:4][:, live].ravel())
+        score.append(d[4:].ravel())
+        score_live.append(d[4:][:, live].ravel())
+    box, score, score_live = (np.nan_to_num(np.concatenate(v), nan=np.inf) for v in (box, score, score_live))
+
+    def q(v, p):
+        return float(np.percentile(v, p)) if v.size else 0.0
+
+    return {"box_px_live": float(box.max(initial=0.0)), "box_px_live_p99": q(box, 99),
+            "score": float(score.max(initial=0.0)), "score_live_p99": q(score_live, 99), "nonfinite": nonfinite}
+
+
+def fp16_parity_failure(d: dict, imgsz: int) -> str | None:
+    """What of `_diff`'s statistics breaks a tolerance, in words; None when none does."""
+    limits = [("box_px_live_p99", FP16_BOX_P99_FRAC * imgsz, "px, 99th percentile of live anchors' box coordinates"),
+              ("box_px_live", FP16_BOX_MAX_FRAC * imgsz, "px, the largest live anchor's box coordinate"),
+              ("score_live_p99", FP16_SCORE_P99, "99th percentile of live anchors' class scores"),
+              ("score", FP16_SCORE_MAX, "the largest class score of any anchor")]
+    if d["nonfinite"]:
+        return f"{d['nonfinite']} non-finite values where FP32 is finite (an FP16 overflow)"
+    bad = [f"{d[k]:.3g} > {lim:.3g} ({what})" for k, lim, what in limits if not d[k] <= lim]
+    return "; ".join(bad) or None
 
 
 def _weighted_error(ref: list[np.ndarray], got: list[np.ndarray], imgsz: int) -> float:
@@ -118,8 +144,8 @@ def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray
     mx = trt_ops.matrix(tensorrt)
     v = trt_ops.check_file(dest, tensorrt, require_reduced=True)
     if v:
-        raise UserError(f"{mx.label} would not build the strongly typed {kind} model ({len(v)} violation(s)), first: "
-                        f"{v[0]}", dest)
+        raise UserError(f"{dest.name}, made from it: {mx.label} would not build the strongly typed {kind} model "
+                        f"({len(v)} violation(s)), first: {v[0]}", src)
     ref = _outputs(fp32_ref, x)
     real, emulated = _outputs(dest, x), _outputs(emu, x)
     info = {"kind": kind, "source": src.name, **rep.as_dict(), "trt_check": f"passed ({mx.label})",
@@ -129,13 +155,14 @@ def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray
         info.update({"parity_emulated": d_emu, "parity_ort": d_real,
                      "weighted_error": {"emulated": _weighted_error(ref, emulated, imgsz),
                                         "ort": _weighted_error(ref, real, imgsz)},
-                     "tolerance": {"box_px_live": FP16_BOX_FRAC * imgsz, "score": FP16_SCORE, "live_score": LIVE}})
-        box_tol = FP16_BOX_FRAC * imgsz
-        worst = max(d_emu, d_real, key=lambda d: d["box_px_live"] / box_tol + d["score"] / FP16_SCORE)
-        if worst["box_px_live"] > box_tol or worst["score"] > FP16_SCORE:
-            raise UserError(f"FP16 output differs from FP32 by {worst['box_px_live']:.3f} px (boxes of anchors scoring "
-                            f"> {LIVE}) / {worst['score']:.2e} (scores); tolerance {box_tol:.2f} px ({FP16_BOX_FRAC:g} "
-                            f"of the {imgsz} px input) / {FP16_SCORE}", dest)
+                     "tolerance": {"box_px_live_p99": FP16_BOX_P99_FRAC * imgsz,
+                                   "box_px_live": FP16_BOX_MAX_FRAC * imgsz, "score_live_p99": FP16_SCORE_P99,
+                                   "score": FP16_SCORE_MAX, "live_score": LIVE}})
+        for label, d in (("FP16-rounded graph", d_emu), ("ONNX Runtime's FP16 file", d_real)):
+            why = fp16_parity_failure(d, imgsz)
+            if why:
+                raise UserError(f"{dest.name}, made from it: FP16 output differs from FP32 ({label}, {len(x)} "
+                                f"images): {why}", src)
     else:
         # what FP16 alone does to the same FP32 model (its float parts rounded, no Q/DQ), measured the same way
         fp16_ref = work / f"{dest.stem}.fp16-alone.emulated.onnx"
@@ -149,8 +176,9 @@ def make_variant(kind: str, src: Path, dest: Path, fp32_ref: Path, x: np.ndarray
                      "int8_fp16_error_ort": e_real, "ratio_to_int8_error": ratio,
                      "tolerance": {"ratio_to_int8_error": INT8_FP16_RATIO}})
         if not ratio <= INT8_FP16_RATIO:
-            raise UserError(f"INT8 with FP16 around it is {ratio:.2f}x the FP32-around INT8 error vs FP32 (> "
-                            f"{INT8_FP16_RATIO}x; FP16 alone adds {e_fp16:.1e} to {base:.1e})", dest)
+            raise UserError(f"{dest.name}, made from it: INT8 with FP16 around it is {ratio:.2f}x the FP32-around "
+                            f"INT8 error vs FP32 (> {INT8_FP16_RATIO}x; FP16 alone adds {e_fp16:.1e} to {base:.1e})",
+                            src)
     return info
 
 
@@ -178,7 +206,8 @@ def strongly_typed(ctx: Context, parity_n: int = PARITY_IMAGES) -> StageRecord:
     mx = trt_ops.matrix(ctx.recipe.engine.tensorrt)
     config = {"variants": sorted(v.name for v in jobs), "exclude": list(ctx.recipe.quantize.exclude),
               "parity_images": parity_n, "imgsz": ctx.recipe.model.imgsz,
-              "tolerance": [FP16_BOX_FRAC, FP16_SCORE, LIVE, INT8_FP16_RATIO],
+              "tolerance": [FP16_BOX_P99_FRAC, FP16_BOX_MAX_FRAC, FP16_SCORE_P99, FP16_SCORE_MAX, LIVE,
+                            INT8_FP16_RATIO],
               "tensorrt": {"version": mx.version, "table": mx.digest}}
 
     def fn(ctx: Context, out: Path, inputs) -> StageResult:
