@@ -109,6 +109,31 @@ def test_stage_cache_is_by_content_and_interrupt_keeps_record(tmp_path):
     assert rec["key"] == r3.key and (ctx.stage_dir("s") / "o.txt").read_text() == "V2"
 
 
+def test_a_stage_that_succeeds_after_a_failure_removes_the_failed_log(tmp_path):
+    """<stage>.failed.log says why the last try failed; once the stage succeeds it is history and goes."""
+    from pipeline.core.config import Recipe
+    from pipeline.core.errors import UserError
+    from pipeline.core.stage import Context, StageResult, run_stage
+
+    ctx = Context(run_dir=tmp_path / "run", recipe=Recipe(), recipe_path=ROOT / "models/default.yaml")
+    src = tmp_path / "in.txt"
+    src.write_text("v1")
+
+    def fails(ctx, out, inputs):
+        print("why it failed")
+        raise UserError("a bad input")
+
+    def works(ctx, out, inputs):
+        (out / "o.txt").write_text("ok")
+        return StageResult(outputs={"o": "o.txt"})
+
+    with pytest.raises(UserError):
+        run_stage(ctx, "s", 1, {}, {"x": src}, fails)
+    assert "why it failed" in (ctx.run_dir / "s.failed.log").read_text()
+    run_stage(ctx, "s", 1, {}, {"x": src}, works)
+    assert not (ctx.run_dir / "s.failed.log").exists() and (ctx.stage_dir("s") / "o.txt").read_text() == "ok"
+
+
 @pytest.fixture
 def default_sigint():
     """Ctrl-C raising KeyboardInterrupt, as in the CLI's process (a pytest-xdist worker ignores SIGINT)."""

@@ -185,6 +185,8 @@ def run_stage(ctx: Context, stage: str, version: int, config: dict, inputs: dict
                 raise
             held.enter_context(interrupts_held())  # the swap into place and the bookkeeping after it run whole
         CURRENT.update(stage=None, log=None, finished=stage)  # (kept on a failure: cli.main names the stage and log)
+        with contextlib.suppress(OSError):  # an earlier failure's log, now history, would mislead
+            (ctx.run_dir / f"{stage}.failed.log").unlink(missing_ok=True)
     except OSError as e:  # the temporary directory, the swap into place or the record met a full or read-only disk
         f = fault(e, stage, ctx.run_dir)
         if f is None:
