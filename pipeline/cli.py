@@ -441,17 +441,16 @@ def deploy_cmd(hosts: list[str] = typer.Option(..., "--host", help="[name=]user@
                warmup: int | None = typer.Option(None, help="warm-up calls per timed item on the device")):
     """Bundle the run, copy it to each host over OpenSSH (rsync, else scp), install the wheel in a venv that sees
     JetPack's TensorRT, run yolo-edge-device bench there, and merge each device's report into report.json."""
-    from pipeline.deploy import deploy
+    from pipeline.deploy import deploy, preflight
 
     bench_args = [x for flag, v in (("--cap-s", cap_s), ("--max-rounds", max_rounds), ("--warmup", warmup))
                   if v is not None for x in (flag, str(v))]
     from pipeline.core.store import run_lock
 
     ctx = _ctx(recipe, sets, run_dir)
-    if not (ctx.run_dir / "report.json").is_file():  # before the lock, which would create a mistyped --run-dir
-        raise UserError("no report.json: run the pipeline (make pipeline) first", ctx.run_dir / "report.json")
+    parsed = preflight(ctx, hosts)  # before the lock, which would create a mistyped --run-dir
     with run_lock(ctx.run_dir, "`yolo-edge deploy`"):
-        rep, outcomes = deploy(ctx, hosts, ssh_args=ssh_args, remote_dir=remote_dir, remote_python=remote_python,
+        rep, outcomes = deploy(ctx, parsed, ssh_args=ssh_args, remote_dir=remote_dir, remote_python=remote_python,
                                runner=runner, timeout=timeout, bench_args=bench_args,
                                log=lambda s: typer.echo(s, err=True))
     failed = [o for o in outcomes if not o.ok]

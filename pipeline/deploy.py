@@ -240,13 +240,9 @@ def merge(report_path: Path, outcomes: list[Outcome]) -> dict:
     return rep
 
 
-def deploy(ctx, hosts: list[str], *, ssh_args: str = "", remote_dir: str = "yolo-edge",
-           remote_python: str | None = None, runner: str = "tensorrt", timeout: float = 120,
-           bench_args: list[str] | None = None, log=print) -> tuple[dict | None, list[Outcome]]:
-    """Bundle (the stage: cached when unchanged), verify it here, deploy to every host in parallel, merge."""
-    from pipeline.report.markdown import render_devices, render_markdown
-    from pipeline.stages import bundle as bundle_stage
-
+def preflight(ctx, hosts: list[str]) -> list[Host]:
+    """The hosts parsed and everything deploy needs checked before any work (or the run directory's lock): one line
+    naming what is missing."""
     if not hosts:
         raise UserError("no --host given (make deploy HOSTS='user@jetson ...')")
     parsed = [Host.parse(h) for h in hosts]
@@ -260,6 +256,18 @@ def deploy(ctx, hosts: list[str], *, ssh_args: str = "", remote_dir: str = "yolo
     for tool in ("ssh", "scp"):
         if shutil.which(tool) is None:
             raise UserError(f"'{tool}' is not on PATH: deploy uses plain OpenSSH")
+    return parsed
+
+
+def deploy(ctx, parsed: list[Host], *, ssh_args: str = "", remote_dir: str = "yolo-edge",
+           remote_python: str | None = None, runner: str = "tensorrt", timeout: float = 120,
+           bench_args: list[str] | None = None, log=print) -> tuple[dict | None, list[Outcome]]:
+    """Bundle (the stage: cached when unchanged), verify it here, deploy to every host in parallel (`preflight`'s
+    hosts), merge."""
+    from pipeline.report.markdown import render_devices, render_markdown
+    from pipeline.stages import bundle as bundle_stage
+
+    names, report_path = [h.name for h in parsed], ctx.run_dir / "report.json"
     bundle_stage.run(ctx)
     bundle = ctx.output("bundle", "bundle")
     m = mf.verify(bundle)
